@@ -1,0 +1,1 @@
+"""Experiment presets: functions returning the `fdl.Config` of a whole experiment."""

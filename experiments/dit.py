@@ -1,0 +1,63 @@
+"""DiT presets: SiT flow matching with DiT backbones.
+
+`s2`, `b2`, `l2`, `xl2`: ImageNet 256 SD-VAE latents (32x32x4), the seed's
+`dit_imagenet.py` defaults. `digits`: the embedded CPU demo on scikit-learn's digits.
+
+    python launch.py --fdl_config=experiments/dit.py:xl2 --workdir=runs/xl2
+    python launch.py --fdl_config='experiments/dit.py:b2(image_size=512)' --print_config
+"""
+
+import fiddle as fdl
+
+from experiments import common
+from lib import hooks, optim
+
+
+def _imagenet(size: str, patch_size: int, image_size: int, data_dir: str | None) -> fdl.Config:
+  return common.experiment(
+      data=common.imagenet_latents(image_size, batch_size=256, data_dir=data_dir),
+      encoder=common.sd_vae_encoder(image_size),
+      network=common.dit_network(size, patch_size))
+
+
+def s2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
+  """DiT-S/2 (33M parameters at 256)."""
+  return _imagenet('S', 2, image_size, data_dir)
+
+
+def b2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
+  """DiT-B/2 (130M)."""
+  return _imagenet('B', 2, image_size, data_dir)
+
+
+def l2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
+  """DiT-L/2 (458M)."""
+  return _imagenet('L', 2, image_size, data_dir)
+
+
+def xl2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
+  """DiT-XL/2 (675M)."""
+  return _imagenet('XL', 2, image_size, data_dir)
+
+
+def digits(total_steps: int = 2000) -> fdl.Config:
+  """A small class-conditional DiT on the bundled 8x8 digits, in pixel space; minutes on a CPU."""
+  config = common.experiment(
+      data=common.digits_data(batch_size=128, image_size=8),
+      encoder=common.pixel_encoder(),
+      network=common.dit_network('S', patch_size=2),
+      optimizer=common.adamw(learning_rate=1e-3, b2=0.99, grad_clip_norm=1.0,
+                             schedule=fdl.Partial(optim.cosine, warmup_steps=200, min_lr=1e-5)),
+      sampler=common.heun(16),
+      evaluate=[fdl.Config(hooks.ValidationLoss, every_steps=500, batch_size=256)],
+      total_steps=total_steps,
+      **common.run_services(save_every_steps=500, max_to_keep=2, keep_period=None,
+                            log_every_steps=100))
+  config.network.hidden_size = 128
+  config.network.depth = 4
+  config.network.num_heads = 4
+  config.ema.decay = 0.995
+  config.visualize.every_steps = 1000
+  config.visualize.num_samples = 100
+  config.visualize.guidance_scales = (1.0, 3.0)
+  return config

@@ -1,0 +1,1 @@
+"""fiddlediff: Fiddle-configured diffusion and flow-matching training in JAX / Flax NNX."""

@@ -1,0 +1,120 @@
+"""Pre-extracted VAE latents on disk, in the EDM2 / seed layout.
+
+    data_dir/
+      dataset.json          {"labels": [["00000/img00000000.npy", 207], ...]}
+      00000/img00000000.npy float32 (C, h, w), h = w = image_size / 8; for the SD-VAE
+      ...                   C = 8: the posterior [mean(4), std(4)], unscaled
+
+Files are every `.npy` under `data_dir` (recursively), ordered by relative path ('/'
+separated, as in dataset.json). Batches are NHWC float32 (local_B, h, w, C) that the
+encoder turns into latents (`StabilityVAE.encode` samples mean + eps * std). The order
+is `lib.data.stream`'s, so it is deterministic and resumable.
+"""
+
+import functools
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+
+from lib.data import stream
+
+
+class LatentFolder:
+  """Class-conditional pre-extracted latents (`kind = 'posterior'`).
+
+  Args:
+    data_dir: folder of `.npy` files with a `dataset.json` of labels.
+    image_size: side of the images the latents were extracted from.
+    batch_size: global batch size (all processes together).
+    seed: seed of the example order.
+    num_classes: number of classes; labels must lie in [0, num_classes).
+    num_eval: `eval_batches` yields the first `num_eval` files in order (training files:
+      there is no held-out split).
+  """
+  kind = 'posterior'
+  channels = 3  # of the images; the encoder decides the latent channels
+  downsample_factor = 8  # image_size / latent side
+
+  def __init__(self, data_dir: str, image_size: int = 256, batch_size: int = 256, seed: int = 0,
+               num_classes: int = 1000, num_eval: int = 1024):
+    self.data_dir = data_dir
+    self.image_size = image_size
+    self.batch_size = batch_size
+    self.seed = seed
+    self.num_classes = num_classes
+    self.num_eval = num_eval
+
+  @functools.cached_property
+  def _index(self) -> tuple[list[str], np.ndarray]:
+    """(sorted relative paths of the .npy files, (N,) int32 labels); raises on a bad folder."""
+    if not os.path.isdir(self.data_dir):
+      raise FileNotFoundError(f'data.data_dir={self.data_dir!r} is not a directory; expected a '
+                              'folder of .npy latents with a dataset.json')
+    label_file = os.path.join(self.data_dir, 'dataset.json')
+    if not os.path.isfile(label_file):
+      raise FileNotFoundError(f'{label_file} not found; expected {{"labels": [[relative_path, '
+                              'label], ...]}} beside the .npy files')
+    files = sorted(
+        os.path.relpath(os.path.join(root, name), self.data_dir).replace(os.sep, '/')
+        for root, _, names in os.walk(self.data_dir) for name in names if name.endswith('.npy'))
+    if not files:
+      raise ValueError(f'no .npy files under data.data_dir={self.data_dir!r}')
+    with open(label_file) as f:
+      entries = json.load(f)
+    entries = entries.get('labels') if isinstance(entries, dict) else None
+    if not isinstance(entries, list) or not all(
+        isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], int)
+        for entry in entries):
+      raise ValueError(f'{label_file}: expected {{"labels": [[relative_path, int_label], ...]}}')
+    labels = dict(entries)
+    if len(labels) != len(files) or set(labels) != set(files):
+      unlabelled = sorted(set(files) - set(labels))[:3]
+      missing = sorted(set(labels) - set(files))[:3]
+      raise ValueError(f'{label_file} has {len(labels)} labels for {len(files)} .npy files '
+                       f'under {self.data_dir} (unlabelled files e.g. {unlabelled}, labels '
+                       f'without a file e.g. {missing})')
+    values = np.array([labels[name] for name in files], np.int64)
+    if values.min() < 0 or values.max() >= self.num_classes:
+      raise ValueError(f'{label_file}: labels span [{values.min()}, {values.max()}], outside '
+                       f'[0, data.num_classes={self.num_classes})')
+    return files, values.astype(np.int32)
+
+  def _load(self, name: str) -> np.ndarray:
+    """One file as float32 (h, w, C), its shape checked."""
+    path = os.path.join(self.data_dir, name)
+    array = np.load(path)
+    side = self.image_size // self.downsample_factor
+    if array.ndim != 3 or array.shape[1:] != (side, side):
+      raise ValueError(f'{path} has shape {array.shape}; expected (C, {side}, {side}) latents '
+                       f'for data.image_size={self.image_size} (/ {self.downsample_factor})')
+    return np.asarray(array, np.float32).transpose(1, 2, 0)
+
+  def _batch(self, index: np.ndarray) -> dict[str, np.ndarray]:
+    files, labels = self._index
+    return {'image': np.stack([self._load(files[i]) for i in index]), 'label': labels[index]}
+
+  def check(self) -> None:
+    """Raises FileNotFoundError / ValueError naming the path and what was expected."""
+    if self.image_size % self.downsample_factor:
+      raise ValueError(f'data.image_size={self.image_size} is not divisible by the latents\' '
+                       f'downsampling factor {self.downsample_factor}')
+    files, _ = self._index
+    self._load(files[0])
+
+  def batches(self, start_step: int = 0, process_index: int = 0,
+              process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of the global batches from `start_step` on, forever."""
+    num_files = len(self._index[0])
+    step = start_step
+    while True:
+      yield self._batch(stream.batch_indices(step, self.batch_size, num_files, self.seed,
+                                             process_index, process_count))
+      step += 1
+
+  def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """The first `num_eval` files in order (the last batch may be smaller)."""
+    count = min(self.num_eval, len(self._index[0]))
+    for start in range(0, count, batch_size):
+      yield self._batch(np.arange(start, min(start + batch_size, count)))

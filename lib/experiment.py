@@ -1,0 +1,109 @@
+"""The root object of every experiment graph, and its derived values.
+
+`fdl.build(config)` returns an `Experiment`. Building is cheap: networks and optimizers
+are partials (no parameters are allocated), data sources open nothing until iterated,
+and encoders load weights only in `encoder.load()`.
+
+Derived values are computed here, once, in `__post_init__`, from the nodes they depend
+on, never stored as preset leaves that an override could leave stale:
+
+    latent_shape        = encoder.latent_shape(data.image_size, data.channels)
+    network.input_size  = latent_shape[0]
+    network.in_channels = latent_shape[2]
+    network.num_classes = data.num_classes
+
+A config may still set one of these explicitly (a legacy config does); then it must
+agree with the derivation, or building fails with an error that names both values,
+before any compute.
+"""
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, Callable
+
+from flax import nnx
+
+
+def _default(fn: Callable, name: str):
+  parameter = inspect.signature(fn).parameters.get(name)
+  return None if parameter is None or parameter.default is inspect.Parameter.empty else \
+      parameter.default
+
+
+class ConfigError(ValueError):
+  """An experiment whose values contradict each other."""
+
+
+@dataclasses.dataclass
+class Experiment:
+  """A complete training run.
+
+  Attributes:
+    data: data source (`lib.data.*`): batches, image size, channels, classes.
+    encoder: maps data to the modelled space and back (`lib.models.encoders`).
+    network: partial of an NNX network, called with the derived sizes and `rngs`.
+    interface: the flow formulation: training loss and sampling velocity.
+    optimizer: partial of a `lib.optim` factory, called with `total_steps`.
+    ema: moving average of the weights (`lib.ema`).
+    sampler: ODE/SDE sampler used for visualisation, sampling and evaluation.
+    checkpoint: orbax checkpoint policy.
+    writers: CLU metric writers.
+    report: progress reporting (a CLU periodic action).
+    profile: optional CLU profiler action.
+    visualize: optional sample-grid action.
+    evaluate: evaluation actions.
+    seed: seed of parameter initialisation and of every training random draw.
+    total_steps: optimizer steps of the run.
+    log_every_steps: interval of the averaged training metrics.
+  """
+  data: Any
+  encoder: Any
+  network: Callable[..., nnx.Module]
+  interface: Any
+  optimizer: Callable[..., Any]
+  ema: Any
+  sampler: Any
+  checkpoint: Any
+  writers: Any
+  report: Any
+  profile: Any = None
+  visualize: Any = None
+  evaluate: list = dataclasses.field(default_factory=list)
+  seed: int = 0
+  total_steps: int = 7_000_000
+  log_every_steps: int = 100
+
+  def __post_init__(self):
+    self.latent_shape = tuple(self.encoder.latent_shape(self.data.image_size, self.data.channels))
+    derived = {
+        'input_size': (self.latent_shape[0],
+                       f'data.image_size={self.data.image_size} / '
+                       f'encoder.downsample_factor={self.encoder.downsample_factor}'),
+        'in_channels': (self.latent_shape[2], 'encoder.latent_channels' if
+                        self.encoder.latent_channels else f'data.channels={self.data.channels}'),
+        'num_classes': (self.data.num_classes, f'data.num_classes={self.data.num_classes}'),
+    }
+    given = getattr(self.network, 'keywords', {})
+    for name, (value, source) in derived.items():
+      if name in given and given[name] != value:
+        raise ConfigError(
+            f'network.{name}={given[name]} contradicts {source} = {value}; remove the '
+            f'network.{name} override (it is derived) or change {source.split("=")[0]}')
+    self.network = functools.partial(self.network, **{k: v for k, (v, _) in derived.items()})
+    patch = given.get('patch_size', _default(self.network.func, 'patch_size'))
+    if patch and self.latent_shape[0] % patch:
+      raise ConfigError(
+          f'network.patch_size={patch} does not divide the latent size {self.latent_shape[0]} '
+          f'(data.image_size={self.data.image_size} / encoder.downsample_factor='
+          f'{self.encoder.downsample_factor}); choose a patch size that divides it')
+    if self.data.batch_size < 1 or self.total_steps < 1:
+      raise ConfigError(f'data.batch_size={self.data.batch_size} and total_steps='
+                        f'{self.total_steps} must be positive')
+
+  def make_network(self, seed: int | None = None) -> nnx.Module:
+    """The network with the derived sizes, initialised from `seed` (default: self.seed)."""
+    return self.network(rngs=nnx.Rngs(self.seed if seed is None else seed))
+
+  def make_optimizer(self):
+    return self.optimizer(total_steps=self.total_steps)

@@ -1,0 +1,1 @@
+"""Flow / diffusion formulations (interfaces) and samplers."""

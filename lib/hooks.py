@@ -1,0 +1,178 @@
+"""Metric writers and periodic actions of a run, configured in the experiment graph.
+
+Each hook is a small configured object whose `action(run)` returns a CLU periodic
+action bound to the running trainer (`run` is a `lib.train.Run`). CLU is imported
+only there, at training time: it pulls in TensorFlow, which the config path must not.
+"""
+
+import json
+import os
+
+import numpy as np
+
+
+class Writers:
+  """CLU metric writers: log lines, TensorBoard event files, and `metrics.jsonl`.
+
+  Only process 0 writes; other processes get a logging-only writer at WARNING level.
+  """
+
+  def __init__(self, tensorboard: bool = True, jsonl: bool = True, asynchronous: bool = True):
+    self.tensorboard = tensorboard
+    self.jsonl = jsonl
+    self.asynchronous = asynchronous
+
+  def create(self, workdir: str, is_main: bool):
+    from clu import metric_writers
+
+    if not is_main:
+      return metric_writers.MultiWriter([])
+    writers = [metric_writers.LoggingWriter()]
+    if self.tensorboard:
+      writers.append(metric_writers.SummaryWriter(workdir))
+    if self.jsonl:
+      writers.append(_jsonl_writer(os.path.join(workdir, 'metrics.jsonl')))
+    writer = metric_writers.MultiWriter(writers)
+    return metric_writers.AsyncWriter(writer) if self.asynchronous else writer
+
+
+def _jsonl_writer(path: str):
+  """A CLU MetricWriter appending one JSON object per step of scalars."""
+  from clu.metric_writers import interface
+
+  class JsonlWriter(interface.MetricWriter):
+
+    def __init__(self):
+      self._file = open(path, 'a', buffering=1)  # line-buffered: `tail -f`-able
+
+    def write_scalars(self, step, scalars):
+      record = {'step': int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
+      self._file.write(json.dumps(record) + '\n')
+
+    def _ignore(self, *args, **kwargs):
+      """Only scalars go to metrics.jsonl; the other writers take the rest."""
+
+    write_summaries = write_images = write_videos = write_audios = _ignore
+    write_texts = write_histograms = write_hparams = _ignore
+
+    def flush(self):
+      self._file.flush()
+
+    def close(self):
+      self._file.close()
+
+  return JsonlWriter()
+
+
+class ReportProgress:
+  """CLU ReportProgress: steps/s, ETA and uptime, every `every_steps` or `every_secs`."""
+
+  def __init__(self, every_steps: int | None = 100, every_secs: float | None = 60.0):
+    self.every_steps = every_steps
+    self.every_secs = every_secs
+
+  def action(self, run):
+    from clu import periodic_actions
+
+    return periodic_actions.ReportProgress(
+        num_train_steps=run.total_steps, writer=run.writer, every_steps=self.every_steps,
+        every_secs=self.every_secs)
+
+
+class Profile:
+  """CLU Profile: a `num_profile_steps` trace from `first_profile`, then every `every_steps`."""
+
+  def __init__(self, num_profile_steps: int = 5, first_profile: int = 10,
+               every_steps: int | None = None):
+    self.num_profile_steps = num_profile_steps
+    self.first_profile = first_profile
+    self.every_steps = every_steps
+
+  def action(self, run):
+    from clu import periodic_actions
+
+    return periodic_actions.Profile(
+        logdir=run.workdir, num_profile_steps=self.num_profile_steps,
+        first_profile=self.first_profile, every_steps=self.every_steps)
+
+
+def _callback(every_steps: int, fn):
+  from clu import periodic_actions
+
+  return periodic_actions.PeriodicCallback(
+      every_steps=every_steps, callback_fn=lambda step, t: fn(step), pass_step_and_time=True)
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+  """(N, H, W, C) uint8 -> one (rows*H, cols*W, 3) uint8 grid, rows = ceil(N / cols)."""
+  n, h, w, c = images.shape
+  cols = int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / cols))
+  if c == 1:
+    images = np.repeat(images, 3, axis=-1)
+  grid = np.zeros((rows * (h + 1) + 1, cols * (w + 1) + 1, 3), np.uint8)
+  for i, image in enumerate(images):
+    r, q = divmod(i, cols)
+    grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = image
+  return grid
+
+
+def save_png(path: str, grid: np.ndarray, min_side: int = 256) -> None:
+  """Writes a uint8 image, upscaled (nearest) so that small images stay visible."""
+  from PIL import Image
+
+  scale = max(1, int(np.ceil(min_side / max(grid.shape[:2]))))
+  Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                               Image.NEAREST).save(path)
+
+
+class SampleGrid:
+  """Sample grids of the EMA network to `<workdir>/samples/*.png` and TensorBoard.
+
+  Labels cycle through the classes (row-major), the noise is fixed by `seed`, so grids
+  of successive steps are comparable.
+
+  Args:
+    every_steps: how often (also drawn at the last step).
+    num_samples: images per grid.
+    guidance_scales: one grid per classifier-free guidance weight.
+    seed: seed of the noise.
+  """
+
+  def __init__(self, every_steps: int = 25_000, num_samples: int = 64,
+               guidance_scales: tuple[float, ...] = (1.0, 2.0), seed: int = 42):
+    self.every_steps = every_steps
+    self.num_samples = num_samples
+    self.guidance_scales = tuple(guidance_scales)
+    self.seed = seed
+
+  def draw(self, run, step: int) -> None:
+    labels = np.arange(self.num_samples) % run.num_classes
+    images = {}
+    for scale in self.guidance_scales:
+      samples = run.generate(labels, scale, seed=self.seed)
+      if run.is_main:
+        grid = image_grid(samples)
+        os.makedirs(os.path.join(run.workdir, 'samples'), exist_ok=True)
+        save_png(os.path.join(run.workdir, 'samples', f'step_{step:08d}_cfg{scale:g}.png'), grid)
+        images[f'samples/cfg{scale:g}'] = grid[None]
+    run.writer.write_images(step, images)
+
+  def action(self, run):
+    return _callback(self.every_steps, lambda step: self.draw(run, step))
+
+
+class ValidationLoss:
+  """The training loss of the EMA and the trained weights on held-out data, with
+  fixed times and noise (`seed`), so successive values are comparable."""
+
+  def __init__(self, every_steps: int = 1000, batch_size: int = 256, seed: int = 7):
+    self.every_steps = every_steps
+    self.batch_size = batch_size
+    self.seed = seed
+
+  def evaluate(self, run, step: int) -> None:
+    run.writer.write_scalars(step, run.validation_loss(self.batch_size, self.seed))
+
+  def action(self, run):
+    return _callback(self.every_steps, lambda step: self.evaluate(run, step))

@@ -1,0 +1,1 @@
+"""Networks (DiT family) and encoders."""

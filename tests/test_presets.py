@@ -1,0 +1,52 @@
+"""Every preset constructs lazily, builds abstractly and round-trips through JSON."""
+
+import importlib
+import subprocess
+import sys
+
+import fiddle as fdl
+import jax
+import pytest
+from fiddle.experimental import serialization
+from flax import nnx
+
+from lib import cli
+
+PRESETS = [(path, name) for path in cli.preset_files()
+           for name in cli.presets_of(importlib.import_module(cli.module_name(path)))]
+
+DIT_COUNTS = {'s2': 32_858_896, 'b2': 130_303_504, 'l2': 457_824_272, 'xl2': 674_816_272}
+
+
+def test_every_preset_file_is_covered():
+  assert ('experiments/dit.py', 'xl2') in PRESETS and ('experiments/dit.py', 'digits') in PRESETS
+
+
+@pytest.mark.parametrize('path,name', PRESETS)
+def test_preset_constructs_and_builds_abstractly(path, name):
+  config = cli.load_preset(f'{path}:{name}')
+  assert isinstance(config, fdl.Config)
+  experiment = fdl.build(config)
+  model = nnx.eval_shape(experiment.make_network)
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
+  count = sum(x.size for x in leaves)
+  if path == 'experiments/dit.py' and name in DIT_COUNTS:
+    assert count == DIT_COUNTS[name]
+  assert count > 0
+
+
+@pytest.mark.parametrize('path,name', PRESETS)
+def test_preset_json_round_trip(path, name):
+  config = cli.load_preset(f'{path}:{name}')
+  assert serialization.load_json(serialization.dump_json(config)) == config
+
+
+def test_config_path_imports_no_tensorflow_and_allocates_nothing():
+  code = ('import sys, fiddle as fdl; from lib import cli\n'
+          'for spec in ["experiments/dit.py:xl2", "experiments/dit.py:digits"]:\n'
+          '  e = fdl.build(cli.load_preset(spec))\n'
+          'assert "tensorflow" not in sys.modules, "tensorflow imported"\n'
+          'assert "clu.metric_writers" not in sys.modules\n'
+          'import jax; assert not jax.live_arrays(), jax.live_arrays()\n')
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=cli.REPO_ROOT)

@@ -1,0 +1,119 @@
+"""End to end on the digits preset: train, checkpoint, resume exactly, preempt, sample."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from lib import cli
+
+TINY = ['--fdl_config=experiments/dit.py:digits', '--fdl_set=network.hidden_size=32',
+        '--fdl_set=network.depth=1', '--fdl_set=network.num_heads=2',
+        '--fdl_set=data.batch_size=16', '--fdl_set=log_every_steps=1',
+        '--fdl_set=checkpoint.save_interval_steps=5', '--fdl_set=checkpoint.max_to_keep=3',
+        '--fdl_set=visualize.every_steps=1000', '--fdl_set=visualize.num_samples=4',
+        '--fdl_set=sampler.num_steps=2', '--fdl_set=evaluate[0].every_steps=1000',
+        '--fdl_set=optimizer.schedule.warmup_steps=3']
+
+
+def launch(workdir, *args, wait=True):
+  command = [sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *TINY,
+             f'--workdir={workdir}', *args]
+  if not wait:
+    return subprocess.Popen(command, cwd=cli.REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+  result = subprocess.run(command, cwd=cli.REPO_ROOT, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def losses(workdir) -> dict[int, float]:
+  """step -> training loss; a resumed run's records replace the killed run's."""
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      record = json.loads(line)
+      if 'train/loss' in record:
+        out[record['step']] = record['train/loss']
+  return out
+
+
+def losses_so_far(workdir) -> dict[int, float]:
+  return losses(workdir) if os.path.exists(os.path.join(workdir, 'metrics.jsonl')) else {}
+
+
+def checkpoints(workdir) -> list[int]:
+  folder = os.path.join(workdir, 'checkpoints')
+  return sorted(int(name) for name in os.listdir(folder) if name.isdigit()) \
+      if os.path.isdir(folder) else []
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """An uninterrupted 40-step run."""
+  workdir = tmp_path_factory.mktemp('reference')
+  launch(workdir, '--fdl_set=total_steps=40')
+  return workdir
+
+
+def test_run_writes_config_metrics_checkpoints_and_samples(reference):
+  assert sorted(losses(reference)) == list(range(1, 41))
+  assert checkpoints(reference) == [30, 35, 40]  # max_to_keep=3
+  for name in ('config.json', 'config.txt'):
+    assert os.path.getsize(os.path.join(reference, name)) > 0
+  assert 'total_steps = 40' in open(os.path.join(reference, 'config.txt')).read()
+  assert os.path.exists(os.path.join(reference, 'samples', 'step_00000040_cfg3.png'))
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(reference))
+  values = list(losses(reference).values())
+  assert all(np.isfinite(values)) and np.mean(values[-10:]) < np.mean(values[:10])
+
+
+def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(reference, tmp_path):
+  process = launch(tmp_path, '--fdl_set=total_steps=40', wait=False)
+  deadline = time.time() + 300
+  while not checkpoints(tmp_path) and time.time() < deadline:
+    time.sleep(0.02)
+  assert process.poll() is None, 'the run finished before it could be killed'
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  killed_at = checkpoints(tmp_path)
+  assert killed_at and max(killed_at) < 40
+  launch(tmp_path, '--fdl_set=total_steps=40')
+  assert losses(tmp_path) == losses(reference)
+
+
+def test_sigterm_writes_a_checkpoint_then_resumes(reference, tmp_path):
+  process = launch(tmp_path, '--fdl_set=total_steps=40',
+                   '--fdl_set=checkpoint.save_interval_steps=1000', wait=False)
+  deadline = time.time() + 300
+  while not losses_so_far(tmp_path) and time.time() < deadline:  # training has started
+    time.sleep(0.02)
+  process.send_signal(signal.SIGTERM)
+  assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
+  saved = checkpoints(tmp_path)
+  assert len(saved) == 1 and 0 < saved[0] < 40  # the preemption checkpoint
+  launch(tmp_path, '--fdl_set=total_steps=40')
+  assert losses(tmp_path) == losses(reference)
+
+
+def test_sample_mode_writes_npz_and_grid(reference):
+  result = launch(reference, '--mode=sample', '--num_samples=6', '--labels=3,7',
+                  '--guidance_scale=2.0')
+  with np.load(os.path.join(reference, 'samples.npz')) as samples:
+    assert samples['images'].dtype == np.uint8 and samples['images'].shape == (6, 8, 8, 1)
+    np.testing.assert_array_equal(samples['labels'], [3, 7, 3, 7, 3, 7])
+  assert os.path.exists(os.path.join(reference, 'samples.png'))
+  del result
+
+
+def test_sample_mode_without_checkpoint_fails_clearly(tmp_path):
+  command = [sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *TINY,
+             f'--workdir={tmp_path}', '--mode=sample']
+  result = subprocess.run(command, cwd=cli.REPO_ROOT, capture_output=True, text=True)
+  assert result.returncode != 0 and 'no checkpoint in' in result.stderr
