@@ -12,15 +12,15 @@ with a Python literal; paths and types are checked before anything runs.
 import logging as std_logging
 import os
 import sys
+import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow (tf.data, CLU) start-up chatter
 
 from absl import app, flags, logging
 import fiddle as fdl
 from fiddle import absl_flags  # registers --fdl_config, --fdl_config_file and --fdl_set
-from fiddle.experimental import serialization
 
-from lib import cli
+from lib import cli, review
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'What to do.')
@@ -32,40 +32,109 @@ _LABELS = flags.DEFINE_list('labels', None, '--mode=sample: class labels (defaul
 _GUIDANCE = flags.DEFINE_float('guidance_scale', None, '--mode=sample: guidance weight '
                                '(default: sampler.guidance_scale).')
 _SAMPLE_SEED = flags.DEFINE_integer('sample_seed', 0, '--mode=sample: seed of the noise.')
+_PROVENANCE = flags.DEFINE_bool(
+    'provenance', False, 'With --print_config: where each value was set (file:line or flag).')
+_RENDER = flags.DEFINE_string(
+    'render', None, 'Draw the config graph to FILE.svg, .png, .dot or .html (a foldable tree), '
+    'or with --diff_against the graph of the difference; then exit.')
+_DIFF_AGAINST = flags.DEFINE_string(
+    'diff_against', None, 'Print the leaf-by-leaf difference from another experiment, '
+    'FILE.py:PRESET or a saved run (RUN_DIR or RUN_DIR/config.json); then exit.')
+_EXPORT_PYTHON = flags.DEFINE_string(
+    'export_python', None, 'Write the resolved config as a plain Python preset function to '
+    'FILE.py (Fiddle codegen); then exit.')
+_ACCEPT_CONFIG_CHANGE = flags.DEFINE_bool(
+    'accept_config_change', False, 'Resume a workdir although its saved config differs from the '
+    'launched one (the old config is kept as config.replaced_<time>.json).')
 
 
 def resolve_config() -> fdl.Buildable:
-  """The preset named by --fdl_config with every --fdl_set applied, in order."""
-  spec = flags.FLAGS.fdl_config
-  if not spec:
-    raise cli.UsageError('--fdl_config=PATH.py:PRESET is required; preset files: '
-                         + ', '.join(cli.preset_files()))
-  config = cli.load_preset(spec)
+  """The preset named by --fdl_config (or the saved config of --fdl_config_file) with every
+  --fdl_set applied, in command-line order."""
+  spec, saved = flags.FLAGS.fdl_config, flags.FLAGS.fdl_config_file
+  if spec and saved:
+    raise cli.UsageError('give either --fdl_config or --fdl_config_file, not both')
+  if not spec and not saved and _WORKDIR.value and \
+      os.path.exists(os.path.join(_WORKDIR.value, 'config.json')):
+    saved = os.path.join(_WORKDIR.value, 'config.json')  # continue or sample a saved run
+  if saved:
+    config = review.load_config_file(os.fspath(saved))
+  elif spec:
+    config = cli.load_preset(spec)
+  else:
+    raise cli.UsageError('--fdl_config=PATH.py:PRESET (or --fdl_config_file=RUN/config.json) is '
+                         'required; preset files: ' + ', '.join(cli.preset_files()))
   for assignment in flags.FLAGS.fdl_set:
     cli.apply_override(config, assignment)
   return config
+
+
+def load_other(spec: str) -> fdl.Buildable:
+  """--diff_against: a preset (FILE.py:PRESET) or a saved run's config."""
+  if os.path.exists(spec):
+    return review.load_config_file(spec)
+  return cli.load_preset(spec)
+
+
+def review_config(config: fdl.Buildable) -> int:
+  """--render, --diff_against and --export_python: look at the graph without building it."""
+  other = load_other(_DIFF_AGAINST.value) if _DIFF_AGAINST.value else None
+  if other is not None and not _RENDER.value:
+    lines = review.diff_lines(other, config)
+    print('\n'.join(lines) if lines else '# no difference')
+  if _RENDER.value:
+    warning = review.render(config, _RENDER.value, old=other)
+    if warning:
+      print(f'warning: {warning}', file=sys.stderr)
+      return 1
+    print(f'wrote {_RENDER.value}')
+  if _EXPORT_PYTHON.value:
+    name = os.path.splitext(os.path.basename(_EXPORT_PYTHON.value))[0]
+    with open(_EXPORT_PYTHON.value, 'w') as f:
+      f.write(review.python_source(config, 'preset' if not name.isidentifier() else name))
+    print(f'wrote {_EXPORT_PYTHON.value}')
+  return 0
+
+
+# Differences under these paths change how a run is observed, not what it computes, so a
+# resumed run may change them without --accept_config_change.
+BOOKKEEPING = ('checkpoint', 'writers', 'report', 'profile', 'visualize', 'evaluate',
+               'log_every_steps')
+
+
+def check_saved_config(config: fdl.Buildable, workdir: str) -> None:
+  """Refuses to resume a workdir whose saved config differs in what the run computes,
+  unless accepted; bookkeeping differences (BOOKKEEPING) are allowed and logged."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  saved = review.load_config_file(path)
+  if saved == review.normalized(config):
+    return
+  lines = review.diff_lines(saved, config)
+  difference = '\n  '.join(lines)
+  bookkeeping = all(cli.parse_path(line.split(':')[0])[0] in BOOKKEEPING for line in lines)
+  if not bookkeeping and not _ACCEPT_CONFIG_CHANGE.value:
+    raise cli.UsageError(f'{workdir} holds a run whose saved config differs from this one:\n  '
+                         f'{difference}\nuse another --workdir, relaunch the saved config with '
+                         f'--fdl_config_file={path}, or pass --accept_config_change')
+  replaced = os.path.join(workdir, f'config.replaced_{time.strftime("%Y%m%d-%H%M%S")}.json')
+  os.replace(path, replaced)
+  logging.warning('Config changed on resume (old config kept as %s):\n  %s', replaced,
+                  difference)
 
 
 def print_config(config: fdl.Buildable, experiment) -> None:
   from flax import nnx
   import jax
 
-  print('\n'.join(cli.flat_lines(config)))
+  print('\n'.join(cli.flat_lines(config, with_source=_PROVENANCE.value)))
   print(f'# derived: latent_shape = {experiment.latent_shape}; network.input_size = '
         f'{experiment.latent_shape[0]}, network.in_channels = {experiment.latent_shape[2]}, '
         f'network.num_classes = {experiment.data.num_classes}')
   abstract = nnx.eval_shape(experiment.make_network)
   count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
   print(f'# network parameters: {count:,} (computed abstractly)')
-
-
-def write_config(config: fdl.Buildable, workdir: str) -> None:
-  """The resolved config as Fiddle JSON (reloadable) and as readable text."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(serialization.dump_json(config, indent=2))
-  with open(os.path.join(workdir, 'config.txt'), 'w') as f:
-    f.write('\n'.join(cli.flat_lines(config)) + '\n')
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -83,13 +152,17 @@ def main(argv):
 
   try:
     config = resolve_config()
+    if _RENDER.value or _DIFF_AGAINST.value or _EXPORT_PYTHON.value:
+      return review_config(config)
     experiment = fdl.build(config)
+    if _PRINT_CONFIG.value:
+      print_config(config, experiment)
+      return 0
+    if _WORKDIR.value and _MODE.value == 'train':
+      check_saved_config(config, _WORKDIR.value)
   except (cli.UsageError, ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  if _PRINT_CONFIG.value:
-    print_config(config, experiment)
-    return 0
   if not _WORKDIR.value:
     print('error: --workdir is required to train or sample', file=sys.stderr)
     return 2
@@ -106,7 +179,7 @@ def main(argv):
       return 2
     return 0
   if jax.process_index() == 0:
-    write_config(config, _WORKDIR.value)
+    cli.write_config(config, _WORKDIR.value)
   step = train.train(experiment, _WORKDIR.value)
   logging.info('Stopped at step %d of %d.', step, experiment.total_steps)
   return 0

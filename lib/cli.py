@@ -321,31 +321,68 @@ def apply_override(config: fdl.Buildable, assignment: str) -> None:
 
 
 # ------------------------------------------------------------------------------- printing
-def _qualified(fn) -> str:
+def qualified_name(fn) -> str:
   return f'{fn.__module__}.{fn.__qualname__}'
 
 
-def flat_lines(config: fdl.Buildable) -> list[str]:
+def leaf_repr(value) -> str:
+  """Classes and functions by their import path, everything else by repr."""
+  return qualified_name(value) if inspect.isclass(value) or inspect.isfunction(value) else \
+      repr(value)
+
+
+def value_source(node: fdl.Buildable, name: str) -> str:
+  """Where `node.name` was last set, from Fiddle's history: `FILE:LINE (function)` with FILE
+  relative to the repository, or the `--fdl_set=...` flag that set it."""
+  entries = node.__argument_history__.get(name) or []
+  if not entries:
+    return 'default'
+  location = entries[-1].location
+  if location.filename.startswith('--fdl_set'):
+    return location.filename
+  filename = location.filename
+  if filename.startswith(REPO_ROOT + os.sep):
+    filename = os.path.relpath(filename, REPO_ROOT)
+  return f'{filename}:{location.line_number} ({location.function_name})'
+
+
+def flat_lines(config: fdl.Buildable, with_source: bool = False) -> list[str]:
   """One `path = value` line per leaf that is set, preceded by a `path = Config[target]`
-  line for each node, so the printout names every component."""
+  line for each node, so the printout names every component. `with_source` appends where
+  each value was set (`# experiments/dit.py:57 (digits)`, or the --fdl_set flag)."""
   lines = []
 
-  def walk(node, path):
+  def emit(text, parent, name):
+    lines.append(f'{text}  # {value_source(parent, name)}' if with_source and parent else text)
+
+  def walk(node, path, parent=None, name=None):
     if isinstance(node, fdl.Buildable):
       if path:
-        target = _qualified(fdl.get_callable(node))
-        lines.append(f'{format_path(path)} = {type(node).__name__}[{target}]')
-      for name, value in node.__arguments__.items():
-        walk(value, path + [name])
+        target = qualified_name(fdl.get_callable(node))
+        emit(f'{format_path(path)} = {type(node).__name__}[{target}]', parent, name)
+      for key, value in node.__arguments__.items():
+        walk(value, path + [key], node, key)
     elif isinstance(node, (list, tuple)) and any(isinstance(v, fdl.Buildable) for v in node):
       for index, value in enumerate(node):
-        walk(value, path + [index])
+        walk(value, path + [index], parent, name)
     elif isinstance(node, dict) and any(isinstance(v, fdl.Buildable) for v in node.values()):
       for key, value in node.items():
-        walk(value, path + [key])
+        walk(value, path + [key], parent, name)
     else:
-      value = _qualified(node) if inspect.isclass(node) or inspect.isfunction(node) else repr(node)
-      lines.append(f'{format_path(path)} = {value}')
+      emit(f'{format_path(path)} = {leaf_repr(node)}', parent, name)
 
   walk(config, [])
   return lines
+
+
+# ------------------------------------------------------------------------------- run folders
+def write_config(config: fdl.Buildable, workdir: str) -> None:
+  """The resolved config as Fiddle JSON (reloadable) and as text with provenance, into
+  `workdir/config.json` and `workdir/config.txt` (launch.py, lib.models.import_weights)."""
+  from lib import review  # review imports this module
+
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(review.dump_config(config))
+  with open(os.path.join(workdir, 'config.txt'), 'w') as f:
+    f.write('\n'.join(flat_lines(config, with_source=True)) + '\n')

@@ -1,0 +1,219 @@
+"""Looking at an experiment graph before spending compute: drawings, provenance, diffs,
+saved configs and exported presets. Nothing here builds the experiment.
+
+    render(config, 'graph.svg')            # also .png, .dot (Fiddle graphviz), .html (foldable tree)
+    provenance_lines(config)               # 'network.depth = 4  # experiments/dit.py:57 (digits)'
+    diff_lines(old, new)                   # 'network.depth: 12 -> 28'
+    load_config_file('run/config.json')    # Fiddle JSON, imports restricted to the project
+    python_source(config, 'my_preset')     # a plain preset function building the same graph
+"""
+
+import ast
+import html
+import os
+import shutil
+
+import fiddle as fdl
+from fiddle import diffing, graphviz
+from fiddle.codegen import codegen
+from fiddle.experimental import serialization
+
+from lib import cli
+
+DOT_MISSING = ("graphviz's `dot` program is not installed, so only the .dot source was written; "
+               "install it with `apt-get install graphviz` (Debian/Ubuntu) or "
+               "`brew install graphviz` (macOS), then render with `dot -Tsvg FILE.dot -o FILE.svg`")
+
+
+# ------------------------------------------------------------------------------- drawing
+def render(config: fdl.Buildable, path: str, old: fdl.Buildable | None = None) -> str | None:
+  """Draws `config` (or its difference from `old`) to `path` by extension: .svg, .png, .dot
+  or .html. Shared nodes are drawn once with all their edges. Returns a warning when `dot`
+  is missing (the .dot source is written beside `path` instead)."""
+  extension = os.path.splitext(path)[1].lower()
+  if extension == '.html':
+    if old is not None:
+      raise cli.UsageError('--render=FILE.html draws one config; use .svg, .png or .dot '
+                           'with --diff_against')
+    with open(path, 'w') as f:
+      f.write(html_tree(config))
+    return None
+  if extension not in ('.svg', '.png', '.dot'):
+    raise cli.UsageError(f'--render={path}: expected a .svg, .png, .dot or .html file')
+  graph = graphviz.render(config) if old is None else graphviz.render_diff(old=old, new=config)
+  dot_path = os.path.splitext(path)[0] + '.dot'
+  if extension == '.dot' or shutil.which('dot') is None:
+    with open(dot_path, 'w') as f:
+      f.write(graph.source)
+    return None if extension == '.dot' else DOT_MISSING.replace('FILE', os.path.splitext(path)[0])
+  with open(path, 'wb') as f:
+    f.write(graph.pipe(format=extension[1:]))
+  return None
+
+
+def html_tree(config: fdl.Buildable) -> str:
+  """A self-contained HTML page: the config as a tree of foldable nodes, each leaf with the
+  place its value was set. A node reached by several paths is expanded once; later
+  occurrences link to it."""
+  seen: dict[int, str] = {}
+
+  def node_html(node, path) -> str:
+    label = cli.format_path(path) or 'experiment'
+    if id(node) in seen:
+      return (f'<li><b>{html.escape(label)}</b>: shared with '
+              f'<a href="#{seen[id(node)]}">{html.escape(seen[id(node)])}</a></li>')
+    anchor = seen[id(node)] = cli.format_path(path) or 'experiment'
+    target = cli.qualified_name(fdl.get_callable(node))
+    items = []
+    for name, value in node.__arguments__.items():
+      child = path + [name]
+      if isinstance(value, fdl.Buildable):
+        items.append(node_html(value, child))
+      elif isinstance(value, (list, tuple)) and any(isinstance(v, fdl.Buildable) for v in value):
+        items.extend(node_html(v, child + [i]) if isinstance(v, fdl.Buildable) else
+                     leaf_html(node, name, v, child + [i]) for i, v in enumerate(value))
+      else:
+        items.append(leaf_html(node, name, value, child))
+    return (f'<li id="{html.escape(anchor)}"><details open><summary><b>{html.escape(label)}'
+            f'</b> = {type(node).__name__}[{html.escape(target)}]</summary><ul>'
+            f'{"".join(items)}</ul></details></li>')
+
+  def leaf_html(parent, name, value, path) -> str:
+    where = cli.value_source(parent, name)
+    return (f'<li><code>{html.escape(cli.format_path(path))} = '
+            f'{html.escape(cli.leaf_repr(value))}</code>'
+            f'<span class="src">{html.escape(where)}</span></li>')
+
+  style = ('body{font-family:sans-serif} ul{list-style:none;padding-left:1.2em} '
+           '.src{color:#888;margin-left:1em;font-size:85%} summary{cursor:pointer}')
+  return (f'<!doctype html><html><head><meta charset="utf-8"><title>experiment config</title>'
+          f'<style>{style}</style></head><body><ul>{node_html(config, [])}</ul></body></html>\n')
+
+
+# ------------------------------------------------------------------------------- provenance
+def provenance_lines(config: fdl.Buildable) -> list[str]:
+  """`cli.flat_lines` with, after each leaf, where its value was last set: a preset file
+  and line, a shared building block, or the --fdl_set flag (Fiddle's history)."""
+  return cli.flat_lines(config, with_source=True)
+
+
+# ------------------------------------------------------------------------------- diffs
+def diff_lines(old: fdl.Buildable, new: fdl.Buildable) -> list[str]:
+  """Leaf-by-leaf differences `path: old -> new` (Fiddle's heuristic alignment)."""
+  lines = []
+  for change in diffing.build_diff(old, new).changes:
+    path = ''.join(part.code for part in change.target).lstrip('.')
+    before = _describe(_lookup(old, change.target))
+    if isinstance(change, diffing.DeleteValue):
+      lines.append(f'{path}: {before} -> (unset)')
+    elif isinstance(change, (diffing.ModifyValue, diffing.SetValue)):
+      value = change.new_value
+      if isinstance(value, diffing.Reference):  # a node of `new`, named by its path there
+        value = _lookup(new, value.target)
+      lines.append(f'{path}: {before} -> {_describe(value)}')
+    else:
+      lines.append(f'{path}: {change}')
+  return sorted(lines)
+
+
+_UNSET = '(unset)'
+
+
+def _lookup(config, target):
+  node = config
+  for part in target:
+    try:
+      node = part.follow(node)
+    except (AttributeError, KeyError, IndexError):
+      return _UNSET
+  return node
+
+
+def _describe(value) -> str:
+  if isinstance(value, fdl.Buildable):
+    return f'{type(value).__name__}[{cli.qualified_name(fdl.get_callable(value))}]'
+  return value if value is _UNSET else cli.leaf_repr(value)
+
+
+# ------------------------------------------------------------------------------- saved configs
+class ProjectImports(serialization.PyrefPolicy):
+  """Lets a config file import only from this project and the libraries its graphs use."""
+  ALLOWED = ('lib', 'experiments', 'fiddle', 'jax', 'flax', 'optax', 'numpy', 'builtins',
+             'orbax', 'clu')
+
+  def allows_import(self, module: str, symbol: str) -> bool:
+    return module.split('.')[0] in self.ALLOWED
+
+  def allows_value(self, value) -> bool:
+    return True
+
+
+def dump_config(config: fdl.Buildable) -> str:
+  return serialization.dump_json(config, indent=2)
+
+
+def load_config_file(path: str) -> fdl.Buildable:
+  """A config saved by a run (`WORKDIR/config.json`)."""
+  if os.path.isdir(path):
+    path = os.path.join(path, 'config.json')
+  if not os.path.isfile(path):
+    raise cli.UsageError(f'no config file {path!r}; a run saves its config as WORKDIR/config.json')
+  with open(path) as f:
+    text = f.read()
+  try:
+    return serialization.load_json(text, pyref_policy=ProjectImports())
+  except serialization.PyrefPolicyError as e:
+    raise cli.UsageError(f'{path} refers to code outside the project and its libraries ({e}); '
+                         f'only modules under {", ".join(ProjectImports.ALLOWED)} may be '
+                         f'imported from a config file') from None
+  except (ValueError, KeyError, TypeError) as e:
+    raise cli.UsageError(f'{path} is not a Fiddle JSON config: {e}') from None
+
+
+def normalized(config: fdl.Buildable) -> fdl.Buildable:
+  """The config as it would load from its saved JSON (for comparisons with saved runs)."""
+  return serialization.load_json(dump_config(config), pyref_policy=ProjectImports())
+
+
+# ------------------------------------------------------------------------------- export
+def python_source(config: fdl.Buildable, function_name: str = 'preset') -> str:
+  """Fiddle's codegen of `config` as a plain, formatted preset function."""
+  source = codegen.new_codegen(config)
+  module = ast.parse(source)
+  for node in module.body:
+    if isinstance(node, ast.FunctionDef):
+      node.name = function_name
+  header = '"""Exported by `launch.py --export_python`: builds the same experiment graph."""\n\n'
+  return header + '\n'.join(_format(node) for node in module.body) + '\n'
+
+
+def _format(node: ast.stmt) -> str:
+  if not isinstance(node, ast.FunctionDef):
+    return ast.unparse(node)
+  body = []
+  for statement in node.body:
+    if isinstance(statement, ast.Return):
+      body.append('  return ' + _format_expr(statement.value, 2))
+    else:
+      body.append('  ' + ast.unparse(statement))
+  signature = ast.unparse(node).split('\n', 1)[0]
+  return f'\n\n{signature}\n' + '\n'.join(body)
+
+
+def _format_expr(node: ast.expr, indent: int) -> str:
+  """Calls and lists whose one-line form exceeds 90 columns get one argument per line."""
+  flat = ast.unparse(node)
+  if len(flat) + indent <= 90:
+    return flat
+  pad = ' ' * (indent + 4)
+  if isinstance(node, ast.Call):
+    parts = [_format_expr(a, indent + 4) for a in node.args]
+    parts += [f'{k.arg}={_format_expr(k.value, indent + 4)}'
+              for k in node.keywords]
+    return f'{ast.unparse(node.func)}(\n' + ''.join(f'{pad}{p},\n' for p in parts) + \
+        ' ' * indent + ')'
+  if isinstance(node, (ast.List, ast.Tuple)):
+    parts = [_format_expr(e, indent + 4) for e in node.elts]
+    open_, close = ('[', ']') if isinstance(node, ast.List) else ('(', ')')
+    return open_ + '\n' + ''.join(f'{pad}{p},\n' for p in parts) + ' ' * indent + close
+  return flat
