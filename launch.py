@@ -23,7 +23,8 @@ from fiddle import absl_flags  # registers --fdl_config, --fdl_config_file and -
 from lib import cli, review
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do (eval: '
+                           'the evaluation actions on the newest checkpoint).')
 _PRINT_CONFIG = flags.DEFINE_bool(
     'print_config', False, 'Print the resolved config and the parameter count, then exit.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 64, '--mode=sample: number of samples.')
@@ -43,6 +44,11 @@ _DIFF_AGAINST = flags.DEFINE_string(
 _EXPORT_PYTHON = flags.DEFINE_string(
     'export_python', None, 'Write the resolved config as a plain Python preset function to '
     'FILE.py (Fiddle codegen); then exit.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-host: host:port of process 0 (with --num_processes and '
+    '--process_id); without them the cluster environment is detected (SLURM, MPI, TPU pods).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
 _ACCEPT_CONFIG_CHANGE = flags.DEFINE_bool(
     'accept_config_change', False, 'Resume a workdir although its saved config differs from the '
     'launched one (the old config is kept as config.replaced_<time>.json).')
@@ -96,10 +102,10 @@ def review_config(config: fdl.Buildable) -> int:
   return 0
 
 
-# Differences under these paths change how a run is observed, not what it computes, so a
-# resumed run may change them without --accept_config_change.
+# Differences under these paths change how a run is observed or laid out on devices, not
+# what it computes, so a resumed run may change them without --accept_config_change.
 BOOKKEEPING = ('checkpoint', 'writers', 'report', 'profile', 'visualize', 'evaluate',
-               'log_every_steps')
+               'log_every_steps', 'sharding')
 
 
 def check_saved_config(config: fdl.Buildable, workdir: str) -> None:
@@ -148,7 +154,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  from lib import distributed
   from lib.experiment import ConfigError
+
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
   try:
     config = resolve_config()
@@ -174,6 +183,14 @@ def main(argv):
     try:
       train.sample(experiment, _WORKDIR.value, _NUM_SAMPLES.value, labels, _GUIDANCE.value,
                    _SAMPLE_SEED.value)
+    except (FileNotFoundError, ValueError) as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+    return 0
+  if _MODE.value == 'eval':
+    from lib.eval import standalone
+    try:
+      standalone.evaluate(experiment, _WORKDIR.value)
     except (FileNotFoundError, ValueError) as e:
       print(f'error: {e}', file=sys.stderr)
       return 2

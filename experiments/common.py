@@ -8,11 +8,12 @@ classes) are not set here: `lib.experiment.Experiment` derives them when it is b
 
 import fiddle as fdl
 
-from lib import checkpoint, ema, hooks, optim
-from lib.data import digits, latents
+from lib import checkpoint, ema, hooks, optim, sharding
+from lib.data import digits, images, latents
+from lib.eval import actions as eval_actions
 from lib.experiment import Experiment
-from lib.flow import samplers, sit
-from lib.models import dit, encoders, sd_vae
+from lib.flow import edm, meanflow, samplers, sit
+from lib.models import dit, encoders, lightning_ddt, lightning_dit, sd_vae
 
 # ------------------------------------------------------------------------------- data
 IMAGENET_LATENT_DIRS = {
@@ -26,6 +27,21 @@ def imagenet_latents(image_size: int = 256, batch_size: int = 256,
                      data_dir: str | None = None) -> fdl.Config:
   """Pre-extracted SD-VAE posteriors of ImageNet (the seed's `imagenet_<size>` data presets)."""
   return fdl.Config(latents.LatentFolder, data_dir=data_dir or IMAGENET_LATENT_DIRS[image_size],
+                    image_size=image_size, batch_size=batch_size, num_classes=1000)
+
+
+IMAGENET_RAW_DIRS = {  # the seed's imagenet_raw_<size>; images under <dir>/train/<wnid>/
+    64: '/mnt/disks/raw_data/datasets/imagenet',
+    256: '/mnt/disks/data',
+    512: '/mnt/disks/raw_data/datasets/imagenet',
+}
+
+
+def imagenet_raw(image_size: int = 256, batch_size: int = 256,
+                 data_dir: str | None = None) -> fdl.Config:
+  """ImageNet JPEGs, ADM center crop, random flips (the seed's `imagenet_raw_<size>`)."""
+  return fdl.Config(images.ImageFolder,
+                    data_dir=data_dir or IMAGENET_RAW_DIRS.get(image_size, IMAGENET_RAW_DIRS[64]),
                     image_size=image_size, batch_size=batch_size, num_classes=1000)
 
 
@@ -61,10 +77,55 @@ def dit_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fdl.Partial:
                      freq_embed_size=256, **kwargs)
 
 
+def lightning_dit_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fdl.Partial:
+  """LightningDiT of a seed network size (`S`, `B`, `L`, `XL` of `_dit_network_presets`) with the
+  seed's `lightning_dit_imagenet` switches: Gaussian-Fourier time embedding of width 512,
+  SwiGLU, RoPE, RMSNorm, 6-way adaLN, no qk-norm, no dropout."""
+  hidden_size, depth, num_heads = dit.SIZES[size]
+  return fdl.Partial(lightning_dit.LightningDiT, **{
+      'patch_size': patch_size, 'hidden_size': hidden_size, 'depth': depth,
+      'num_heads': num_heads, 'mlp_ratio': 4.0, 'class_dropout_prob': 0.1,
+      'continuous_time_embed': True, 'freq_embed_size': 512, 'swiglu': True,
+      'use_rope': True, 'rms_norm': True, 'adaln_shift': True, 'qk_norm': False,
+      'mlp_dropout': 0.0, 'attn_w_dropout': 0.0, 'attn_o_dropout': 0.0, **kwargs})
+
+
+def ddt_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fdl.Partial:
+  """LightningDDT (RAE DiT-DH) of a seed `_ddt_network_presets` size (`S`: encoder 384 x 12
+  blocks, 6 heads; `XL`: 1152 x 28, 16 heads; both with a 2-block, 2048-wide, 16-head decoder)
+  and the seed's `lightning_ddt_imagenet` switches (as `lightning_dit_network`)."""
+  enc_hidden, enc_heads, enc_blocks, dec_hidden, dec_heads, dec_blocks = \
+      lightning_ddt.SIZES[size]
+  return fdl.Partial(lightning_ddt.LightningDDT, **{
+      'patch_size': patch_size, 'encoder_hidden_size': enc_hidden,
+      'encoder_num_heads': enc_heads, 'num_encoder_blocks': enc_blocks,
+      'decoder_hidden_size': dec_hidden, 'decoder_num_heads': dec_heads,
+      'num_decoder_blocks': dec_blocks, 'mlp_ratio': 4.0, 'class_dropout_prob': 0.1,
+      'continuous_time_embed': True, 'freq_embed_size': 512, 'swiglu': True,
+      'use_rope': True, 'rms_norm': True, 'adaln_shift': True, 'qk_norm': False,
+      'mlp_dropout': 0.0, 'attn_w_dropout': 0.0, 'attn_o_dropout': 0.0, **kwargs})
+
+
 # ------------------------------------------------------------------------------- training
 def sit_interface(**kwargs) -> fdl.Config:
   return fdl.Config(sit.SiT, **{'time_dist': 'uniform', 't_mu': 0.0, 't_sigma': 1.0,
                                 'n_mu': 0.0, 'n_sigma': 1.0, 't_shift_base': 4096, **kwargs})
+
+
+def meanflow_interface(**kwargs) -> fdl.Config:
+  """MeanFlow with the seed's `mf_imagenet` values: logit-normal(-0.4, 1.0) times, 75% of each
+  batch with r = t, condition drop 0.1, training-time guidance w = 0.2, k = 0.92 (effective
+  scale 2.5) for t in [0, 0.75], adaptive weight eps 1.0, power 1.0."""
+  return fdl.Config(meanflow.MeanFlow, **{
+      'time_dist': 'logit_normal', 't_mu': -0.4, 't_sigma': 1.0, 'n_mu': 0.0, 'n_sigma': 1.0,
+      'fm_portion': 0.75, 'cond_drop_ratio': 0.1, 'guidance_scale': 0.2,
+      'guidance_mixture_ratio': 0.92, 'guidance_t_min': 0.0, 'guidance_t_max': 0.75,
+      'norm_eps': 1.0, 'norm_power': 1.0, **kwargs})
+
+
+def edm_interface(**kwargs) -> fdl.Config:
+  """EDM preconditioning (sigma_data 0.5) with the EDM paper's log-normal(-1.2, 1.2) noise."""
+  return fdl.Config(edm.EDM, **{'x_sigma': 0.5, 'p_mean': -1.2, 'p_std': 1.2, **kwargs})
 
 
 def adamw(learning_rate: float = 1e-4, b2: float = 0.999, schedule=None, **kwargs) -> fdl.Partial:
@@ -81,6 +142,41 @@ def euler(num_steps: int = 50, **kwargs) -> fdl.Config:
   return fdl.Config(samplers.Euler, num_steps=num_steps, sampling_time_dist='uniform', **kwargs)
 
 
+def euler_jump(num_steps: int = 1, **kwargs) -> fdl.Config:
+  """MeanFlow's average-velocity sampler (1 step = one network evaluation)."""
+  return fdl.Config(samplers.EulerJump, num_steps=num_steps, sampling_time_dist='uniform',
+                    **kwargs)
+
+
+def euler_maruyama(num_steps: int = 250, **kwargs) -> fdl.Config:
+  """The seed's SDE sampler: 250 steps from t = 0.999, w(t) = t / (1 - t) ('linear_kl')."""
+  return fdl.Config(samplers.EulerMaruyama, **{
+      'num_steps': num_steps, 'diffusion': 'linear_kl', 'diffusion_norm': 1.0,
+      'sampling_time_dist': 'uniform', 't_start': 0.999, 't_end': 0.0, **kwargs})
+
+
+def karras_heun(num_steps: int = 18, **kwargs) -> fdl.Config:
+  """EDM's deterministic sampler: Heun on the Karras grid (sigma 80 -> 0.002, rho 7, then 0);
+  the last step is Euler, so 2 * num_steps - 1 network evaluations."""
+  return fdl.Config(samplers.Heun, **{
+      'num_steps': num_steps, 'sampling_time_dist': 'karras', 'sigma_min': 0.002,
+      'sigma_max': 80.0, 'rho': 7.0, **kwargs})
+
+
+def replicated() -> fdl.Config:
+  """Every device holds the whole training state; the batch is split over all devices."""
+  return fdl.Config(sharding.Sharding, mesh=(('data', -1),),
+                    rules=(('.*', fdl.Config(sharding.Replicate)),),
+                    activation_rules=(('batch', 'data'),))
+
+
+def fsdp(axis: str = 'data') -> fdl.Config:
+  """Fully sharded data parallel: state arrays of 4 MiB or more split along `axis`."""
+  return fdl.Config(sharding.Sharding, mesh=((axis, -1),),
+                    rules=(('.*', fdl.Config(sharding.FSDP, axis=axis, min_size_mb=4.0)),),
+                    activation_rules=(('batch', axis),))
+
+
 def run_services(save_every_steps: int = 50_000, max_to_keep: int = 8,
                  keep_period: int = 100_000, log_every_steps: int = 100) -> dict:
   """Checkpointing, writers and progress reporting (the seed's `checkpoint` and logging)."""
@@ -92,6 +188,27 @@ def run_services(save_every_steps: int = 50_000, max_to_keep: int = 8,
       log_every_steps=log_every_steps)
 
 
+# ------------------------------------------------------------------------------- evaluation
+FID_STATS = {  # the seed's `stat_dir` reference statistics (EDM2 pickles; ADM .npz also work)
+    64: '/mnt/disks/data/stats/imagenet_64.pkl',
+    256: '/mnt/disks/data/stats/imagenet_256.pkl',
+    512: '/mnt/disks/data/stats/imagenet_512.pkl',
+}
+INCEPTION_WEIGHTS = '/mnt/disks/data/stats/pt_inception-2015-12-05-6726825d.pth'
+
+
+def fid_evaluation(image_size: int = 256, inception_weights: str | None = None,
+                   reference_stats: str | None = None, **kwargs) -> fdl.Config:
+  """Periodic FID / IS with the seed's `eval` schedule: cfg 1.0 FID-10K every 25k and FID-50K
+  every 100k steps, cfg 1.5 FID-50K every 100k; class-balanced labels."""
+  return fdl.Config(eval_actions.FIDEvaluation,
+                    inception_weights=inception_weights or INCEPTION_WEIGHTS,
+                    reference_stats=reference_stats or FID_STATS.get(image_size),
+                    all_guidance_scales=(1.0, 1.5),
+                    all_eval_samples_nums=((10_000, 50_000), (50_000,)),
+                    eval_every_steps=((25_000, 100_000), (100_000,)), **kwargs)
+
+
 def experiment(**nodes) -> fdl.Config:
   """The seed's `dit_imagenet.py` defaults around the given nodes (data, encoder, network, ...)."""
   defaults = dict(
@@ -101,6 +218,7 @@ def experiment(**nodes) -> fdl.Config:
       sampler=heun(32),
       visualize=fdl.Config(hooks.SampleGrid, every_steps=25_000, num_samples=64,
                            guidance_scales=(1.0, 2.0)),
+      sharding=replicated(),
       seed=0,
       total_steps=7_000_000,
       **run_services())

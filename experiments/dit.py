@@ -11,6 +11,7 @@ import fiddle as fdl
 
 from experiments import common
 from lib import hooks, optim
+from lib.eval import actions
 
 
 def _imagenet(size: str, patch_size: int, image_size: int, data_dir: str | None) -> fdl.Config:
@@ -49,7 +50,9 @@ def digits(total_steps: int = 2000) -> fdl.Config:
       optimizer=common.adamw(learning_rate=1e-3, b2=0.99, grad_clip_norm=1.0,
                              schedule=fdl.Partial(optim.cosine, warmup_steps=200, min_lr=1e-5)),
       sampler=common.heun(16),
-      evaluate=[fdl.Config(hooks.ValidationLoss, every_steps=500, batch_size=256)],
+      evaluate=[fdl.Config(hooks.ValidationLoss, every_steps=500, batch_size=256),
+                fdl.Config(actions.DigitsQuality, every_steps=1000, num_samples=250,
+                           guidance_scales=(1.0, 3.0))],
       total_steps=total_steps,
       **common.run_services(save_every_steps=500, max_to_keep=2, keep_period=None,
                             log_every_steps=100))

@@ -56,6 +56,11 @@ class Experiment:
     seed: seed of parameter initialisation and of every training random draw.
     total_steps: optimizer steps of the run.
     log_every_steps: interval of the averaged training metrics.
+    sharding: device mesh and partition rules (`lib.sharding.Sharding`; None: replicate
+      the state and split the batch over all devices).
+    init_from: optional released weights file (e.g. `DiT-XL-2-256x256.pt`) that a run with no
+      checkpoint in its workdir starts from (params and EMA), imported by the importer of the
+      network's class (`lib.models.import_weights.IMPORTERS`); ignored when resuming.
   """
   data: Any
   encoder: Any
@@ -73,6 +78,8 @@ class Experiment:
   seed: int = 0
   total_steps: int = 7_000_000
   log_every_steps: int = 100
+  init_from: str | None = None
+  sharding: Any = None
 
   def __post_init__(self):
     self.latent_shape = tuple(self.encoder.latent_shape(self.data.image_size, self.data.channels))
@@ -97,6 +104,12 @@ class Experiment:
           f'network.patch_size={patch} does not divide the latent size {self.latent_shape[0]} '
           f'(data.image_size={self.data.image_size} / encoder.downsample_factor='
           f'{self.encoder.downsample_factor}); choose a patch size that divides it')
+    if self.init_from:
+      from lib.models import import_weights  # the importer exists (the file is read at run time)
+      try:
+        import_weights.importer_for(self.network)
+      except ValueError as e:
+        raise ConfigError(f'init_from={self.init_from!r}: {e}') from None
     if self.data.batch_size < 1 or self.total_steps < 1:
       raise ConfigError(f'data.batch_size={self.data.batch_size} and total_steps='
                         f'{self.total_steps} must be positive')

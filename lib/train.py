@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lib import checkpoint as ckpt
 from lib import hooks
 from lib.experiment import Experiment
+from lib.sharding import Sharding
 
 
 class Run:
@@ -36,45 +37,64 @@ class Run:
     self.is_main = jax.process_index() == 0
     self.total_steps = exp.total_steps
     self.num_classes = exp.data.num_classes
-    self.mesh = jax.make_mesh((jax.device_count(),), ('data',),
-                                 axis_types=(jax.sharding.AxisType.Auto,))
+    self.layout = exp.sharding or Sharding()
+    self.mesh = self.layout.make_mesh()
     self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = NamedSharding(self.mesh, P('data'))
-    if exp.data.batch_size % jax.device_count():
-      raise ValueError(f'data.batch_size={exp.data.batch_size} is not divisible by the '
-                       f'{jax.device_count()} devices; use a multiple of {jax.device_count()}')
+    self.batch_sharding = self.layout.batch_sharding(self.mesh)
+    ways = self.layout.batch_ways(self.mesh)
+    if exp.data.batch_size % ways or exp.data.batch_size % jax.process_count():
+      raise ValueError(
+          f'data.batch_size={exp.data.batch_size} must be divisible by the {ways} devices the '
+          f'batch is split over (mesh {dict(self.mesh.shape)}, {jax.device_count()} devices, '
+          f'{jax.process_count()} processes); use a multiple of {ways}')
     self.optimizer = exp.make_optimizer()
     abstract_model = nnx.eval_shape(exp.make_network)
     self.graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
     self.param_count = sum(x.size for x in jax.tree.leaves(abstract_params))
+    self.state_shardings = self.layout.state_shardings(jax.eval_shape(self._create)[0],
+                                                       self.mesh)
     self.key = jax.random.key(exp.seed)
     self.writer = None
     self.state = None
-    self._train_step = jax.jit(self._step, donate_argnums=0)
-    self._generate = jax.jit(self._sample, static_argnames='guidance_scale')
-    self._loss = jax.jit(self._eval_loss)
+    self._train_step = jax.jit(self._step, donate_argnums=0,
+                               out_shardings=(self.state_shardings, self.replicated))
+    self._generate = jax.jit(self._sample, static_argnames='guidance_scale',
+                             out_shardings=self.replicated)
+    self._loss = jax.jit(self._eval_loss, out_shardings=self.replicated)
 
   # ----------------------------------------------------------------------------- state
   def _create(self):
     model = self.experiment.make_network()
     _, params, buffers = nnx.split(model, nnx.Param, ...)
-    state = {'step': jnp.zeros((), jnp.int32), 'params': params,
-             'opt_state': self.optimizer.tx.init(params),
-             'ema': self.experiment.ema.init(params)}
-    return state, buffers
+    return self.state_from_params(params), buffers
+
+  def state_from_params(self, params):
+    """A step-0 state holding `params` as the weights and as the EMA, fresh optimizer state."""
+    return {'step': jnp.zeros((), jnp.int32), 'params': params,
+            'opt_state': self.optimizer.tx.init(params),
+            'ema': self.experiment.ema.init(params)}
+
+  def imported_state(self, path: str):
+    """The step-0 state of the weights in a released checkpoint file (`init_from`)."""
+    from lib.models import import_weights
+
+    params = import_weights.import_file(path, self.experiment)
+    return jax.jit(self.state_from_params, out_shardings=self.state_shardings)(params)
 
   def initial_state(self):
-    """Fresh (state, buffers), created on the devices in their final sharding."""
-    return jax.jit(self._create, out_shardings=self.replicated)()
+    """Fresh (state, buffers), created by one jitted call directly in their final
+    sharding: no device (or host) ever holds a full copy of a sharded array."""
+    return jax.jit(self._create, out_shardings=(self.state_shardings, self.replicated))()
 
   def make_buffers(self):
     """Only the network's fixed arrays (the parameter initialisation is compiled away)."""
     return jax.jit(lambda: self._create()[1], out_shardings=self.replicated)()
 
   def abstract_state(self):
+    """Shapes, dtypes and target shardings of the state (the restore target: a checkpoint
+    saved on another mesh is resharded into this one)."""
     state, _ = jax.eval_shape(self._create)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
-                        state)
+    return ckpt.abstract(state, self.state_shardings)
 
   def load_encoder(self):
     self.encoder_state = jax.device_put(self.experiment.encoder.load(), self.replicated)
@@ -104,15 +124,19 @@ class Run:
                  'ema': exp.ema.update(state['ema'], params, state['step'])}
     return new_state, metrics
 
-  def _sample(self, params, buffers, encoder_state, noise, labels, guidance_scale):
+  def _sample(self, params, buffers, encoder_state, labels, seed, start, guidance_scale):
+    """Samples for `labels` from noise drawn from fold_in(key(seed), start)."""
     exp = self.experiment
+    key = jax.random.fold_in(jax.random.key(seed), start)
+    noise = jax.random.normal(key, (labels.shape[0], *exp.latent_shape))
+    sde_key = jax.random.fold_in(key, 1)  # stochastic samplers (Euler-Maruyama)
     latents = exp.sampler(exp.interface, self.network(params, buffers), noise, labels,
-                          guidance_scale=guidance_scale)
+                          guidance_scale=guidance_scale, key=sde_key)
     return exp.encoder.decode(encoder_state, latents)
 
-  def _eval_loss(self, params, buffers, encoder_state, batch, key):
+  def _eval_loss(self, params, buffers, encoder_state, batch, seed, index):
     exp = self.experiment
-    encode_key, loss_key = jax.random.split(key)
+    encode_key, loss_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), index))
     x = exp.encoder.encode(encoder_state, batch['image'], encode_key)
     per_sample, _ = exp.interface.loss(self.network(params, buffers), x, batch['label'], loss_key)
     return per_sample.sum()
@@ -123,16 +147,15 @@ class Run:
 
   def generate(self, labels: np.ndarray, guidance_scale: float, seed: int = 0,
                params=None, batch_size: int = 256) -> np.ndarray:
-    """uint8 images (N, H, W, C) for `labels` from the EMA weights (or `params`)."""
+    """uint8 images (N, H, W, C) for `labels` from the EMA weights (or `params`); the same
+    on every process."""
     params = self.ema_params() if params is None else params
-    key = jax.random.key(seed)
     out = []
     for start in range(0, len(labels), batch_size):
-      chunk = jnp.asarray(labels[start:start + batch_size], jnp.int32)
-      noise = jax.random.normal(jax.random.fold_in(key, start),
-                                (len(chunk), *self.experiment.latent_shape))
-      out.append(np.asarray(self._generate(params, self.buffers, self.encoder_state, noise,
-                                           chunk, guidance_scale=float(guidance_scale))))
+      chunk = jax.device_put(np.asarray(labels[start:start + batch_size], np.int32),
+                             self.replicated)
+      out.append(np.asarray(self._generate(params, self.buffers, self.encoder_state, chunk,
+                                           seed, start, guidance_scale=float(guidance_scale))))
     return np.concatenate(out)
 
   def validation_loss(self, batch_size: int, seed: int) -> dict[str, float]:
@@ -140,19 +163,26 @@ class Run:
     totals = {'eval/loss_ema': 0.0, 'eval/loss': 0.0}
     count = 0
     for i, batch in enumerate(self.experiment.data.eval_batches(batch_size)):
-      key = jax.random.fold_in(jax.random.key(seed), i)
-      totals['eval/loss_ema'] += float(self._loss(self.ema_params(), self.buffers,
-                                                  self.encoder_state, batch, key))
-      totals['eval/loss'] += float(self._loss(self.state['params'], self.buffers,
-                                              self.encoder_state, batch, key))
+      batch = jax.device_put(batch, self.replicated)
+      for name, params in (('eval/loss_ema', self.ema_params()),
+                           ('eval/loss', self.state['params'])):
+        totals[name] += float(self._loss(params, self.buffers, self.encoder_state, batch, seed,
+                                         i))
       count += len(batch['label'])
     return {k: v / count for k, v in totals.items()}
 
   # ----------------------------------------------------------------------------- loop
   def restore_or_init(self, manager):
-    """Newest checkpoint in the workdir if there is one, else a fresh state."""
+    """Newest checkpoint in the workdir if there is one, else a fresh state (or the imported
+    weights of `init_from`)."""
     if manager.latest_step() is None:
-      self.state, self.buffers = self.initial_state()
+      if self.experiment.init_from:
+        self.state = self.imported_state(self.experiment.init_from)
+        self.buffers = self.make_buffers()
+        logging.info('Starting from the weights of %s (params and EMA)',
+                     self.experiment.init_from)
+      else:
+        self.state, self.buffers = self.initial_state()
       return 0
     self.buffers = self.make_buffers()
     step, self.state = ckpt.restore(manager, self.abstract_state())

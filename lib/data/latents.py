@@ -5,6 +5,10 @@
       00000/img00000000.npy float32 (C, h, w), h = w = image_size / 8; for the SD-VAE
       ...                   C = 8: the posterior [mean(4), std(4)], unscaled
 
+`python -m lib.data.extract_latents` writes this layout from an image folder (file i =
+example i in sorted class / file order; with `--flip` the mirrored image of example i is
+one more example, N + i, so flipped copies are simply extra training examples).
+
 Files are every `.npy` under `data_dir` (recursively), ordered by relative path ('/'
 separated, as in dataset.json). Batches are NHWC float32 (local_B, h, w, C) that the
 encoder turns into latents (`StabilityVAE.encode` samples mean + eps * std). The order

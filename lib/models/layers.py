@@ -178,3 +178,292 @@ def ada_ln(hidden_size: int, chunks: int, *, dtype=jnp.float32, rngs: nnx.Rngs) 
   """The zero-initialised Linear(D, chunks*D) of adaLN-Zero (SiLU is applied by the caller)."""
   return nnx.Linear(hidden_size, chunks * hidden_size, kernel_init=zeros, bias_init=zeros,
                     dtype=dtype, rngs=rngs)
+
+
+# ------------------------------------------------------------------------------------------
+# LightningDiT / LightningDDT pieces (hustvl/LightningDiT, bytetriper/RAE layouts).
+#   * RMSNorm (LLaMA): x * rsqrt(mean(x^2) + eps) computed in float32, cast back, times a
+#     weight initialised to ones;
+#   * SwiGLU: fused `w12` Linear(D, 2h) -> (x1, x2) -> silu(x1) * x2 -> `w3` Linear(h, D);
+#   * 2-D RoPE (EVA-02 `VisionRotaryEmbeddingFast`): interleaved pairs (x0, x1) -> (-x1, x0);
+#     first head_dim/2 channels rotate with the row index, the second half with the column;
+#   * Gaussian-Fourier time embedding (RAE): fixed W ~ N(0, scale^2), `[sin, cos](2 pi t W)`.
+
+
+def torch_default_linear(in_features: int, out_features: int, use_bias: bool = True, *,
+                         dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+  """A Linear initialised like `torch.nn.Linear`'s default: weight, bias ~ U(+-1/sqrt(fan_in))."""
+  init = _torch_uniform(in_features)
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=init,
+                    bias_init=init, dtype=dtype, rngs=rngs)
+
+
+def _torch_uniform(fan_in: int):
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), torch's default for Linear weights and biases."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                  bound)
+
+
+def linear(in_features: int, out_features: int, init: str = 'xavier', use_bias: bool = True,
+           *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+  """A Linear with DiT's xavier-uniform/zero init (`init='xavier'`) or torch's default
+  (`init='torch'`, what the RAE DiT-DH blocks keep)."""
+  if init == 'torch':
+    return torch_default_linear(in_features, out_features, use_bias, dtype=dtype, rngs=rngs)
+  if init != 'xavier':
+    raise ValueError(f"init={init!r}; expected 'xavier' or 'torch'")
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=xavier_uniform,
+                    bias_init=zeros, dtype=dtype, rngs=rngs)
+
+
+def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
+  """Inverted dropout drawing from the `dropout` stream of `rngs`; identity without rngs."""
+  if rate == 0.0 or rngs is None:
+    return x
+  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm over the last axis, eps 1e-6: normalised in float32, then cast to the compute
+  dtype and scaled by `scale` (torch `weight`, initialised to ones)."""
+
+  def __init__(self, dim: int, eps: float = 1e-6, *, dtype=jnp.float32,
+               rngs: nnx.Rngs | None = None):
+    del rngs  # no random initialisation
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return normed.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
+class SwiGLU(nn.Module):
+  """w3(silu(x1) * x2), (x1, x2) = split(w12(x)); hidden width `ffn_dim` (LightningDiT:
+  int(2/3 * mlp_dim), no rounding). `dropout` applies to w12's output and to the result."""
+
+  def __init__(self, hidden_size: int, ffn_dim: int, dropout_rate: float = 0.0,
+               init: str = 'xavier', *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.dropout_rate = dropout_rate
+    self.w12 = linear(hidden_size, 2 * ffn_dim, init, dtype=dtype, rngs=rngs)
+    self.w3 = linear(ffn_dim, hidden_size, init, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    x1, x2 = jnp.split(dropout(self.w12(x), self.dropout_rate, rngs), 2, axis=-1)
+    return dropout(self.w3(nnx.silu(x1) * x2), self.dropout_rate, rngs)
+
+
+class GeluMlp(nn.Module):
+  """Like `Mlp` (fc1 -> GELU(tanh) -> fc2, timm names), with the choice of init and dropout
+  after the activation and after fc2."""
+
+  def __init__(self, hidden_size: int, mlp_dim: int, dropout_rate: float = 0.0,
+               init: str = 'xavier', *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.dropout_rate = dropout_rate
+    self.fc1 = linear(hidden_size, mlp_dim, init, dtype=dtype, rngs=rngs)
+    self.fc2 = linear(mlp_dim, hidden_size, init, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    h = dropout(nnx.gelu(self.fc1(x), approximate=True), self.dropout_rate, rngs)
+    return dropout(self.fc2(h), self.dropout_rate, rngs)
+
+
+def rope_2d(head_dim: int, grid_size: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+  """cos and sin tables (grid_size**2, head_dim) of EVA-02's `VisionRotaryEmbeddingFast(
+  dim=head_dim // 2, pt_seq_len=grid_size)`, tokens row-major.
+
+  f_i = 1 / theta^(2i / (head_dim/2)), i < head_dim/4, at positions arange(n)/n*n (float32, as
+  torch); each angle is repeated for an interleaved pair; channels [0, head_dim/2) take the
+  row angles, [head_dim/2, head_dim) the column angles.
+  """
+  if head_dim % 4:
+    raise ValueError(f'2-D RoPE needs a head dimension divisible by 4, got {head_dim}')
+  dim = head_dim // 2
+  exponents = np.arange(0, dim, 2, dtype=np.float32)[:dim // 2] / np.float32(dim)
+  freqs = np.float32(1.0) / np.power(np.float32(theta), exponents)
+  positions = np.arange(grid_size, dtype=np.float32) / np.float32(grid_size) * np.float32(grid_size)
+  angles = np.repeat(positions[:, None] * freqs[None], 2, axis=-1)  # (n, dim), pairs interleaved
+  rows = np.broadcast_to(angles[:, None, :], (grid_size, grid_size, dim))
+  cols = np.broadcast_to(angles[None, :, :], (grid_size, grid_size, dim))
+  table = np.concatenate([rows, cols], axis=-1).reshape(grid_size * grid_size, head_dim)
+  return np.cos(table).astype(np.float32), np.sin(table).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x (B, L, H, Dh) rotated by tables (L, Dh): x cos + rotate_half(x) sin, interleaved pairs
+  (x0, x1) -> (-x1, x0). Computed in float32, returned in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  pairs = x32.reshape(*x.shape[:-1], -1, 2)
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  out = x32 * cos[:, None].astype(jnp.float32) + rotated * sin[:, None].astype(jnp.float32)
+  return out.astype(x.dtype)
+
+
+class RopeAttention(nn.Module):
+  """LightningDiT attention: fused qkv (with bias) -> optional per-head q/k norms (separate
+  modules) -> optional 2-D RoPE on q and k -> softmax(q k^T / sqrt(Dh)) v -> proj.
+
+  q/k norms are RMSNorm (eps 1e-6) with `rms_norm`, else affine LayerNorm with torch's
+  eps 1e-5, as the official code. `jax.nn.dot_product_attention` is used unless attention
+  weight dropout is active (train time with `attn_w_dropout > 0`).
+  """
+
+  def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False,
+               rms_norm: bool = True, attn_w_dropout: float = 0.0, attn_o_dropout: float = 0.0,
+               init: str = 'xavier', *, dtype=jnp.float32, rngs: nnx.Rngs):
+    if hidden_size % num_heads:
+      raise ValueError(f'hidden_size={hidden_size} must be divisible by num_heads={num_heads}')
+    self.num_heads = num_heads
+    self.attn_w_dropout = attn_w_dropout
+    self.attn_o_dropout = attn_o_dropout
+    head_dim = hidden_size // num_heads
+    self.qkv = linear(hidden_size, 3 * hidden_size, init, dtype=dtype, rngs=rngs)
+    self.proj = linear(hidden_size, hidden_size, init, dtype=dtype, rngs=rngs)
+    if not qk_norm:
+      self.q_norm = self.k_norm = None
+    elif rms_norm:
+      self.q_norm = RMSNorm(head_dim, dtype=dtype)
+      self.k_norm = RMSNorm(head_dim, dtype=dtype)
+    else:
+      self.q_norm = nnx.LayerNorm(head_dim, epsilon=1e-5, dtype=dtype, rngs=rngs)
+      self.k_norm = nnx.LayerNorm(head_dim, epsilon=1e-5, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    batch, length, dim = x.shape
+    qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if self.attn_w_dropout > 0 and rngs is not None:
+      logits = jnp.einsum('blhd,bmhd->bhlm', q, k) / math.sqrt(q.shape[-1])
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+      out = jnp.einsum('bhlm,bmhd->blhd', dropout(weights, self.attn_w_dropout, rngs), v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v)
+    return dropout(self.proj(out.reshape(batch, length, dim)), self.attn_o_dropout, rngs)
+
+
+class FourierTimeEmbedder(nn.Module):
+  """Gaussian-Fourier time embedding (RAE `GaussianFourierEmbedding`): t (B,) -> (B, D),
+  `[sin(2 pi t W), cos(2 pi t W)]` (sin first) -> Linear -> SiLU -> Linear.
+
+  W (freq_embed_size/2,) ~ N(0, scale^2) is drawn once from `rngs` and fixed: a `Buffer`,
+  neither trained nor averaged (torch keeps it as a non-trainable Parameter `W`, an importer
+  copies it). MLP kernels N(0, 0.02); biases zero (`bias_init='zeros'`, LightningDiT) or
+  torch's default (`'torch'`, RAE DiT-DH, which does not re-initialise them).
+  """
+
+  def __init__(self, hidden_size: int, freq_embed_size: int = 512, scale: float = 1.0,
+               bias_init: str = 'zeros', *, dtype=jnp.float32, rngs: nnx.Rngs):
+    if freq_embed_size % 2:
+      raise ValueError(f'freq_embed_size={freq_embed_size} must be even (sin and cos halves)')
+    self.W = nn.Buffer(scale * jax.random.normal(rngs.params(), (freq_embed_size // 2,),
+                                                 jnp.float32))
+
+    def make(fan_in, fan_out):
+      if bias_init == 'torch':
+        init = _torch_uniform(fan_in)
+      elif bias_init == 'zeros':
+        init = zeros
+      else:
+        raise ValueError(f"bias_init={bias_init!r}; expected 'zeros' or 'torch'")
+      return nnx.Linear(fan_in, fan_out, kernel_init=normal_002, bias_init=init, dtype=dtype,
+                        rngs=rngs)
+
+    self.linear1 = make(freq_embed_size, hidden_size)
+    self.linear2 = make(hidden_size, hidden_size)
+
+  def __call__(self, t: jax.Array) -> jax.Array:
+    args = t.astype(jnp.float32)[:, None] * self.W[...][None] * 2 * math.pi
+    embedding = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    return self.linear2(nnx.silu(self.linear1(embedding)))
+
+
+# ------------------------------------------------------------------------------------------
+# MCG-NJU DDT pieces (`decoupled_improved_dit.py` layouts).
+#   * patches flattened in (c, p, q) order, as `F.unfold` / `F.fold` on NCHW;
+#   * SwiGLU with separate `w1`, `w3` (gate and value) and `w2` (out), no biases (LLaMA);
+#   * 2-D RoPE of `precompute_freqs_cis_2d`: per frequency, a column (x) pair then a row (y)
+#     pair; positions linspace(0, scale, n) on each axis.
+
+
+def patchify_cpq(x: jax.Array, patch_size: int) -> jax.Array:
+  """(B, H, W, C) -> (B, (H/p)*(W/p), C*p*p) tokens, row-major, each vector in (c, p, q)
+  order (what `F.unfold(x_nchw, p, stride=p).transpose(1, 2)` gives)."""
+  batch, height, width, channels = x.shape
+  p = patch_size
+  x = x.reshape(batch, height // p, p, width // p, p, channels)
+  x = jnp.einsum('nhpwqc->nhwcpq', x)
+  return x.reshape(batch, (height // p) * (width // p), channels * p * p)
+
+
+def unpatchify_cpq(x: jax.Array, patch_size: int, height: int, width: int) -> jax.Array:
+  """The inverse of `patchify_cpq` (`F.fold` of non-overlapping patches):
+  (B, (H/p)*(W/p), C*p*p) -> (B, H, W, C)."""
+  batch, _, dim = x.shape
+  p = patch_size
+  channels = dim // (p * p)
+  x = x.reshape(batch, height // p, width // p, channels, p, p)
+  x = jnp.einsum('nhwcpq->nhpwqc', x)
+  return x.reshape(batch, height, width, channels)
+
+
+class SplitSwiGLU(nn.Module):
+  """w2(silu(w1(x)) * w3(x)) with separate Linears (LLaMA / MCG-NJU DDT `FeedForward`);
+  hidden width `ffn_dim` (DDT: int(2 * mlp_dim / 3)); `use_bias=False` as DDT. Init as
+  `linear(..., init)` (DDT keeps torch's default)."""
+
+  def __init__(self, hidden_size: int, ffn_dim: int, use_bias: bool = False,
+               init: str = 'torch', *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.w1 = linear(hidden_size, ffn_dim, init, use_bias, dtype=dtype, rngs=rngs)
+    self.w3 = linear(hidden_size, ffn_dim, init, use_bias, dtype=dtype, rngs=rngs)
+    self.w2 = linear(ffn_dim, hidden_size, init, use_bias, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.w2(nnx.silu(self.w1(x)) * self.w3(x))
+
+
+def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+  """`torch.linspace(start, end, steps)` in float32, value for value: a float32 step, the
+  first half start + i*step and the second half end - (steps-1-i)*step, each rounded once
+  (fused multiply-add, here exact in float64)."""
+  if steps == 1:
+    return np.array([start], np.float32)
+  start32, end32 = np.float32(start), np.float32(end)
+  step = np.float64(np.float32((end32 - start32) / np.float32(steps - 1)))
+  index = np.arange(steps, dtype=np.float64)
+  first = np.float64(start32) + step * index
+  second = np.float64(end32) - step * (steps - 1 - index)
+  return np.where(index < steps // 2, first, second).astype(np.float32)
+
+
+def rope_2d_xy(head_dim: int, height: int, width: int, theta: float = 10000.0,
+               scale: float = 16.0) -> tuple[np.ndarray, np.ndarray]:
+  """cos and sin tables (height*width, head_dim) of MCG-NJU DDT's
+  `precompute_freqs_cis_2d(head_dim, height, width, theta, scale)`, for `apply_rope`.
+
+  f_j = 1 / theta^(4j / head_dim), j < head_dim/4; column positions linspace(0, scale, width),
+  row positions linspace(0, scale, height) (float32, as torch), tokens row-major. The complex
+  pairs (channels 2k, 2k+1) alternate: pair 2j rotates by x * f_j (column), pair 2j+1 by
+  y * f_j (row). The positions do not depend on the grid's training size: a 16x16 grid has
+  spacing 16/15, a 32x32 grid 16/31.
+  """
+  if head_dim % 4:
+    raise ValueError(f'DDT 2-D RoPE needs a head dimension divisible by 4, got {head_dim}')
+  exponents = np.arange(0, head_dim, 4, dtype=np.float32)[:head_dim // 4] / np.float32(head_dim)
+  freqs = np.float32(1.0) / np.power(np.float32(theta), exponents)
+  xs = torch_linspace_f32(0.0, scale, width)
+  ys = torch_linspace_f32(0.0, scale, height)
+  rows, cols = np.meshgrid(ys, xs, indexing='ij')
+  x_angles = cols.reshape(-1)[:, None] * freqs[None]  # (N, head_dim/4)
+  y_angles = rows.reshape(-1)[:, None] * freqs[None]
+  pairs = np.stack([x_angles, y_angles], axis=-1).reshape(height * width, head_dim // 2)
+  table = np.repeat(pairs, 2, axis=-1).astype(np.float32)  # both channels of a pair
+  return np.cos(table).astype(np.float32), np.sin(table).astype(np.float32)

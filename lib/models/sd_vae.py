@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from lib import nn
+from lib.models.checkpoint_io import read_state_dict
 
 _EPS = 1e-6
 _LOGVAR_RANGE = (-30.0, 20.0)
@@ -291,24 +292,6 @@ def import_diffusers_state_dict(state_dict: dict[str, np.ndarray],
   flat = [(path, variable.replace(jnp.asarray(_from_torch_layout(given[key]), variable.dtype)))
           for key, (path, variable) in expected.items()]
   return nnx.from_flat_state(flat)
-
-
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """{key: float32 array} from a diffusers `.safetensors` (needs `safetensors`) or `.bin`
-  (needs torch) file."""
-  if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-    return {key: value.astype(np.float32) for key, value in load_file(path).items()}
-  if path.endswith('.bin'):
-    try:
-      import torch
-    except ImportError as error:
-      raise ImportError(f'reading {path} (a torch pickle) needs torch: pip install torch, or '
-                        'use the .safetensors file of the same checkpoint') from error
-    state_dict = torch.load(path, map_location='cpu', weights_only=True)
-    return {key: value.float().numpy() for key, value in state_dict.items()}
-  raise ValueError(f'encoder.weights_path={path!r}: expected a diffusers AutoencoderKL '
-                   '`diffusion_pytorch_model.safetensors` or `.bin` file')
 
 
 class StabilityVAE:

@@ -1,0 +1,37 @@
+"""Multi-host start-up: `jax.distributed.initialize` from flags or the cluster environment.
+
+Every process runs the same `launch.py` command. With `--coordinator_address`,
+`--num_processes` and `--process_id` the processes meet at the coordinator; without them,
+JAX's own cluster detection is used when the environment names a multi-process job
+(`JAX_COORDINATOR_ADDRESS`, SLURM with several tasks, Open MPI, Cloud TPU pods); otherwise
+the run is single-process. On CPU the processes exchange data through gloo collectives.
+"""
+
+import os
+
+import jax
+from absl import logging
+
+_CLUSTER_VARIABLES = ('JAX_COORDINATOR_ADDRESS', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES')
+
+
+def _in_cluster() -> bool:
+  if any(os.environ.get(name) for name in _CLUSTER_VARIABLES):
+    return True
+  return int(os.environ.get('SLURM_NTASKS', '1')) > 1
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """Joins the job's processes (once, before any other JAX call that touches devices)."""
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(value is not None for value in explicit):
+    if not all(value is not None for value in explicit):
+      raise ValueError('--coordinator_address, --num_processes and --process_id go together; '
+                       f'got {coordinator_address!r}, {num_processes!r}, {process_id!r}')
+  elif not _in_cluster():
+    return
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  logging.info('Process %d of %d, %d local / %d global devices', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())

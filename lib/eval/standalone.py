@@ -1,0 +1,58 @@
+"""Evaluation of a finished (or paused) run: every evaluation action on the newest checkpoint.
+
+    python launch.py --workdir=runs/xl2 --mode=eval        # the saved config of the run
+    evaluate(experiment, workdir)                           # the same, from Python
+
+Runs `evaluate(run, step)` of each node of `experiment.evaluate` that has one (FID actions
+evaluate every guidance scale and sample count of their schedule, not only those due at that
+step), with the EMA weights of the checkpoint, and writes the scalars at the checkpoint's step
+through the run's writers (log, TensorBoard, `metrics.jsonl`).
+"""
+
+import os
+
+import jax
+from absl import logging
+
+from lib import checkpoint as ckpt
+
+
+def evaluate(experiment, workdir: str, step: int | None = None) -> dict[str, float]:
+  """Evaluates checkpoint `step` (default: the newest) of `workdir`; returns the scalars."""
+  from lib import train
+
+  actions = [hook for hook in experiment.evaluate if hasattr(hook, 'evaluate')]
+  if not actions:
+    raise ValueError('the experiment has no evaluation actions (`evaluate` is empty); add e.g. '
+                     'fdl.Config(lib.eval.actions.FIDEvaluation, ...) to it')
+  run = train.Run(experiment, workdir)
+  manager = experiment.checkpoint.manager(workdir)
+  try:
+    if manager.latest_step() is None:
+      raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}; train '
+                              'first (--mode=train) or point --workdir at a trained run')
+    for hook in actions:  # missing weights / statistics fail before anything is restored
+      prepare = getattr(hook, 'prepare', None)
+      if prepare is not None:
+        prepare(run)
+    if step is not None and step not in manager.all_steps():
+      raise FileNotFoundError(f'no checkpoint of step {step} in {workdir}; there are '
+                              f'{sorted(manager.all_steps())}')
+    run.load_encoder()
+    run.buffers = run.make_buffers()
+    step, run.state = ckpt.restore(manager, run.abstract_state(), step)
+  finally:
+    manager.close()
+  run.writer = experiment.writers.create(workdir, jax.process_index() == 0)
+  scalars = {}
+  try:
+    for hook in actions:
+      logging.info('Evaluating %s on the checkpoint of step %d', type(hook).__name__, step)
+      scalars.update(hook.evaluate(run, step) or {})
+  finally:
+    run.writer.flush()
+    run.writer.close()
+  for name, value in sorted(scalars.items()):
+    logging.info('step %d: %s = %.4f', step, name, value)
+  return scalars
+
