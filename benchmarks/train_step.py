@@ -80,7 +80,7 @@ def benchmark(config: fdl.Buildable, overrides: list[str], steps: int, warmup: i
 
   experiment = fdl.build(config)
   run = Run(experiment, workdir='/nonexistent-benchmark-workdir')  # nothing is written
-  state, buffers = run.initial_state()
+  state = run.initial_state()
   data = experiment.data
   posterior = getattr(data, 'kind', 'pixels') == 'posterior'
   try:
@@ -101,15 +101,15 @@ def benchmark(config: fdl.Buildable, overrides: list[str], steps: int, warmup: i
            for k, v in host_batch.items()}
 
   start = time.perf_counter()
-  compiled = run._train_step.lower(state, buffers, encoder_state, batch).compile()
+  compiled = run._train_step.lower(state, encoder_state, batch).compile()
   compile_s = time.perf_counter() - start
   for _ in range(warmup):
-    state, metrics = compiled(state, buffers, encoder_state, batch)
+    state, metrics = compiled(state, encoder_state, batch)
   jax.block_until_ready(state)
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    state, metrics = compiled(state, buffers, encoder_state, batch)
+    state, metrics = compiled(state, encoder_state, batch)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   loss = float(metrics['loss'])

@@ -13,7 +13,7 @@ from lib.data import digits, images, latents
 from lib.eval import actions as eval_actions
 from lib.experiment import Experiment
 from lib.flow import edm, meanflow, samplers, sit
-from lib.models import dit, encoders, lightning_ddt, lightning_dit, sd_vae
+from lib.models import ddt, dit, encoders, lightning_ddt, lightning_dit, sd_vae
 
 # ------------------------------------------------------------------------------- data
 IMAGENET_LATENT_DIRS = {
@@ -68,6 +68,15 @@ def pixel_encoder() -> fdl.Config:
   return fdl.Config(encoders.PixelEncoder)
 
 
+def sd_vae_scaled_encoder(scaling_factor: float = 0.18215,
+                          weights_path: str | None = None) -> fdl.Config:
+  """SD-VAE latents scaled by the diffusers `scaling_factor` only (z * 0.18215, no per-channel
+  statistics), as DiT/SiT/REPA and MCG-NJU DDT train on; their releases need this scaling."""
+  return fdl.Config(sd_vae.StabilityVAE, weights_path=weights_path,
+                    raw_mean=(0.0, 0.0, 0.0, 0.0), raw_std=(1.0, 1.0, 1.0, 1.0),
+                    final_mean=0.0, final_std=scaling_factor)
+
+
 # ------------------------------------------------------------------------------- networks
 def dit_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fdl.Partial:
   """DiT of a published size (`S`, `B`, `L`, `XL`); sizes are the seed's `_dit_network_presets`."""
@@ -104,6 +113,17 @@ def ddt_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fdl.Partial:
       'continuous_time_embed': True, 'freq_embed_size': 512, 'swiglu': True,
       'use_rope': True, 'rms_norm': True, 'adaln_shift': True, 'qk_norm': False,
       'mlp_dropout': 0.0, 'attn_w_dropout': 0.0, 'attn_o_dropout': 0.0, **kwargs})
+
+
+def mcg_ddt_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fdl.Partial:
+  """MCG-NJU DDT (`lib.models.ddt.DDT`, not the RAE DiT-DH of `ddt_network`) of a size in
+  `lib.models.ddt.SIZES` (`XL`: 1152 wide, 16 heads, 28 blocks of which 22 encoder, the
+  released "22en6de"); label dropout 0.1 as the official trainer."""
+  hidden_size, num_heads, num_blocks, num_encoder_blocks = ddt.SIZES[size]
+  return fdl.Partial(ddt.DDT, **{
+      'patch_size': patch_size, 'hidden_size': hidden_size, 'num_heads': num_heads,
+      'num_blocks': num_blocks, 'num_encoder_blocks': num_encoder_blocks, 'mlp_ratio': 4.0,
+      'class_dropout_prob': 0.1, **kwargs})
 
 
 # ------------------------------------------------------------------------------- training

@@ -1,7 +1,8 @@
 """Orbax checkpointing of the whole training state.
 
 A checkpoint `<workdir>/checkpoints/<step>` holds one pytree: the step, parameters,
-optimizer state and EMA state. The data position and the random keys are pure
+optimizer state, EMA state and the network's fixed arrays (which may come from released
+weights, e.g. a fixed Fourier time basis). The data position and the random keys are pure
 functions of (seed, step), so the step is all a resumed run needs to continue exactly.
 Orbax writes into a temporary folder and renames it when complete, so a run killed
 while saving leaves its previous checkpoints intact and never a half-written one.

@@ -1,9 +1,10 @@
 """The training loop: a jitted NNX train step driven by CLU writers and periodic actions.
 
 State carried between steps (and checkpointed) is a pytree
-    {'step': int32, 'params': nnx.State, 'opt_state': optax state, 'ema': EMA state}.
-Fixed arrays of the network (position tables) and the encoder's frozen weights are
-passed to the jitted functions as arguments, never baked in as constants.
+    {'step': int32, 'params': nnx.State, 'opt_state': optax state, 'ema': EMA state,
+     'buffers': the network's fixed arrays (position tables, fixed Fourier features)}.
+The encoder's frozen weights are passed to the jitted functions as an argument, never
+baked in as constants.
 
 Every random draw of step k comes from `fold_in(key(seed), k)`, and the data position
 is a function of k, so a run resumed from the checkpoint of step k continues exactly
@@ -51,8 +52,7 @@ class Run:
     abstract_model = nnx.eval_shape(exp.make_network)
     self.graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
     self.param_count = sum(x.size for x in jax.tree.leaves(abstract_params))
-    self.state_shardings = self.layout.state_shardings(jax.eval_shape(self._create)[0],
-                                                       self.mesh)
+    self.state_shardings = self.layout.state_shardings(jax.eval_shape(self._create), self.mesh)
     self.key = jax.random.key(exp.seed)
     self.writer = None
     self.state = None
@@ -66,35 +66,37 @@ class Run:
   def _create(self):
     model = self.experiment.make_network()
     _, params, buffers = nnx.split(model, nnx.Param, ...)
-    return self.state_from_params(params), buffers
+    return self.state_from_weights(params, buffers)
 
-  def state_from_params(self, params):
-    """A step-0 state holding `params` as the weights and as the EMA, fresh optimizer state."""
+  def state_from_weights(self, params, buffers):
+    """A step-0 state: `params` as the weights and as the EMA, a fresh optimizer state, and
+    the network's fixed arrays (position tables, fixed Fourier features)."""
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
             'opt_state': self.optimizer.tx.init(params),
-            'ema': self.experiment.ema.init(params)}
+            'ema': self.experiment.ema.init(params), 'buffers': buffers}
 
-  def imported_state(self, path: str):
-    """The step-0 state of the weights in a released checkpoint file (`init_from`)."""
-    from lib.models import import_weights
-
-    params = import_weights.import_file(path, self.experiment)
-    return jax.jit(self.state_from_params, out_shardings=self.state_shardings)(params)
+  def imported_state(self, weights: nnx.State):
+    """The step-0 state of imported weights (`lib.models.import_weights.import_file`): their
+    parameters, and their fixed arrays where they have them (else the constructor's)."""
+    buffers = jax.jit(lambda: self._create()['buffers'])()  # parameters compiled away
+    params, imported_buffers = nnx.split_state(weights, nnx.Param, ...)
+    buffers = nnx.merge_state(buffers, imported_buffers)
+    return jax.jit(self.state_from_weights, out_shardings=self.state_shardings)(params, buffers)
 
   def initial_state(self):
-    """Fresh (state, buffers), created by one jitted call directly in their final
-    sharding: no device (or host) ever holds a full copy of a sharded array."""
-    return jax.jit(self._create, out_shardings=(self.state_shardings, self.replicated))()
-
-  def make_buffers(self):
-    """Only the network's fixed arrays (the parameter initialisation is compiled away)."""
-    return jax.jit(lambda: self._create()[1], out_shardings=self.replicated)()
+    """A fresh state, created by one jitted call directly in its final sharding: no device
+    (or host) ever holds a full copy of a sharded array."""
+    return jax.jit(self._create, out_shardings=self.state_shardings)()
 
   def abstract_state(self):
     """Shapes, dtypes and target shardings of the state (the restore target: a checkpoint
     saved on another mesh is resharded into this one)."""
-    state, _ = jax.eval_shape(self._create)
-    return ckpt.abstract(state, self.state_shardings)
+    return ckpt.abstract(jax.eval_shape(self._create), self.state_shardings)
+
+  def restore(self, manager, step: int | None = None) -> int:
+    """Loads the newest (or the given) checkpoint of `manager` into `self.state`."""
+    step, self.state = ckpt.restore(manager, self.abstract_state(), step)
+    return step
 
   def load_encoder(self):
     self.encoder_state = jax.device_put(self.experiment.encoder.load(), self.replicated)
@@ -103,7 +105,7 @@ class Run:
     return nnx.merge(self.graphdef, params, buffers)
 
   # ----------------------------------------------------------------------------- jitted
-  def _step(self, state, buffers, encoder_state, batch):
+  def _step(self, state, encoder_state, batch):
     exp = self.experiment
     key = jax.random.fold_in(self.key, state['step'])
     encode_key, loss_key, dropout_key = jax.random.split(key, 3)
@@ -111,7 +113,8 @@ class Run:
 
     def loss_fn(params):
       rngs = nnx.Rngs(label_dropout=dropout_key, dropout=jax.random.fold_in(dropout_key, 1))
-      per_sample, aux = exp.interface.loss(self.network(params, buffers), x, batch['label'],
+      per_sample, aux = exp.interface.loss(self.network(params, state['buffers']), x,
+                                           batch['label'],
                                            loss_key, rngs=rngs)
       return per_sample.mean(), aux
 
@@ -121,7 +124,8 @@ class Run:
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'learning_rate': self.optimizer.schedule(state['step']), **aux}
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
-                 'ema': exp.ema.update(state['ema'], params, state['step'])}
+                 'ema': exp.ema.update(state['ema'], params, state['step']),
+                 'buffers': state['buffers']}
     return new_state, metrics
 
   def _sample(self, params, buffers, encoder_state, labels, seed, start, guidance_scale):
@@ -154,8 +158,9 @@ class Run:
     for start in range(0, len(labels), batch_size):
       chunk = jax.device_put(np.asarray(labels[start:start + batch_size], np.int32),
                              self.replicated)
-      out.append(np.asarray(self._generate(params, self.buffers, self.encoder_state, chunk,
-                                           seed, start, guidance_scale=float(guidance_scale))))
+      out.append(np.asarray(self._generate(params, self.state['buffers'], self.encoder_state,
+                                           chunk, seed, start,
+                                           guidance_scale=float(guidance_scale))))
     return np.concatenate(out)
 
   def validation_loss(self, batch_size: int, seed: int) -> dict[str, float]:
@@ -166,8 +171,8 @@ class Run:
       batch = jax.device_put(batch, self.replicated)
       for name, params in (('eval/loss_ema', self.ema_params()),
                            ('eval/loss', self.state['params'])):
-        totals[name] += float(self._loss(params, self.buffers, self.encoder_state, batch, seed,
-                                         i))
+        totals[name] += float(self._loss(params, self.state['buffers'], self.encoder_state,
+                                         batch, seed, i))
       count += len(batch['label'])
     return {k: v / count for k, v in totals.items()}
 
@@ -175,19 +180,19 @@ class Run:
   def restore_or_init(self, manager):
     """Newest checkpoint in the workdir if there is one, else a fresh state (or the imported
     weights of `init_from`)."""
-    if manager.latest_step() is None:
-      if self.experiment.init_from:
-        self.state = self.imported_state(self.experiment.init_from)
-        self.buffers = self.make_buffers()
-        logging.info('Starting from the weights of %s (params and EMA)',
-                     self.experiment.init_from)
-      else:
-        self.state, self.buffers = self.initial_state()
-      return 0
-    self.buffers = self.make_buffers()
-    step, self.state = ckpt.restore(manager, self.abstract_state())
-    logging.info('Resumed from the checkpoint of step %d in %s', step, self.workdir)
-    return step
+    if manager.latest_step() is not None:
+      step = self.restore(manager)
+      logging.info('Resumed from the checkpoint of step %d in %s', step, self.workdir)
+      return step
+    if self.experiment.init_from:
+      from lib.models import import_weights
+
+      self.state = self.imported_state(
+          import_weights.import_file(self.experiment.init_from, self.experiment))
+      logging.info('Starting from the weights of %s (params and EMA)', self.experiment.init_from)
+    else:
+      self.state = self.initial_state()
+    return 0
 
   def train(self) -> int:
     """Trains to `total_steps`, or until a SIGTERM (preemption), after which it saves a
@@ -219,8 +224,7 @@ class Run:
         batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
                  for k, v in next(batches).items()}
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
-          self.state, metrics = self._train_step(self.state, self.buffers, self.encoder_state,
-                                                 batch)
+          self.state, metrics = self._train_step(self.state, self.encoder_state, batch)
         step += 1
         pending.append(metrics)
         if step % exp.log_every_steps == 0 or step == self.total_steps:
@@ -268,8 +272,7 @@ def sample(experiment: Experiment, workdir: str, num_samples: int,
     raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}; train '
                             f'first (--mode=train) or point --workdir at a trained run')
   run.load_encoder()
-  run.buffers = run.make_buffers()
-  step, run.state = ckpt.restore(manager, run.abstract_state())
+  step = run.restore(manager)
   manager.close()
   if labels:
     bad = [label for label in labels if not 0 <= label < run.num_classes]

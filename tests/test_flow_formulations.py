@@ -435,12 +435,12 @@ def _train_steps(config, steps):
   experiment = fdl.build(config)
   run = Run(experiment, '/nonexistent')
   run.load_encoder()
-  run.state, run.buffers = run.initial_state()
+  run.state = run.initial_state()
   batches = experiment.data.batches(0, 0, 1)
   history = []
   for _ in range(steps):
     batch = {k: jnp.asarray(v) for k, v in next(batches).items()}
-    run.state, metrics = run._train_step(run.state, run.buffers, run.encoder_state, batch)
+    run.state, metrics = run._train_step(run.state, run.encoder_state, batch)
     history.append(jax.device_get(metrics))
   return run, history
 

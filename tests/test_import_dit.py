@@ -332,7 +332,7 @@ def test_init_from_starts_a_run_from_the_imported_weights(tmp_path):
   # The first logged loss of a launched run is the loss of the imported weights.
   run.load_encoder()
   batch = next(experiment.data.batches(0, 0, 1))
-  _, metrics = run._train_step(run.state, run.buffers, run.encoder_state,
+  _, metrics = run._train_step(run.state, run.encoder_state,
                                {k: jnp.asarray(v) for k, v in batch.items()})
   workdir = tmp_path / 'launched'
   _run('launch.py', *TINY, f'--fdl_set=init_from={release}', '--fdl_set=total_steps=1',
@@ -366,4 +366,4 @@ def test_init_from_needs_an_importer_for_the_network():
   with pytest.raises(ConfigError, match='no weight importer for network class'):
     fdl.build(config)
   assert import_weights.importer_for(fdl.build(_tiny_experiment()[0]).network) is \
-      import_weights.import_dit
+      import_weights.import_dit_network

@@ -73,13 +73,13 @@ def run(layout, steps=3, **overrides):
   experiment = fdl.build(config)
   r = train.Run(experiment, '/tmp/unused')
   r.load_encoder()
-  r.state, r.buffers = r.initial_state()
+  r.state = r.initial_state()
   batches = experiment.data.batches(0)
   losses = []
   for _ in range(steps):
     batch = {k: jax.make_array_from_process_local_data(r.batch_sharding, v)
              for k, v in next(batches).items()}
-    r.state, metrics = r._train_step(r.state, r.buffers, r.encoder_state, batch)
+    r.state, metrics = r._train_step(r.state, r.encoder_state, batch)
     losses.append(float(metrics['loss']))
   return r, losses
 '''
@@ -122,10 +122,10 @@ from lib import cli, train
 config = cli.load_preset('experiments/dit.py:xl2')
 config.sharding = common.fsdp()
 r = train.Run(fdl.build(config), '/tmp/unused')
-abstract = jax.eval_shape(r._create)[0]
+abstract = jax.eval_shape(r._create)
 total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
 params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract['params']))
-compiled = jax.jit(r._create, out_shardings=(r.state_shardings, r.replicated)).lower().compile()
+compiled = jax.jit(r._create, out_shardings=r.state_shardings).lower().compile()
 per_device = compiled.memory_analysis().output_size_in_bytes
 largest_unsplit = max(x.size * x.dtype.itemsize for x, s in zip(
     jax.tree.leaves(abstract), jax.tree.leaves(r.state_shardings))
@@ -147,7 +147,7 @@ from lib import cli, train
 config = cli.load_preset('experiments/dit.py:b2')
 config.sharding = common.fsdp()
 r = train.Run(fdl.build(config), '/tmp/unused')
-state, _ = r.initial_state()
+state = r.initial_state()
 per_device = {}
 for leaf in jax.tree.leaves(state):
   for shard in leaf.addressable_shards:

@@ -15,8 +15,8 @@ loads as a dataset.
 
 Resumable: files already present are skipped, and each file is written to a temporary name and
 renamed, so an interrupted run leaves only whole files; rerun the same command to finish. With
-several JAX processes, process p writes the files j with j % process_count == p; the batch is spread over
-this process's local devices when it divides evenly.
+several JAX processes, process p writes the files j with j % process_count == p; the batch is
+spread over this process's local devices when it divides evenly.
 """
 
 import json

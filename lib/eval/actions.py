@@ -157,7 +157,7 @@ class FIDEvaluation:
     pending = list(sizes)
     for call, start in enumerate(range(0, sizes[-1], self.samples_per_call)):
       chunk = labels[start:start + self.samples_per_call]
-      images = run.generate(chunk, scale, seed=self.seed * 1_000_003 + call,
+      images = run.generate(chunk, scale, seed=(self.seed * 1_000_003 + call) % 2**31,
                             batch_size=self.generate_batch_size)
       pool, logits = self._detector(images)
       offset = 0

@@ -14,8 +14,6 @@ import os
 import jax
 from absl import logging
 
-from lib import checkpoint as ckpt
-
 
 def evaluate(experiment, workdir: str, step: int | None = None) -> dict[str, float]:
   """Evaluates checkpoint `step` (default: the newest) of `workdir`; returns the scalars."""
@@ -39,8 +37,7 @@ def evaluate(experiment, workdir: str, step: int | None = None) -> dict[str, flo
       raise FileNotFoundError(f'no checkpoint of step {step} in {workdir}; there are '
                               f'{sorted(manager.all_steps())}')
     run.load_encoder()
-    run.buffers = run.make_buffers()
-    step, run.state = ckpt.restore(manager, run.abstract_state(), step)
+    step = run.restore(manager, step)
   finally:
     manager.close()
   run.writer = experiment.writers.create(workdir, jax.process_index() == 0)

@@ -317,6 +317,9 @@ def _describe(shapes: Mapping[str, tuple]) -> str:
   norm = shapes.get('blocks.0.attn.q_norm.weight')
   if norm is not None and 'hidden_size' in facts and norm[0]:
     facts['num_heads'] = facts['hidden_size'] // norm[0]
+  head = shapes.get('final_layer.linear.weight')
+  if head is not None and len(head) == 2:
+    facts['out_dim'] = head[0]
   table = shapes.get('y_embedder.embedding_table.weight')
   if table is not None:
     facts['label_rows'] = table[0]

@@ -34,7 +34,7 @@ mis-shaped key and compares the checkpoint's inferred architecture with the netw
 must match the released model (DiT-S 6, B 12, L 16, XL 16).
 
 Importers are looked up by network class in `IMPORTERS` (no string registry in configs);
-another family registers with `IMPORTERS[LightningDiT] = import_lightning_dit`.
+another family registers one line there.
 """
 
 import json
@@ -49,8 +49,10 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from lib.models import dit, layers
+from lib.models import ddt, dit, import_lightning, layers
 from lib.models.checkpoint_io import read_state_dict
+from lib.models.lightning_ddt import LightningDDT
+from lib.models.lightning_dit import LightningDiT
 
 # Keys of released checkpoints that are skipped, with why.
 IGNORED_PREFIXES = {'projectors.': 'REPA alignment projectors (used only by its training loss)'}
@@ -254,10 +256,25 @@ def import_dit(state_dict: dict[str, np.ndarray], abstract_state: nnx.State, *,
 
 
 # Network class -> importer of its released checkpoints (subclasses use their base's). An
-# importer is `fn(state_dict, abstract_state) -> nnx.State`: a {key: torch-layout array} dict and
-# the network's state from `nnx.state(nnx.eval_shape(make_network))` in, the filled `nnx.Param`
-# state out (as `import_dit`); `import_file`, the CLI and `Experiment.init_from` use it.
-IMPORTERS: dict[type, Callable[..., nnx.State]] = {dit.DiT: import_dit}
+# importer is `fn(state_dict, abstract_model) -> nnx.State`: a {key: torch-layout array} dict
+# and the network from `nnx.eval_shape(make_network)` in, the network's `nnx.Param` state out,
+# plus any fixed arrays (buffers) the checkpoint carries (they replace the constructor's).
+# `import_file`, the CLI and `Experiment.init_from` use it.
+def import_dit_network(state_dict: dict[str, np.ndarray], model) -> nnx.State:
+  return import_dit(state_dict, nnx.state(model))
+
+
+def _in_place(importer: Callable) -> Callable[..., nnx.State]:
+  """Adapts an importer that fills a model in place (`import_lightning`)."""
+  return lambda state_dict, model: nnx.state(importer(model, state_dict))
+
+
+IMPORTERS: dict[type, Callable[..., nnx.State]] = {
+    dit.DiT: import_dit_network,
+    LightningDiT: _in_place(import_lightning.import_lightning_dit),
+    LightningDDT: _in_place(import_lightning.import_lightning_ddt),
+    ddt.DDT: ddt.import_ddt,  # MCG-NJU DDT (takes the abstract model or its state)
+}
 
 
 def network_class(network) -> type:
@@ -282,24 +299,23 @@ def importer_for(network) -> Callable[..., nnx.State]:
 def import_file(path: str, experiment) -> nnx.State:
   """The network parameters of `experiment` (an `Experiment`) from a released weights file."""
   importer = importer_for(experiment.network)
-  abstract = nnx.eval_shape(experiment.make_network)
-  state = nnx.state(abstract)
-  params = importer(read_state_dict(path), state)
+  params = importer(read_state_dict(path), nnx.eval_shape(experiment.make_network))
   logging.info('Imported %s parameters from %s',
                f'{sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(params)):,}', path)
   return params
 
 
 # ------------------------------------------------------------------------------- command line
-def write_checkpoint(experiment, params: nnx.State, workdir: str, step: int = 0) -> str:
-  """An orbax checkpoint of step `step` in `workdir` that `lib.train` restores: `params` and
-  `ema` from `params`, a freshly initialised optimizer state. Returns the checkpoint folder."""
+def write_checkpoint(experiment, weights: nnx.State, workdir: str, step: int = 0) -> str:
+  """An orbax checkpoint of step `step` in `workdir` that `lib.train` restores: params and EMA
+  from the imported `weights` (and their fixed arrays), a freshly initialised optimizer state.
+  Returns the checkpoint folder."""
   import jax
   from lib import checkpoint as ckpt
   from lib.train import Run
 
   run = Run(experiment, workdir)
-  state = jax.jit(run.state_from_params, out_shardings=run.replicated)(params)
+  state = run.imported_state(weights)
   state['step'] = jax.device_put(np.int32(step), run.replicated)
   manager = experiment.checkpoint.manager(workdir)
   try:
