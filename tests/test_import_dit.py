@@ -367,3 +367,11 @@ def test_init_from_needs_an_importer_for_the_network():
     fdl.build(config)
   assert import_weights.importer_for(fdl.build(_tiny_experiment()[0]).network) is \
       import_weights.import_dit_network
+
+
+def test_importer_lookup_accepts_unbuilt_config_nodes():
+  from lib.models import lightning_dit
+  config = cli.load_preset('experiments/lightning_dit.py:s2')
+  assert import_weights.network_class(config.network) is lightning_dit.LightningDiT
+  assert import_weights.importer_for(config.network) is \
+      import_weights.IMPORTERS[lightning_dit.LightningDiT]

@@ -44,6 +44,7 @@ import re
 import sys
 from typing import Callable
 
+import fiddle as fdl
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
@@ -278,7 +279,10 @@ IMPORTERS: dict[type, Callable[..., nnx.State]] = {
 
 
 def network_class(network) -> type:
-  """The module class of a network node (a class or a (functools/fdl) partial of one)."""
+  """The module class of a network node (a class, a functools partial or an unbuilt
+  `fdl.Partial` of one)."""
+  if isinstance(network, fdl.Buildable):
+    return fdl.get_callable(network)
   while hasattr(network, 'func'):
     network = network.func
   return network
