@@ -40,7 +40,7 @@ def test_preset_call_arguments_and_relative_paths(tmp_path):
 
 @pytest.mark.parametrize('args,message', [
     (['--fdl_config=experiments/nope.py:xl2'], "no file 'experiments/nope.py'; preset files: "
-                                               "experiments/dit.py"),
+                                               "experiments/ddt.py, experiments/dit.py"),
     (['--fdl_config=experiments/dit.py:xl3'], "has no preset 'xl3'; its presets: b2, digits, "
                                               "l2, s2, xl2"),
     (['--fdl_config=experiments/dit.py:xl2(depth=3)'], 'does not take these arguments'),
