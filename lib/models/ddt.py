@@ -384,12 +384,7 @@ def import_ddt(state_dict: Mapping[str, np.ndarray], abstract_state, *,
                      and tuple(given[key].shape) != want[key])
   if missing or unexpected or misshaped:
     found = {key: tuple(value.shape) for key, value in given.items()}
-    problems = [f'{label} ({len(keys)}): '
-                + ('; ' if shapes else ', ').join(
-                    import_weights._compact(keys, found, want, shapes))
-                for label, keys, shapes in (('missing keys', missing, False),
-                                            ('unexpected keys', unexpected, False),
-                                            ('mis-shaped keys', misshaped, True)) if keys]
+    problems = import_weights.key_problems(missing, unexpected, misshaped, found, want)
     raise ValueError(
         'the checkpoint does not match this DDT:\n'
         f'  checkpoint: {_describe(found)}\n  network:    {_describe(want)}\n  '

@@ -174,6 +174,16 @@ def _compact(keys: list[str], found: dict, want: dict, shapes: bool) -> list[str
   return out
 
 
+def key_problems(missing: list[str], unexpected: list[str], misshaped: list[str], found: dict,
+                 want: dict) -> list[str]:
+  """One line per kind of state-dict mismatch (`missing keys (n): ...`), keys compacted
+  (`blocks.{2-27}...`) and shapes shown as checkpoint vs network for mis-shaped ones."""
+  kinds = (('missing keys', missing, False), ('unexpected keys', unexpected, False),
+           ('mis-shaped keys', misshaped, True))
+  return [f'{label} ({len(keys)}): ' + ('; ' if shapes else ', ').join(
+      _compact(keys, found, want, shapes)) for label, keys, shapes in kinds if keys]
+
+
 def _ranges(indices: list[int]) -> str:
   """[0, 1, 2, 5] -> '{0-2,5}'; [3] -> '3'."""
   if len(indices) == 1:
@@ -234,11 +244,7 @@ def import_dit(state_dict: dict[str, np.ndarray], abstract_state: nnx.State, *,
     found = {key: tuple(value.shape) for key, value in given.items()}
     if pos_embed is not None:
       found['pos_embed'] = tuple(pos_embed.shape)
-    problems = [f'{label} ({len(keys)}): '
-                + ('; ' if shapes else ', ').join(_compact(keys, found, want, shapes))
-                for label, keys, shapes in (('missing keys', missing, False),
-                                            ('unexpected keys', unexpected, False),
-                                            ('mis-shaped keys', misshaped, True)) if keys]
+    problems = key_problems(missing, unexpected, misshaped, found, want)
     raise ValueError(
         'the checkpoint does not match this DiT:\n'
         f'  checkpoint: {describe_dit(found)}\n  network:    {describe_dit(want)}\n  '
