@@ -124,10 +124,13 @@ def check_saved_config(config: fdl.Buildable, workdir: str) -> None:
     raise cli.UsageError(f'{workdir} holds a run whose saved config differs from this one:\n  '
                          f'{difference}\nuse another --workdir, relaunch the saved config with '
                          f'--fdl_config_file={path}, or pass --accept_config_change')
-  replaced = os.path.join(workdir, f'config.replaced_{time.strftime("%Y%m%d-%H%M%S")}.json')
-  os.replace(path, replaced)
-  logging.warning('Config changed on resume (old config kept as %s):\n  %s', replaced,
-                  difference)
+  import jax
+
+  if jax.process_index() == 0:
+    replaced = os.path.join(workdir, f'config.replaced_{time.strftime("%Y%m%d-%H%M%S")}.json')
+    os.replace(path, replaced)
+    logging.warning('Config changed on resume (old config kept as %s):\n  %s', replaced,
+                    difference)
 
 
 def print_config(config: fdl.Buildable, experiment) -> None:
@@ -195,6 +198,9 @@ def main(argv):
       print(f'error: {e}', file=sys.stderr)
       return 2
     return 0
+  # Every process has compared the saved config (check_saved_config) before process 0
+  # replaces it.
+  distributed.barrier('config checked')
   if jax.process_index() == 0:
     cli.write_config(config, _WORKDIR.value)
   step = train.train(experiment, _WORKDIR.value)

@@ -382,7 +382,9 @@ def write_config(config: fdl.Buildable, workdir: str) -> None:
   from lib import review  # review imports this module
 
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(review.dump_config(config))
-  with open(os.path.join(workdir, 'config.txt'), 'w') as f:
-    f.write('\n'.join(flat_lines(config, with_source=True)) + '\n')
+  for name, text in (('config.json', review.dump_config(config)),
+                     ('config.txt', '\n'.join(flat_lines(config, with_source=True)) + '\n')):
+    path = os.path.join(workdir, name)
+    with open(path + '.tmp', 'w') as f:  # renamed when complete: never read half-written
+      f.write(text)
+    os.replace(path + '.tmp', path)

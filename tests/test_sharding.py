@@ -202,8 +202,10 @@ def launch_tiny(tmp_path, workdir, *args, devices=1, process=None):
              f'--fdl_config={tmp_path}/scale_presets.py:tiny' + args[0], f'--workdir={workdir}',
              *args[1:]]
   if process is not None:
-    return subprocess.Popen(command, cwd=cli.REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    # stderr to a file: a pipe nobody reads while waiting for the other process would fill
+    with open(tmp_path / f'process_{process}.log', 'w') as log:
+      return subprocess.Popen(command, cwd=cli.REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=log)
   result = subprocess.run(command, cwd=cli.REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
   assert result.returncode == 0, result.stderr[-4000:]
@@ -245,8 +247,10 @@ def test_two_processes_match_one(tmp_path):
   processes = [launch_tiny(tmp_path, pair, '()', f'--coordinator_address=localhost:{port}',
                            '--num_processes=2', f'--process_id={i}', process=i)
                for i in range(2)]
-  for process in processes:
-    assert process.wait(timeout=900) == 0, process.stderr.read()[-4000:]
+  codes = [process.wait(timeout=900) for process in processes]
+  assert codes == [0, 0], '\n\n'.join(
+      f'process {i} (exit {code}):\n{(tmp_path / f"process_{i}.log").read_text()[-3000:]}'
+      for i, code in enumerate(codes))
   both, one = losses(pair), losses(single)
   assert sorted(both) == sorted(one) == [1, 2, 3, 4, 5, 6]
   np.testing.assert_allclose([both[s] for s in one], list(one.values()), rtol=1e-5)
