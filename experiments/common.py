@@ -12,8 +12,8 @@ from lib import checkpoint, ema, hooks, optim, sharding
 from lib.data import digits, images, latents
 from lib.eval import actions as eval_actions
 from lib.experiment import Experiment
-from lib.flow import edm, meanflow, samplers, sit
-from lib.models import ddt, dit, encoders, lightning_ddt, lightning_dit, sd_vae
+from lib.flow import edm, meanflow, repa, samplers, sit
+from lib.models import ddt, dinov2, dit, encoders, lightning_ddt, lightning_dit, sd_vae
 
 # ------------------------------------------------------------------------------- data
 IMAGENET_LATENT_DIRS = {
@@ -146,6 +146,24 @@ def meanflow_interface(**kwargs) -> fdl.Config:
 def edm_interface(**kwargs) -> fdl.Config:
   """EDM preconditioning (sigma_data 0.5) with the EDM paper's log-normal(-1.2, 1.2) noise."""
   return fdl.Config(edm.EDM, **{'x_sigma': 0.5, 'p_mean': -1.2, 'p_std': 1.2, **kwargs})
+
+
+def dinov2_detector(image_size: int = 256, weights_path: str | None = None, size: str = 'B',
+                    registers: bool = False) -> fdl.Config:
+  """Frozen DINOv2 patch features, images resized to 224 per 256 pixels (16x16 tokens at 256,
+  32x32 at 512), the position table resampled once with antialias as REPA does.
+  `weights_path`: a local `model.safetensors` of facebook/dinov2-base (or a torch-hub
+  `dinov2_vitb14_pretrain.pth`)."""
+  return fdl.Config(dinov2.DINOv2, weights_path=weights_path, size=size, registers=registers,
+                    resolution=224 * image_size // 256, pos_embed='resampled')
+
+
+def repa_alignment(image_size: int = 256, depth: int = 8, coefficient: float = 0.5,
+                   projector_dim: int = 2048, weights_path: str | None = None) -> fdl.Config:
+  """REPA (the seed's `repa` block): align the tokens of block `depth`, through a 2048-wide
+  projector, with DINOv2-B features of the clean image; loss weight 0.5."""
+  return fdl.Config(repa.REPA, detector=dinov2_detector(image_size, weights_path), depth=depth,
+                    coefficient=coefficient, projector_dim=projector_dim)
 
 
 def adamw(learning_rate: float = 1e-4, b2: float = 0.999, schedule=None, **kwargs) -> fdl.Partial:

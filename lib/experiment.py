@@ -61,6 +61,8 @@ class Experiment:
     init_from: optional released weights file (e.g. `DiT-XL-2-256x256.pt`) that a run with no
       checkpoint in its workdir starts from (params and EMA), imported by the importer of the
       network's class (`lib.models.import_weights.IMPORTERS`); ignored when resuming.
+    repa: optional representation alignment (`lib.flow.repa.REPA`): its projector is trained
+      with the network and its loss added to the interface's; needs pixel data.
   """
   data: Any
   encoder: Any
@@ -80,6 +82,7 @@ class Experiment:
   log_every_steps: int = 100
   init_from: str | None = None
   sharding: Any = None
+  repa: Any = None
 
   def __post_init__(self):
     self.latent_shape = tuple(self.encoder.latent_shape(self.data.image_size, self.data.channels))
@@ -104,6 +107,8 @@ class Experiment:
           f'network.patch_size={patch} does not divide the latent size {self.latent_shape[0]} '
           f'(data.image_size={self.data.image_size} / encoder.downsample_factor='
           f'{self.encoder.downsample_factor}); choose a patch size that divides it')
+    if self.repa is not None:
+      self._check_repa(patch)
     if self.init_from:
       from lib.models import import_weights  # the importer exists (the file is read at run time)
       try:
@@ -113,6 +118,26 @@ class Experiment:
     if self.data.batch_size < 1 or self.total_steps < 1:
       raise ConfigError(f'data.batch_size={self.data.batch_size} and total_steps='
                         f'{self.total_steps} must be positive')
+
+  def _check_repa(self, patch: int | None) -> None:
+    from lib.flow import meanflow
+
+    kind = getattr(self.data, 'kind', None)
+    if kind != 'pixels':
+      raise ConfigError(
+          f'repa aligns features of the clean images, so data must yield pixels (data.kind='
+          f"'pixels', e.g. common.imagenet_raw); {type(self.data).__name__} yields {kind!r}")
+    if isinstance(self.interface, meanflow.MeanFlow):
+      raise ConfigError('repa needs an interface whose loss evaluates the network once (SiT, '
+                        'EDM); MeanFlow evaluates it inside jax.jvp')
+    if patch:
+      height, width = self.latent_shape[0] // patch, self.latent_shape[1] // patch
+      if height * width != self.repa.detector.num_tokens:
+        raise ConfigError(
+            f'repa: the network sees {height * width} tokens (latents {self.latent_shape[0]}x'
+            f'{self.latent_shape[1]} / network.patch_size={patch}) but repa.detector gives '
+            f'{self.repa.detector.num_tokens} patch features (resolution='
+            f'{self.repa.detector.resolution}); they must be equal')
 
   def make_network(self, seed: int | None = None) -> nnx.Module:
     """The network with the derived sizes, initialised from `seed` (default: self.seed)."""

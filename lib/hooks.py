@@ -137,14 +137,19 @@ class SampleGrid:
     num_samples: images per grid.
     guidance_scales: one grid per classifier-free guidance weight.
     seed: seed of the noise.
+    reconstructions: also draw, at the first step of the run (or of its resumption), held-out
+      images above their encoder round trip decode(encode(x)) (the seed's
+      `visualize_reconstruction`; pixel data only).
   """
 
   def __init__(self, every_steps: int = 25_000, num_samples: int = 64,
-               guidance_scales: tuple[float, ...] = (1.0, 2.0), seed: int = 42):
+               guidance_scales: tuple[float, ...] = (1.0, 2.0), seed: int = 42,
+               reconstructions: bool = False):
     self.every_steps = every_steps
     self.num_samples = num_samples
     self.guidance_scales = tuple(guidance_scales)
     self.seed = seed
+    self.reconstructions = reconstructions
 
   def draw(self, run, step: int) -> None:
     labels = np.arange(self.num_samples) % run.num_classes
@@ -158,8 +163,29 @@ class SampleGrid:
         images[f'samples/cfg{scale:g}'] = grid[None]
     run.writer.write_images(step, images)
 
+  def draw_reconstructions(self, run, step: int) -> None:
+    originals = next(iter(run.experiment.data.eval_batches(self.num_samples)))['image']
+    rebuilt = run.reconstruct(originals)
+    if run.is_main:
+      grid = image_grid(np.concatenate([originals, rebuilt]))
+      os.makedirs(os.path.join(run.workdir, 'samples'), exist_ok=True)
+      save_png(os.path.join(run.workdir, 'samples', f'step_{step:08d}_reconstructions.png'),
+               grid)
+      run.writer.write_images(step, {'samples/reconstructions': grid[None]})
+
   def action(self, run):
-    return _callback(self.every_steps, lambda step: self.draw(run, step))
+    grids = _callback(self.every_steps, lambda step: self.draw(run, step))
+    if not self.reconstructions:
+      return grids
+    if run.experiment.data.kind != 'pixels':
+      raise ValueError('visualize.reconstructions needs pixel data to show originals; '
+                       f'data.kind={run.experiment.data.kind!r}')
+    from clu import periodic_actions
+
+    first = periodic_actions.PeriodicCallback(
+        on_steps=[int(run.state['step']) + 1], callback_fn=lambda step, t: (
+            self.draw_reconstructions(run, step)), pass_step_and_time=True)
+    return lambda step: (first(step), grids(step))
 
 
 class ValidationLoss:

@@ -2,9 +2,10 @@
 
 State carried between steps (and checkpointed) is a pytree
     {'step': int32, 'params': nnx.State, 'opt_state': optax state, 'ema': EMA state,
-     'buffers': the network's fixed arrays (position tables, fixed Fourier features)}.
-The encoder's frozen weights are passed to the jitted functions as an argument, never
-baked in as constants.
+     'buffers': the network's fixed arrays (position tables, fixed Fourier features)}
+plus, with REPA, 'projector': the projector's parameters (trained with the network by the
+same optimizer, not averaged by the EMA). The frozen weights of the encoder and of REPA's
+detector are passed to the jitted functions as arguments, never baked in as constants.
 
 Every random draw of step k comes from `fold_in(key(seed), k)`, and the data position
 is a function of k, so a run resumed from the checkpoint of step k continues exactly
@@ -52,36 +53,62 @@ class Run:
     abstract_model = nnx.eval_shape(exp.make_network)
     self.graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
     self.param_count = sum(x.size for x in jax.tree.leaves(abstract_params))
+    self.repa = exp.repa
+    if self.repa is not None:
+      self.repa_hidden_size = self.repa.hidden_shape(exp.make_network, exp.latent_shape)[-1]
+      self.projector_graphdef = nnx.graphdef(nnx.eval_shape(self._make_projector))
     self.state_shardings = self.layout.state_shardings(jax.eval_shape(self._create), self.mesh)
     self.key = jax.random.key(exp.seed)
     self.writer = None
     self.state = None
+    self.detector_state = None
     self._train_step = jax.jit(self._step, donate_argnums=0,
                                out_shardings=(self.state_shardings, self.replicated))
     self._generate = jax.jit(self._sample, static_argnames='guidance_scale',
                              out_shardings=self.replicated)
     self._loss = jax.jit(self._eval_loss, out_shardings=self.replicated)
+    self._reconstruct = jax.jit(
+        lambda state, images: exp.encoder.decode(
+            state, exp.encoder.encode(state, images, jax.random.key(0))),
+        out_shardings=self.replicated)
 
   # ----------------------------------------------------------------------------- state
+  def _make_projector(self):
+    return self.repa.make_projector(self.repa_hidden_size, nnx.Rngs(self.experiment.seed + 1))
+
   def _create(self):
     model = self.experiment.make_network()
     _, params, buffers = nnx.split(model, nnx.Param, ...)
-    return self.state_from_weights(params, buffers)
+    projector = None if self.repa is None else nnx.state(self._make_projector(), nnx.Param)
+    return self.state_from_weights(params, buffers, projector)
 
-  def state_from_weights(self, params, buffers):
-    """A step-0 state: `params` as the weights and as the EMA, a fresh optimizer state, and
-    the network's fixed arrays (position tables, fixed Fourier features)."""
-    return {'step': jnp.zeros((), jnp.int32), 'params': params,
-            'opt_state': self.optimizer.tx.init(params),
-            'ema': self.experiment.ema.init(params), 'buffers': buffers}
+  def state_from_weights(self, params, buffers, projector=None):
+    """A step-0 state: `params` as the weights and as the EMA, a fresh optimizer state, the
+    network's fixed arrays (position tables, fixed Fourier features) [and REPA's projector]."""
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+             'ema': self.experiment.ema.init(params), 'buffers': buffers}
+    if projector is not None:
+      state['projector'] = projector
+    state['opt_state'] = self.optimizer.tx.init(self.trained(state))
+    return state
+
+  @staticmethod
+  def trained(state):
+    """What the optimizer updates: the network's parameters [and REPA's projector]."""
+    if 'projector' in state:
+      return {'network': state['params'], 'projector': state['projector']}
+    return state['params']
 
   def imported_state(self, weights: nnx.State):
     """The step-0 state of imported weights (`lib.models.import_weights.import_file`): their
-    parameters, and their fixed arrays where they have them (else the constructor's)."""
-    buffers = jax.jit(lambda: self._create()['buffers'])()  # parameters compiled away
+    parameters, and their fixed arrays where they have them (else the constructor's); a fresh
+    REPA projector."""
+    fresh = jax.jit(lambda: {k: v for k, v in self._create().items()
+                             if k in ('buffers', 'projector')})()  # parameters compiled away
     params, imported_buffers = nnx.split_state(weights, nnx.Param, ...)
-    buffers = nnx.merge_state(buffers, imported_buffers)
-    return jax.jit(self.state_from_weights, out_shardings=self.state_shardings)(params, buffers)
+    buffers = nnx.merge_state(fresh['buffers'], imported_buffers)
+    return jax.jit(self.state_from_weights, out_shardings=self.state_shardings)(
+        params, buffers, fresh.get('projector'))
 
   def initial_state(self):
     """A fresh state, created by one jitted call directly in its final sharding: no device
@@ -101,31 +128,45 @@ class Run:
   def load_encoder(self):
     self.encoder_state = jax.device_put(self.experiment.encoder.load(), self.replicated)
 
+  def load_detector(self):
+    """REPA's frozen detector weights (training only), replicated."""
+    if self.repa is not None:
+      self.detector_state = jax.device_put(self.repa.detector.load(), self.replicated)
+
   def network(self, params, buffers) -> nnx.Module:
     return nnx.merge(self.graphdef, params, buffers)
 
   # ----------------------------------------------------------------------------- jitted
-  def _step(self, state, encoder_state, batch):
+  def _step(self, state, encoder_state, batch, detector_state=None):
     exp = self.experiment
     key = jax.random.fold_in(self.key, state['step'])
     encode_key, loss_key, dropout_key = jax.random.split(key, 3)
     x = exp.encoder.encode(encoder_state, batch['image'], encode_key)
 
-    def loss_fn(params):
+    def loss_fn(trained):
       rngs = nnx.Rngs(label_dropout=dropout_key, dropout=jax.random.fold_in(dropout_key, 1))
-      per_sample, aux = exp.interface.loss(self.network(params, state['buffers']), x,
-                                           batch['label'],
-                                           loss_key, rngs=rngs)
+      if self.repa is None:
+        network = self.network(trained, state['buffers'])
+        per_sample, aux = exp.interface.loss(network, x, batch['label'], loss_key, rngs=rngs)
+      else:
+        network = self.network(trained['network'], state['buffers'])
+        projector = nnx.merge(self.projector_graphdef, trained['projector'])
+        per_sample, aux = self.repa.loss(exp.interface, network, projector, detector_state, x,
+                                         batch['image'], batch['label'], loss_key, rngs=rngs)
       return per_sample.mean(), aux
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-    updates, opt_state = self.optimizer.tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
+    trained = self.trained(state)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+    updates, opt_state = self.optimizer.tx.update(grads, state['opt_state'], trained)
+    trained = optax.apply_updates(trained, updates)
+    params = trained if self.repa is None else trained['network']
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'learning_rate': self.optimizer.schedule(state['step']), **aux}
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
                  'ema': exp.ema.update(state['ema'], params, state['step']),
                  'buffers': state['buffers']}
+    if self.repa is not None:
+      new_state['projector'] = trained['projector']
     return new_state, metrics
 
   def _sample(self, params, buffers, encoder_state, labels, seed, start, guidance_scale):
@@ -162,6 +203,12 @@ class Run:
                                            chunk, seed, start,
                                            guidance_scale=float(guidance_scale))))
     return np.concatenate(out)
+
+  def reconstruct(self, images: np.ndarray) -> np.ndarray:
+    """decode(encode(images)) (uint8, as the input; a fixed posterior draw where the encoder
+    samples one)."""
+    images = jax.device_put(np.asarray(images), self.replicated)
+    return np.asarray(self._reconstruct(self.encoder_state, images))
 
   def validation_loss(self, batch_size: int, seed: int) -> dict[str, float]:
     """Mean held-out loss of the EMA and of the trained weights, fixed noise and times."""
@@ -208,6 +255,7 @@ class Run:
     exp = self.experiment
     exp.data.check()
     self.load_encoder()
+    self.load_detector()
     manager = exp.checkpoint.manager(self.workdir)
     self.writer = exp.writers.create(self.workdir, self.is_main)
     try:
@@ -224,7 +272,8 @@ class Run:
         batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
                  for k, v in next(batches).items()}
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
-          self.state, metrics = self._train_step(self.state, self.encoder_state, batch)
+          self.state, metrics = self._train_step(self.state, self.encoder_state, batch,
+                                                 self.detector_state)
         step += 1
         pending.append(metrics)
         if step % exp.log_every_steps == 0 or step == self.total_steps:

@@ -18,6 +18,7 @@ TINY = ['--fdl_config=experiments/dit.py:digits', '--fdl_set=network.hidden_size
         '--fdl_set=checkpoint.save_interval_steps=5', '--fdl_set=checkpoint.max_to_keep=3',
         '--fdl_set=visualize.every_steps=1000', '--fdl_set=visualize.num_samples=4',
         '--fdl_set=sampler.num_steps=2', '--fdl_set=evaluate[0].every_steps=1000',
+        '--fdl_set=visualize.reconstructions=True',
         '--fdl_set=optimizer.schedule.warmup_steps=3']
 
 
@@ -69,6 +70,7 @@ def test_run_writes_config_metrics_checkpoints_and_samples(reference):
     assert os.path.getsize(os.path.join(reference, name)) > 0
   assert 'total_steps = 40' in open(os.path.join(reference, 'config.txt')).read()
   assert os.path.exists(os.path.join(reference, 'samples', 'step_00000040_cfg3.png'))
+  assert os.path.exists(os.path.join(reference, 'samples', 'step_00000001_reconstructions.png'))
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(reference))
   values = list(losses(reference).values())
   assert all(np.isfinite(values)) and np.mean(values[-10:]) < np.mean(values[:10])

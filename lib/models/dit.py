@@ -77,6 +77,7 @@ class DiT(nn.Module):
 
   Call: `dit(x (B,H,W,C), t (B,), y (B,) int, dt=None, gw=None, rngs=None) -> (B,H,W,C)`.
   `rngs` (with a `label_dropout` stream) enables label dropout; leave it None to sample.
+  With `hidden_at=k` it returns `(out, tokens (B, N, D) output by block k)` (1-based; REPA).
   """
 
   def __init__(self, input_size: int, in_channels: int, num_classes: int, patch_size: int = 2,
@@ -110,15 +111,20 @@ class DiT(nn.Module):
                                   rngs=rngs)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, dt: jax.Array | None = None,
-               gw: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
+               gw: jax.Array | None = None, rngs: nnx.Rngs | None = None,
+               hidden_at: int | None = None):
+    layers.check_hidden_at(hidden_at, len(self.blocks))
     c = self.t_embedder(t) + self.y_embedder(y, rngs)
     if self.dt_embedder is not None:
       c = c + self.dt_embedder(jnp.zeros_like(t) if dt is None else dt)
     if self.gw_embedder is not None:
       c = c + self.gw_embedder(jnp.ones_like(t) if gw is None else gw)
     h = self.x_embedder(x) + self.pos_embed[...].astype(c.dtype)
-    for block in self.blocks:
+    hidden = None
+    for depth, block in enumerate(self.blocks, 1):
       h = block(h, c)
+      hidden = h if depth == hidden_at else hidden
     h = self.final_layer(h, c)
     out = layers.unpatchify(h, self.patch_size, self.out_channels)
-    return out[..., :self.in_channels].astype(x.dtype)
+    out = out[..., :self.in_channels].astype(x.dtype)
+    return out if hidden_at is None else (out, hidden)

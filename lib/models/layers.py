@@ -70,6 +70,13 @@ def unpatchify(x: jax.Array, patch_size: int, channels: int) -> jax.Array:
   return x.reshape(batch, side * patch_size, side * patch_size, channels)
 
 
+def check_hidden_at(hidden_at: int | None, depth: int) -> None:
+  """A network's `hidden_at` argument (the 1-based block whose output tokens it also returns)
+  must name one of its `depth` blocks."""
+  if hidden_at is not None and not 1 <= hidden_at <= depth:
+    raise ValueError(f'hidden_at={hidden_at}: the network has blocks 1..{depth}')
+
+
 class PatchEmbed(nn.Module):
   """Conv(k=s=p) patchify: (B, H, W, C) -> (B, (H/p)*(W/p), D).
 

@@ -121,7 +121,11 @@ class LightningDDT(nn.Module):
                                            rms_norm, dtype=compute, rngs=rngs)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, dt: jax.Array | None = None,
-               gw: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
+               gw: jax.Array | None = None, rngs: nnx.Rngs | None = None,
+               hidden_at: int | None = None):
+    """(B, H, W, C) velocity; with `hidden_at=k` also the tokens output by block k (1-based,
+    encoder blocks first, then decoder blocks; REPA)."""
+    layers.check_hidden_at(hidden_at, len(self.encoder_blocks) + len(self.decoder_blocks))
     t_emb = self.t_embedder(t)
     if self.dt_embedder is not None:
       t_emb = t_emb + self.dt_embedder(jnp.zeros_like(t) if dt is None else dt)
@@ -133,15 +137,19 @@ class LightningDDT(nn.Module):
       enc_rope = (self.enc_rope_cos[...], self.enc_rope_sin[...])
       dec_rope = (self.dec_rope_cos[...], self.dec_rope_sin[...])
 
+    hidden = None
     s = self.s_embedder(x) + self.pos_embed[...].astype(c.dtype)
-    for block in self.encoder_blocks:
+    for depth, block in enumerate(self.encoder_blocks, 1):
       s = block(s, c, enc_rope, rngs)
+      hidden = s if depth == hidden_at else hidden
     s = nnx.silu(t_emb[:, None] + s)
     if self.s_projector is not None:
       s = self.s_projector(s)
 
     h = self.x_embedder(x)
-    for block in self.decoder_blocks:
+    for depth, block in enumerate(self.decoder_blocks, len(self.encoder_blocks) + 1):
       h = block(h, s, dec_rope, rngs)
+      hidden = h if depth == hidden_at else hidden
     h = self.final_layer(h, s)
-    return layers.unpatchify(h, self.patch_size, self.in_channels).astype(x.dtype)
+    out = layers.unpatchify(h, self.patch_size, self.in_channels).astype(x.dtype)
+    return out if hidden_at is None else (out, hidden)

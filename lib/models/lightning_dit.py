@@ -197,12 +197,19 @@ class LightningDiT(nn.Module):
     return c
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, dt: jax.Array | None = None,
-               gw: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
+               gw: jax.Array | None = None, rngs: nnx.Rngs | None = None,
+               hidden_at: int | None = None):
+    """(B, H, W, C) velocity; with `hidden_at=k` also the tokens (B, N, D) output by block k
+    (1-based; REPA)."""
+    layers.check_hidden_at(hidden_at, len(self.blocks))
     c = self.condition(t, dt, gw) + self.y_embedder(y, rngs)
     h = self.x_embedder(x) + self.pos_embed[...].astype(c.dtype)
     rope = None if self.rope_cos is None else (self.rope_cos[...], self.rope_sin[...])
-    for block in self.blocks:
+    hidden = None
+    for depth, block in enumerate(self.blocks, 1):
       h = block(h, c, rope, rngs)
+      hidden = h if depth == hidden_at else hidden
     h = self.final_layer(h, c)
     out = layers.unpatchify(h, self.patch_size, self.out_channels)
-    return out[..., :self.in_channels].astype(x.dtype)
+    out = out[..., :self.in_channels].astype(x.dtype)
+    return out if hidden_at is None else (out, hidden)
