@@ -13,7 +13,7 @@ from lib.data import digits, images, latents
 from lib.eval import actions as eval_actions
 from lib.experiment import Experiment
 from lib.flow import edm, meanflow, repa, samplers, sit
-from lib.models import ddt, dinov2, dit, encoders, lightning_ddt, lightning_dit, sd_vae
+from lib.models import ddt, dinov2, dit, encoders, lightning_ddt, lightning_dit, rae, sd_vae
 
 # ------------------------------------------------------------------------------- data
 IMAGENET_LATENT_DIRS = {
@@ -75,6 +75,17 @@ def sd_vae_scaled_encoder(scaling_factor: float = 0.18215,
   return fdl.Config(sd_vae.StabilityVAE, weights_path=weights_path,
                     raw_mean=(0.0, 0.0, 0.0, 0.0), raw_std=(1.0, 1.0, 1.0, 1.0),
                     final_mean=0.0, final_std=scaling_factor)
+
+
+def rae_encoder(encoder_weights: str | None = None, decoder_weights: str | None = None,
+                stats_path: str | None = None) -> fdl.Config:
+  """RAE (the seed's `_imagenet_rae_encoder_presets`): DINOv2-B with registers at 224 ->
+  16x16x768 normalised latents, the released ViT-XL decoder back to 256x256 pixels. The three
+  files are local copies of `facebook/dinov2-with-registers-base` `model.safetensors` and of
+  nyu-visionx/RAE-collections `decoders/dinov2/wReg_base/ViTXL_n08/model.pt` and
+  `stats/dinov2/wReg_base/imagenet1k/stat.pt`."""
+  return fdl.Config(rae.RAE, encoder_weights=encoder_weights, decoder_weights=decoder_weights,
+                    stats_path=stats_path, encoder_size='B', encoder_resolution=224)
 
 
 # ------------------------------------------------------------------------------- networks
@@ -248,8 +259,10 @@ def fid_evaluation(image_size: int = 256, inception_weights: str | None = None,
 
 
 def experiment(**nodes) -> fdl.Config:
-  """The seed's `dit_imagenet.py` defaults around the given nodes (data, encoder, network, ...)."""
+  """The seed's `dit_imagenet.py` defaults around the given nodes (data, encoder, network, ...),
+  including its periodic FID evaluation at the data's image size."""
   defaults = dict(
+      evaluate=[fid_evaluation(nodes['data'].image_size)],
       interface=sit_interface(),
       optimizer=adamw(),
       ema=fdl.Config(ema.EMA, decay=0.9999),

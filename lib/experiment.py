@@ -85,7 +85,11 @@ class Experiment:
   repa: Any = None
 
   def __post_init__(self):
-    self.latent_shape = tuple(self.encoder.latent_shape(self.data.image_size, self.data.channels))
+    try:
+      self.latent_shape = tuple(self.encoder.latent_shape(self.data.image_size,
+                                                          self.data.channels))
+    except ValueError as e:  # the encoder cannot take this data
+      raise ConfigError(str(e)) from None
     derived = {
         'input_size': (self.latent_shape[0],
                        f'data.image_size={self.data.image_size} / '

@@ -124,8 +124,8 @@ def _lookup(config, target):
   for part in target:
     try:
       node = part.follow(node)
-    except (AttributeError, KeyError, IndexError):
-      return _UNSET
+    except (AttributeError, KeyError, IndexError, ValueError):  # ValueError: a dataclass
+      return _UNSET                                              # field's default_factory
   return node
 
 

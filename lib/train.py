@@ -169,12 +169,14 @@ class Run:
       new_state['projector'] = trained['projector']
     return new_state, metrics
 
-  def _sample(self, params, buffers, encoder_state, labels, seed, start, guidance_scale):
-    """Samples for `labels` from noise drawn from fold_in(key(seed), start)."""
+  def _sample(self, params, buffers, encoder_state, labels, indices, seed, guidance_scale):
+    """Samples for `labels`; sample i starts from noise drawn from a key folded with its
+    index i, so it does not depend on the batch it is generated in."""
     exp = self.experiment
-    key = jax.random.fold_in(jax.random.key(seed), start)
-    noise = jax.random.normal(key, (labels.shape[0], *exp.latent_shape))
-    sde_key = jax.random.fold_in(key, 1)  # stochastic samplers (Euler-Maruyama)
+    noise_key, sde_key = jax.random.split(jax.random.key(seed))
+    noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i),
+                                                 exp.latent_shape))(indices)
+    sde_key = jax.random.fold_in(sde_key, indices[0])  # stochastic samplers (Euler-Maruyama)
     latents = exp.sampler(exp.interface, self.network(params, buffers), noise, labels,
                           guidance_scale=guidance_scale, key=sde_key)
     return exp.encoder.decode(encoder_state, latents)
@@ -193,15 +195,23 @@ class Run:
   def generate(self, labels: np.ndarray, guidance_scale: float, seed: int = 0,
                params=None, batch_size: int = 256) -> np.ndarray:
     """uint8 images (N, H, W, C) for `labels` from the EMA weights (or `params`); the same
-    on every process."""
+    on every process. Each batch is split over the devices like a training batch (padded to
+    a multiple of their number); deterministic samplers give every image independently of
+    the batch size and the mesh."""
     params = self.ema_params() if params is None else params
+    ways = self.layout.batch_ways(self.mesh)
     out = []
     for start in range(0, len(labels), batch_size):
-      chunk = jax.device_put(np.asarray(labels[start:start + batch_size], np.int32),
-                             self.replicated)
-      out.append(np.asarray(self._generate(params, self.state['buffers'], self.encoder_state,
-                                           chunk, seed, start,
-                                           guidance_scale=float(guidance_scale))))
+      chunk = np.asarray(labels[start:start + batch_size], np.int32)
+      count = len(chunk)
+      padded = -(-count // ways) * ways
+      inputs = [np.pad(chunk, (0, padded - count), mode='edge'),
+                np.arange(start, start + padded, dtype=np.int32)]
+      labels_in, indices = (jax.make_array_from_callback(
+          (padded,), self.batch_sharding, lambda index, a=a: a[index]) for a in inputs)
+      images = self._generate(params, self.state['buffers'], self.encoder_state, labels_in,
+                              indices, seed, guidance_scale=float(guidance_scale))
+      out.append(np.asarray(images)[:count])
     return np.concatenate(out)
 
   def reconstruct(self, images: np.ndarray) -> np.ndarray:

@@ -272,8 +272,8 @@ def test_importer_errors(references):
   assert 'transformers v4 names' in message
   assert 'missing keys (1): encoder.layer.1.attention.attention.key.weight' in message
   assert 'unexpected keys (1): encoder.layer.0.bogus.weight' in message
-  assert (f'embeddings.position_embeddings: file (1, 10, {HIDDEN}), expected (1, 17, {HIDDEN})'
-          in message)
+  assert (f'embeddings.position_embeddings: checkpoint (1, 10, {HIDDEN}), '
+          f'network (1, 17, {HIDDEN})' in message)
 
   # A with-registers file into a model without registers, and the reverse.
   with pytest.raises(ValueError, match=r'unexpected keys \(1\): embeddings\.register_tokens'):

@@ -236,7 +236,7 @@ def test_import_errors_name_the_keys(reference, tmp_path):
   message = str(error.value)
   assert 'missing keys (1): Mixed_6b.branch1x1.conv.weight' in message
   assert 'unexpected keys (1): AuxLogits.fc.weight' in message
-  assert 'fc.weight: file (1000, 2048), expected (1008, 2048)' in message
+  assert 'fc.weight: checkpoint (1000, 2048), network (1008, 2048)' in message
   assert 'pt_inception-2015-12-05' in message
   with pytest.raises(FileNotFoundError, match='inception_weights=.*does not exist.*pt_inception'):
     inception.load(str(tmp_path / 'nope.pth'))

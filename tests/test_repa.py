@@ -96,6 +96,7 @@ def _tiny_config(tmp_path, weights_path=None) -> fdl.Config:
   config.sampler = common.euler(4)
   config.sharding = common.replicated()
   config.visualize = None
+  config.evaluate = []
   config.total_steps = 4
   config.checkpoint.save_interval_steps = 2
   config.log_every_steps = 1

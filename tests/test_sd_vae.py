@@ -161,7 +161,7 @@ def test_key_mismatch_error():
   message = str(error.value)
   assert 'missing keys (1): encoder.mid_block.attentions.0.to_q.weight' in message
   assert 'unexpected keys (1): encoder.bogus.weight' in message
-  assert 'quant_conv.weight: file (8, 8, 3, 3), expected (8, 8, 1, 1)' in message
+  assert 'quant_conv.weight: checkpoint (8, 8, 3, 3), network (8, 8, 1, 1)' in message
 
 
 def test_legacy_attention_names_are_renamed():

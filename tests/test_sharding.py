@@ -97,8 +97,12 @@ for name, layout in [('fsdp', fsdp_layout), ('replicated', common.replicated()),
   r, losses = run(layout)
   sharded = [x for x in jax.tree.leaves(r.state['params'])
              if any(s is not None for s in x.sharding.spec)]
+  labels = np.arange(5)  # not a multiple of 8 devices: padded
   results[name] = {'losses': losses, 'devices': len(r.mesh.devices.flat),
                    'sharded_arrays': len(sharded),
+                   'samples': r.generate(labels, 2.0, seed=3).astype(int).tolist(),
+                   'samples_in_threes': r.generate(labels, 2.0, seed=3,
+                                                   batch_size=3).astype(int).tolist(),
                    'params': [np.asarray(x).ravel()[:64].tolist()
                               for x in jax.tree.leaves(r.state['params'])]}
 print(json.dumps(results))
@@ -106,8 +110,12 @@ print(json.dumps(results))
   assert out['fsdp']['devices'] == out['replicated']['devices'] == 8
   assert out['single']['devices'] == 1
   assert out['fsdp']['sharded_arrays'] > 10 and out['replicated']['sharded_arrays'] == 0
+  for name in ('fsdp', 'replicated', 'single'):  # sample i does not depend on its batch
+    assert out[name]['samples'] == out[name]['samples_in_threes']
   for name in ('fsdp', 'replicated'):
     np.testing.assert_allclose(out[name]['losses'], out['single']['losses'], rtol=1e-5)
+    difference = np.abs(np.subtract(out[name]['samples'], out['single']['samples']))
+    assert difference.mean() < 0.5 and difference.max() <= 2  # float rounding of the weights
     for a, b in zip(out[name]['params'], out['single']['params']):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 

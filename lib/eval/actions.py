@@ -134,11 +134,16 @@ class FIDEvaluation:
       return
     from lib.eval import inception
 
-    inception.check_weights(self.inception_weights, 'evaluate: FIDEvaluation.inception_weights')
+    without = ' (or train without FID: --fdl_set=evaluate=[])'
+    try:
+      inception.check_weights(self.inception_weights,
+                              'evaluate: FIDEvaluation.inception_weights')
+    except (FileNotFoundError, ValueError) as e:
+      raise type(e)(f'{e}{without}') from None
     if not self.reference_stats:
       raise ValueError('evaluate: FIDEvaluation.reference_stats is not set; give an ADM '
                        'reference batch (.npz with mu / sigma) or the output of `python -m '
-                       'lib.eval.fid --stats_from=DATA_DIR --out=FILE.npz`')
+                       f'lib.eval.fid --stats_from=DATA_DIR --out=FILE.npz`{without}')
     self._reference = fid_lib.load_reference(self.reference_stats)
     if len(self._reference[0]) != inception.FEATURES:
       raise ValueError(f'{self.reference_stats}: statistics of {len(self._reference[0])}-d '

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from lib import nn
-from lib.models.checkpoint_io import read_state_dict
+from lib.models.checkpoint_io import key_problems, read_state_dict
 
 WEIGHTS_FILE = 'pt_inception-2015-12-05-6726825d.pth'
 RESOLUTION = 299
@@ -289,17 +289,9 @@ def import_state_dict(state_dict: dict[str, np.ndarray], abstract_state: nnx.Sta
            if not key.endswith(_IGNORED_SUFFIX)}
   expected = {_torch_key(path): (path, variable)
               for path, variable in nnx.to_flat_state(abstract_state)}
-  missing = sorted(set(expected) - set(given))
-  unexpected = sorted(set(given) - set(expected))
-  misshaped = [f'{key}: file {tuple(given[key].shape)}, expected '
-               f'{_torch_shape(variable.shape)}'
-               for key, (_, variable) in sorted(expected.items())
-               if key in given and tuple(given[key].shape) != _torch_shape(variable.shape)]
-  if missing or unexpected or misshaped:
-    problems = [f'{label} ({len(items)}): {", ".join(items[:20])}'
-                f'{", ..." if len(items) > 20 else ""}'
-                for label, items in (('missing keys', missing), ('unexpected keys', unexpected),
-                                     ('mis-shaped keys', misshaped)) if items]
+  problems = key_problems({key: value.shape for key, value in given.items()},
+                          {key: _torch_shape(v.shape) for key, (_, v) in expected.items()})
+  if problems:
     raise ValueError(f'the state dict is not the FID Inception-v3 of pytorch-fid ({WEIGHTS_FILE}; '
                      'torchvision\'s ImageNet Inception-v3 is a different network): '
                      + '; '.join(problems))

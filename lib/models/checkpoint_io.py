@@ -4,8 +4,9 @@
     read_state_dict('diffusion_pytorch_model.safetensors')  # safetensors (needs safetensors)
     read_state_dict('weights.npz')                          # numpy archive
 
-Only file reading lives here; mapping keys onto a network is the job of each importer
-(`lib.models.sd_vae.import_diffusers_state_dict`, `lib.models.import_weights`).
+Only file reading, and the one report of a state dict that does not fit a network
+(`key_problems`), live here; mapping keys onto a network is the job of each importer
+(`lib.models.sd_vae.import_diffusers_state_dict`, `lib.models.import_weights`, ...).
 
 Torch pickles (`.pt`, `.pth`, `.bin`, `.ckpt`) are opened with `torch.load(weights_only=True)`,
 so a file cannot run code; `argparse.Namespace` (the `args` entry of DiT/SiT/REPA training
@@ -18,6 +19,7 @@ and bf16 releases included); other dtypes are kept.
 
 import argparse
 import os
+import re
 
 import numpy as np
 from absl import logging
@@ -98,3 +100,51 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   if not state_dict:
     raise ValueError(f'{path}: no arrays found')
   return {_strip_prefixes(key): _float32(np.asarray(value)) for key, value in state_dict.items()}
+
+
+def _ranges(indices: list[int]) -> str:
+  """[0, 1, 2, 5] -> '{0-2,5}'; [3] -> '3'."""
+  if len(indices) == 1:
+    return str(indices[0])
+  runs, start = [], indices[0]
+  for previous, current in zip(indices, indices[1:] + [None]):
+    if current is None or current != previous + 1:
+      runs.append(str(start) if start == previous else f'{start}-{previous}')
+      start = current
+  return '{' + ','.join(runs) + '}'
+
+
+def _compact(keys: list[str], found: dict, want: dict, shapes: bool) -> list[str]:
+  """Keys with their first layer index folded (`blocks.{2-27}.attn.qkv.weight`); with
+  `shapes`, each entry also gives `: checkpoint (..), network (..)` (grouped only when equal)."""
+  groups = {}
+  for key in keys:
+    match = re.fullmatch(r'(.+?)\.(\d+)\.(.+)', key)
+    group = (match.group(1), match.group(3)) if match else (key, None)
+    shape = (found.get(key), want.get(key)) if shapes else None
+    groups.setdefault((group, shape), []).append(int(match.group(2)) if match else None)
+
+  def order(item):
+    ((stem, rest), _), indices = item
+    return (stem, -1 if rest is None else min(indices), rest or '')
+
+  out = []
+  for ((stem, rest), shape), indices in sorted(groups.items(), key=order):
+    name = stem if rest is None else f'{stem}.{_ranges(sorted(indices))}.{rest}'
+    out.append(f'{name}: checkpoint {shape[0]}, network {shape[1]}' if shapes else name)
+  return out
+
+
+def key_problems(found: dict[str, tuple], want: dict[str, tuple],
+                 optional: tuple[str, ...] = ()) -> list[str]:
+  """How a state dict ({key: shape} `found`) fails to fit a network ({key: shape} `want`, in
+  the file's names): one line per kind (`missing keys (n): ...`, `unexpected keys`,
+  `mis-shaped keys` with checkpoint vs network shapes), layer indices compacted
+  (`blocks.{2-27}...`). Keys in `optional` may be absent. Empty when everything fits."""
+  missing = sorted(k for k in set(want) - set(found) if k not in optional)
+  unexpected = sorted(set(found) - set(want))
+  misshaped = sorted(k for k in want if k in found and tuple(found[k]) != tuple(want[k]))
+  kinds = (('missing keys', missing, False), ('unexpected keys', unexpected, False),
+           ('mis-shaped keys', misshaped, True))
+  return [f'{label} ({len(keys)}): ' + ('; ' if shapes else ', ').join(
+      _compact(keys, found, want, shapes)) for label, keys, shapes in kinds if keys]

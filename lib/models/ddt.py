@@ -58,6 +58,7 @@ from flax import nnx
 
 from lib import nn
 from lib.models import layers
+from lib.models.checkpoint_io import key_problems
 
 # name -> (hidden_size, num_heads, num_blocks, num_encoder_blocks).
 #   XL: DDT-XL/2 "22en6de", the released ImageNet 256 / 512 models (675M, `configs/
@@ -378,13 +379,9 @@ def import_ddt(state_dict: Mapping[str, np.ndarray], abstract_state, *,
       expected[official_key(path)] = (path, variable)
   want = {key: import_weights.torch_shape(str(path[-1]), variable.shape)
           for key, (path, variable) in expected.items()}
-  missing = sorted(set(expected) - set(given))
-  unexpected = sorted(set(given) - set(expected))
-  misshaped = sorted(key for key in expected if key in given
-                     and tuple(given[key].shape) != want[key])
-  if missing or unexpected or misshaped:
-    found = {key: tuple(value.shape) for key, value in given.items()}
-    problems = import_weights.key_problems(missing, unexpected, misshaped, found, want)
+  found = {key: tuple(value.shape) for key, value in given.items()}
+  problems = key_problems(found, want)
+  if problems:
     raise ValueError(
         'the checkpoint does not match this DDT:\n'
         f'  checkpoint: {_describe(found)}\n  network:    {_describe(want)}\n  '

@@ -55,7 +55,7 @@ from flax import nnx
 
 from lib import nn
 from lib.models import layers
-from lib.models.checkpoint_io import read_state_dict
+from lib.models.checkpoint_io import key_problems, read_state_dict
 
 PATCH_SIZE = 14
 PRETRAINED_GRID = 37  # 518 / 14: the grid of the released position tables
@@ -412,15 +412,9 @@ def import_state_dict(state_dict: dict[str, np.ndarray], abstract_state: nnx.Sta
     part = (shape[0] // len(keys), *shape[1:])
     plan.append((path, variable, keys, part))
   expected = {key: part for _, _, keys, part in plan for key in keys}
-  missing = sorted(k for k in set(expected) - set(given) if k not in optional)
-  unexpected = sorted(set(given) - set(expected))
-  misshaped = [f'{key}: file {tuple(given[key].shape)}, expected {part}'
-               for key, part in sorted(expected.items())
-               if key in given and tuple(given[key].shape) != part]
-  if missing or unexpected or misshaped:
-    problems = [f'{label} ({len(items)}): {", ".join(items)}'
-                for label, items in (('missing keys', missing), ('unexpected keys', unexpected),
-                                     ('mis-shaped keys', misshaped)) if items]
+  problems = key_problems({key: value.shape for key, value in given.items()}, expected,
+                          tuple(optional))
+  if problems:
     raise ValueError(f'the state dict ({_LAYOUTS[layout]} names) does not match this DINOv2 '
                      '(check size, registers, swiglu and the position grid): '
                      + '; '.join(problems))

@@ -51,7 +51,7 @@ from absl import logging
 from flax import nnx
 
 from lib.models import ddt, dit, import_lightning, layers
-from lib.models.checkpoint_io import read_state_dict
+from lib.models.checkpoint_io import key_problems, read_state_dict
 from lib.models.lightning_ddt import LightningDDT
 from lib.models.lightning_dit import LightningDiT
 
@@ -154,48 +154,6 @@ def _check_pos_embed(table: np.ndarray, hidden_size: int | None, our_tokens: int
                  math.isqrt(our_tokens), math.isqrt(our_tokens))
 
 
-def _compact(keys: list[str], found: dict, want: dict, shapes: bool) -> list[str]:
-  """Keys with the block index folded: `blocks.{2-27}.attn.qkv.weight`; with `shapes`, each
-  entry also gives `: checkpoint (..), network (..)` (blocks grouped only when equal)."""
-  groups = {}
-  for key in keys:
-    match = re.fullmatch(r'blocks\.(\d+)\.(.+)', key)
-    index, rest = (int(match.group(1)), match.group(2)) if match else (None, key)
-    shape = (found.get(key), want.get(key)) if shapes else None
-    groups.setdefault((rest, shape, match is not None), []).append(index)
-  out = []
-  def order(item):
-    (rest, _, is_block), indices = item
-    return ('blocks', min(indices), rest) if is_block else (rest, 0, rest)
-
-  for (rest, shape, is_block), indices in sorted(groups.items(), key=order):
-    name = f'blocks.{_ranges(sorted(indices))}.{rest}' if is_block else rest
-    out.append(f'{name}: checkpoint {shape[0]}, network {shape[1]}' if shapes else name)
-  return out
-
-
-def key_problems(missing: list[str], unexpected: list[str], misshaped: list[str], found: dict,
-                 want: dict) -> list[str]:
-  """One line per kind of state-dict mismatch (`missing keys (n): ...`), keys compacted
-  (`blocks.{2-27}...`) and shapes shown as checkpoint vs network for mis-shaped ones."""
-  kinds = (('missing keys', missing, False), ('unexpected keys', unexpected, False),
-           ('mis-shaped keys', misshaped, True))
-  return [f'{label} ({len(keys)}): ' + ('; ' if shapes else ', ').join(
-      _compact(keys, found, want, shapes)) for label, keys, shapes in kinds if keys]
-
-
-def _ranges(indices: list[int]) -> str:
-  """[0, 1, 2, 5] -> '{0-2,5}'; [3] -> '3'."""
-  if len(indices) == 1:
-    return str(indices[0])
-  runs, start = [], indices[0]
-  for previous, current in zip(indices, indices[1:] + [None]):
-    if current != previous + 1 if current is not None else True:
-      runs.append(str(start) if start == previous else f'{start}-{previous}')
-      start = current
-  return '{' + ','.join(runs) + '}'
-
-
 # ------------------------------------------------------------------------------- importers
 def import_dit(state_dict: dict[str, np.ndarray], abstract_state: nnx.State, *,
                on_pos_embed_mismatch: str = 'raise') -> nnx.State:
@@ -236,15 +194,11 @@ def import_dit(state_dict: dict[str, np.ndarray], abstract_state: nnx.State, *,
       our_tokens = variable.shape[-2]
   want = {key: torch_shape(str(path[-1]), variable.shape)
           for key, (path, variable) in expected.items()}
-  missing = sorted(set(expected) - set(given))
-  unexpected = sorted(set(given) - set(expected))
-  misshaped = sorted(key for key in expected if key in given
-                     and tuple(given[key].shape) != want[key])
-  if missing or unexpected or misshaped:
-    found = {key: tuple(value.shape) for key, value in given.items()}
+  found = {key: tuple(value.shape) for key, value in given.items()}
+  problems = key_problems(found, want)
+  if problems:
     if pos_embed is not None:
       found['pos_embed'] = tuple(pos_embed.shape)
-    problems = key_problems(missing, unexpected, misshaped, found, want)
     raise ValueError(
         'the checkpoint does not match this DiT:\n'
         f'  checkpoint: {describe_dit(found)}\n  network:    {describe_dit(want)}\n  '

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from lib import nn
-from lib.models.checkpoint_io import read_state_dict
+from lib.models.checkpoint_io import key_problems, read_state_dict
 
 _EPS = 1e-6
 _LOGVAR_RANGE = (-30.0, 20.0)
@@ -276,16 +276,9 @@ def import_diffusers_state_dict(state_dict: dict[str, np.ndarray],
   given = {_rename_legacy(key): np.asarray(value) for key, value in state_dict.items()}
   expected = {_diffusers_key(path): (path, variable)
               for path, variable in nnx.to_flat_state(abstract_state)}
-  missing = sorted(set(expected) - set(given))
-  unexpected = sorted(set(given) - set(expected))
-  misshaped = [f'{key}: file {tuple(given[key].shape)}, expected '
-               f'{_to_torch_shape(variable.shape)}'
-               for key, (_, variable) in sorted(expected.items())
-               if key in given and tuple(given[key].shape) != _to_torch_shape(variable.shape)]
-  if missing or unexpected or misshaped:
-    problems = [f'{label} ({len(items)}): {", ".join(items)}'
-                for label, items in (('missing keys', missing), ('unexpected keys', unexpected),
-                                     ('mis-shaped keys', misshaped)) if items]
+  problems = key_problems({key: value.shape for key, value in given.items()},
+                          {key: _to_torch_shape(v.shape) for key, (_, v) in expected.items()})
+  if problems:
     raise ValueError('the state dict does not match this AutoencoderKL (check that the file is a '
                      'diffusers AutoencoderKL and that encoder.block_out_channels / '
                      'layers_per_block / norm_num_groups match it): ' + '; '.join(problems))
