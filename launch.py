@@ -4,6 +4,8 @@
     python launch.py --fdl_config=experiments/dit.py:xl2 --fdl_set=optimizer.learning_rate=2e-4 \
         --print_config
     python launch.py --fdl_config=experiments/dit.py:digits --workdir=runs/digits --mode=sample
+    python launch.py --config=configs/dit_imagenet.py:imagenet_256-XL_2 --config.seed=1 \
+        --print_config
 
 `--fdl_set=PATH=VALUE` (repeatable, also written `--fdl.PATH=VALUE`) overrides any leaf
 with a Python literal; paths and types are checked before anything runs.
@@ -19,6 +21,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow (tf.data, CLU) 
 from absl import app, flags, logging
 import fiddle as fdl
 from fiddle import absl_flags  # registers --fdl_config, --fdl_config_file and --fdl_set
+from ml_collections import config_flags
 
 from lib import cli, review
 
@@ -49,21 +52,30 @@ _COORDINATOR = flags.DEFINE_string(
     '--process_id); without them the cluster environment is detected (SLURM, MPI, TPU pods).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+_LEGACY_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'A legacy (seed-library) ml_collections config, PATH.py[:OPTIONS], with '
+    '--config.FIELD=VALUE overrides; converted by lib/legacy.py, then run like a preset.')
 _ACCEPT_CONFIG_CHANGE = flags.DEFINE_bool(
     'accept_config_change', False, 'Resume a workdir although its saved config differs from the '
     'launched one (the old config is kept as config.replaced_<time>.json).')
 
 
 def resolve_config() -> fdl.Buildable:
-  """The preset named by --fdl_config (or the saved config of --fdl_config_file) with every
-  --fdl_set applied, in command-line order."""
+  """The preset named by --fdl_config (the saved config of --fdl_config_file, or the converted
+  legacy --config) with every --fdl_set applied, in command-line order."""
   spec, saved = flags.FLAGS.fdl_config, flags.FLAGS.fdl_config_file
-  if spec and saved:
-    raise cli.UsageError('give either --fdl_config or --fdl_config_file, not both')
-  if not spec and not saved and _WORKDIR.value and \
+  legacy_config = _LEGACY_CONFIG.value
+  if sum(map(bool, (spec, saved, legacy_config is not None))) > 1:
+    raise cli.UsageError('give one of --fdl_config, --fdl_config_file and --config (a legacy '
+                         'ml_collections config), not several')
+  if not spec and not saved and legacy_config is None and _WORKDIR.value and \
       os.path.exists(os.path.join(_WORKDIR.value, 'config.json')):
     saved = os.path.join(_WORKDIR.value, 'config.json')  # continue or sample a saved run
-  if saved:
+  if legacy_config is not None:
+    from lib import legacy
+
+    config = legacy.convert(legacy_config)
+  elif saved:
     config = review.load_config_file(os.fspath(saved))
   elif spec:
     config = cli.load_preset(spec)
@@ -173,7 +185,8 @@ def main(argv):
     if _WORKDIR.value and _MODE.value == 'train':
       check_saved_config(config, _WORKDIR.value)
   except (cli.UsageError, ConfigError) as e:
-    print(f'error: {e}', file=sys.stderr)
+    # Our messages name the values; Fiddle's appended dump of the root's arguments is noise.
+    print(f'error: {str(e).split(chr(10) * 2 + "Fiddle context:")[0]}', file=sys.stderr)
     return 2
   if not _WORKDIR.value:
     print('error: --workdir is required to train or sample', file=sys.stderr)

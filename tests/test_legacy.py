@@ -1,0 +1,231 @@
+"""Legacy compatibility: seed-library configs (ml_collections, `*_class` strings) convert to the
+native presets' graphs, train with user-registered classes, fail with useful messages, and run
+through launch.py --config."""
+
+import copy
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import fiddle as fdl
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from lib import cli, legacy, nn, registry, review
+from tests.legacy_configs import dit_imagenet, dit_imagenet_repa
+
+# Differences between a converted seed preset and its native preset that are intended
+# (`path: native -> converted` line prefix, reason).
+MEANFLOW_FID_AT_CFG_1 = [(
+    f'evaluate[0].{field}: {native} -> ',
+    'MeanFlow bakes guidance in by training, so the native preset evaluates FID at cfg 1 only; '
+    'the seed repeats the same samples at cfg 1.5 (seed-library.md section 10, item 8)')
+    for field, native in (('all_guidance_scales', '(1.0,)'),
+                          ('all_eval_samples_nums', '((10000, 50000),)'),
+                          ('eval_every_steps', '((25000, 100000),)'))]
+REPA_PAPER_DEPTH = (
+    'repa.depth: 8 -> 4',
+    'the seed aligns block 4 at every size; the native L and XL presets align block 8, the '
+    'REPA paper\'s value (experiments/dit_repa.py)')
+SEED_DECODER_PATH = (
+    "encoder.decoder_weights: None -> '/home/nm3607/model.pt'",
+    'the seed hard-codes its RAE decoder file (its `encoder.pretrained_path`, converted to '
+    'decoder_weights); the native preset leaves weight files to the caller')
+
+SIZES = {'S': 's2', 'B': 'b2', 'L': 'l2', 'XL': 'xl2'}
+CASES = [  # (legacy file, options, native preset, allowed differences)
+    *[('dit_imagenet', f'imagenet_256-{size}_2', f'experiments/dit.py:{preset}',
+       []) for size, preset in SIZES.items()],
+    *[('lightning_dit_imagenet', f'imagenet_256-{size}_2',
+       f'experiments/lightning_dit.py:{preset}', [])
+      for size, preset in SIZES.items()],
+    *[('lightning_ddt_imagenet', f'imagenet_256-{size}_2',
+       f'experiments/lightning_ddt.py:{SIZES[size]}', [])
+      for size in ('S', 'XL')],
+    *[('mf_imagenet', f'imagenet_256-{size}_2', f'experiments/meanflow.py:{preset}',
+       MEANFLOW_FID_AT_CFG_1) for size, preset in SIZES.items()],
+    *[('dit_imagenet_repa', f'imagenet_raw_256-{size}_2', f'experiments/dit_repa.py:{preset}',
+       [REPA_PAPER_DEPTH] if size in ('L', 'XL') else [])
+      for size, preset in SIZES.items()],
+    ('rae_imagenet', 'imagenet_raw_256-XL_1', 'experiments/rae.py:xl1',
+     [SEED_DECODER_PATH]),
+]
+
+
+def legacy_config(name: str, options: str) -> ml_collections.ConfigDict:
+  return importlib.import_module(f'tests.legacy_configs.{name}').get_config(options)
+
+
+def without_defaults(config: fdl.Buildable) -> fdl.Buildable:
+  """A copy without the arguments set to their defaults, which Fiddle's equality ignores too
+  (a native preset may state `take_gw=False`, the converter leaves it at the default)."""
+  config = copy.deepcopy(config)
+
+  def strip(node):
+    if isinstance(node, fdl.Buildable):
+      parameters = inspect.signature(fdl.get_callable(node)).parameters
+      for name, value in list(node.__arguments__.items()):
+        strip(value)
+        default = parameters[name].default if name in parameters else inspect.Parameter.empty
+        if not isinstance(value, fdl.Buildable) and default is not inspect.Parameter.empty \
+            and value == default:
+          delattr(node, name)
+    elif isinstance(node, (list, tuple)):
+      for value in node:
+        strip(value)
+
+  strip(config)
+  return config
+
+
+@pytest.mark.parametrize('name,options,native,allowed', CASES,
+                         ids=[f'{case[0]}:{case[1]}' for case in CASES])
+def test_seed_preset_converts_to_its_native_preset(name, options, native, allowed):
+  if not os.path.exists(os.path.join(cli.REPO_ROOT, native.split(':')[0])):
+    pytest.skip(f'{native.split(":")[0]} is not written yet')
+  converted = legacy.convert(legacy_config(name, options))
+  lines = review.diff_lines(without_defaults(cli.load_preset(native)),
+                            without_defaults(converted))
+  unexplained = [line for line in lines if not any(line.startswith(p) for p, _ in allowed)]
+  assert not unexplained, '\n'.join(unexplained)
+  assert all(any(line.startswith(p) for line in lines) for p, _ in allowed), lines
+  fdl.build(converted)  # derived sizes agree
+  assert review.normalized(converted) == converted  # saves and reloads as a run's config.json
+
+
+def test_local_detector_weights_carry_over_and_hub_ids_do_not():
+  config = dit_imagenet_repa.get_config('imagenet_raw_256-B_2')
+  assert legacy.convert(config).repa.detector.weights_path is None  # 'facebook/dinov2-base'
+  config.repa.detector.pretrained_path = '/weights/dinov2-base/model.safetensors'
+  assert legacy.convert(config).repa.detector.weights_path == \
+      '/weights/dinov2-base/model.safetensors'
+
+
+# ------------------------------------------------------------------------------- user classes
+class TinyDenoiser(nn.Module):
+  """A small MLP velocity network, the kind of class a user brings (network contract:
+  `network(x, t, y, rngs=None)` and `num_classes`)."""
+
+  def __init__(self, input_size: int, in_channels: int, num_classes: int,
+               hidden_size: int = 32, *, rngs: nnx.Rngs):
+    self.num_classes = num_classes
+    size = input_size * input_size * in_channels
+    self.inputs = nnx.Linear(size + 1, hidden_size, rngs=rngs)
+    self.labels = nnx.Embed(num_classes + 1, hidden_size, rngs=rngs)
+    self.outputs = nnx.Linear(hidden_size, size, rngs=rngs)
+
+  def __call__(self, x, t, y, rngs=None):
+    flat = jnp.concatenate([x.reshape(x.shape[0], -1), t.reshape(-1, 1)], axis=-1)
+    return self.outputs(nnx.silu(self.inputs(flat) + self.labels(y))).reshape(x.shape)
+
+
+registry.register('network', 'tiny_denoiser', TinyDenoiser)
+
+
+def tiny_legacy_config() -> ml_collections.ConfigDict:
+  """A legacy config in the seed's layout naming the registered network, on the digits."""
+  return ml_collections.ConfigDict(dict(
+      trainer='DiT_ImageNet', seed=0, dtype='float32', total_steps=4, log_every_steps=1,
+      save_every_steps=1000, visualize_every_steps=1000,
+      data_class='digits', data=dict(batch_size=32, image_size=8, seed=0, num_workers=8),
+      encoder_class='RGB', encoder=dict(),
+      network_class='tiny_denoiser', network=dict(
+          input_size=8, in_channels=1, num_classes=10, hidden_size=16, enable_dropout=True,
+          mlp_dropout=0.0),
+      interface_class='sit', interface=dict(train_time_dist_type='logitnormal', x_sigma=0.5),
+      learning_rate=1e-3, learning_rate_schedule='cosine', warmup_steps=2,
+      optimizer_class='adam', optimizer=dict(b2=0.99),
+      sampler_class='euler', sampler=dict(num_sampling_steps=2, sampling_time_dist='uniform'),
+      ema_class='ema', ema=dict(decay=0.9),
+      checkpoint=dict(options=dict(save_interval_steps=1000, max_to_keep=1)),
+      visualize=dict(on=False), eval=dict(on=False),
+      sharding=dict(mesh=[('data', -1)], data_axis='data', strategy=[('.*', 'replicate')])))
+
+
+def test_registered_network_trains_through_the_normal_trainer(tmp_path):
+  from lib import train
+
+  config = legacy.convert(tiny_legacy_config())
+  assert config.network.__arguments__ == {'hidden_size': 16}  # derived sizes left to Experiment
+  assert fdl.get_callable(config.optimizer.schedule).__name__ == 'cosine'
+  assert train.train(fdl.build(config), str(tmp_path)) == 4
+  with open(tmp_path / 'metrics.jsonl') as f:
+    losses = [record['train/loss'] for record in map(json.loads, f) if 'train/loss' in record]
+  assert len(losses) == 4 and np.all(np.isfinite(losses)), losses
+
+
+def test_registry_imports_lazily_and_refuses_a_taken_name():
+  code = ('import sys; from lib import registry\n'
+          'assert registry.resolve("ema", "ema").__name__ == "EMA"\n'
+          'assert not [m for m in sys.modules if m.startswith("lib.models")], "model imported"\n')
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=cli.REPO_ROOT)
+  with pytest.raises(registry.RegistryError, match="network 'dit' is already registered as "
+                                                   'lib.models.dit:DiT'):
+    registry.register('network', 'dit', TinyDenoiser)
+  assert registry.register('network', 'tiny_denoiser', TinyDenoiser) is TinyDenoiser
+
+  @registry.register('ema', 'frozen')
+  class Frozen:
+    pass
+
+  assert registry.resolve('ema', 'frozen') is Frozen
+
+
+# ------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize('field,value,message', [
+    ('network_class', 'ditt', "network_class='ditt': unknown network 'ditt'; registered network "
+                              "names: dit, lightning_ddt, lightning_dit"),
+    ('sampler_class', 'rk4', "sampler_class='rk4': unknown sampler 'rk4'; registered sampler "
+                             "names: euler, euler-maruyama, euler_jump, heun"),
+    ('network.dpeth', 4, "network.dpeth: unexpected field 'dpeth' for DiT; accepted fields: "
+                         r".*depth.* \(closest: depth"),
+    ('learning_rat', 1e-3, "learning_rat: unexpected field 'learning_rat' for the experiment; "
+                           r"accepted fields: .* \(closest: learning_rate"),
+    ('sampler.sampling_time_kwargs', {'t_begin': 1.0},
+     "sampler.sampling_time_kwargs.t_begin: unexpected field 't_begin' for Heun; accepted "
+     "fields: .*t_start"),
+    ('network.mlp_dropout', 0.1, r'network.mlp_dropout=0.1 has no counterpart: DiT always '
+                                 r'behaves as mlp_dropout=0.0'),
+    ('interface.train_time_dist_type', 'lognormal',
+     "interface.train_time_dist_type='log_normal': SiT.time_dist must be one of 'uniform', "
+     "'logit_normal'"),
+    ('sharding.strategy', [('.*', 'shard_everything')],
+     "sharding.strategy\\[0\\]='shard_everything': expected 'replicate' or 'fsdp"),
+])
+def test_errors_name_the_field_and_the_alternatives(field, value, message):
+  config = dit_imagenet.get_config('imagenet_256-B_2').to_dict()
+  *parents, name = field.split('.')
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[name] = value
+  with pytest.raises(legacy.LegacyConfigError, match=message):
+    legacy.convert(config)
+
+
+# ------------------------------------------------------------------------------- launch.py
+def launch(*args):
+  return subprocess.run([sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *args],
+                        capture_output=True, text=True, cwd=cli.REPO_ROOT, timeout=600)
+
+
+def test_launch_prints_a_converted_config_with_overrides():
+  result = launch('--config=tests/legacy_configs/dit_imagenet.py:imagenet_256-B_2',
+                  '--config.optimizer.b2=0.95', '--fdl_set=network.depth=6', '--print_config')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert 'optimizer.b2 = 0.95' in lines and 'network.depth = 6' in lines
+  assert 'network = Partial[lib.models.dit.DiT]' in lines
+
+
+def test_launch_refuses_config_with_fdl_config():
+  result = launch('--config=tests/legacy_configs/dit_imagenet.py:imagenet_256-B_2',
+                  '--fdl_config=experiments/dit.py:b2', '--print_config')
+  assert result.returncode == 2
+  assert 'give one of --fdl_config, --fdl_config_file and --config' in result.stderr
