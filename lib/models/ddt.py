@@ -219,21 +219,12 @@ class DDT(nn.Module):
     cos, sin = _rope_tables(self.head_dim, height, width, self.rope_theta, self.rope_scale)
     return jnp.asarray(cos), jnp.asarray(sin)
 
-  def time_embedding(self, t: jax.Array, dt: jax.Array | None = None,
-                     gw: jax.Array | None = None) -> jax.Array:
-    """t_emb(t) (+ dt_emb(dt), default 0; + gw_emb(gw), default 1): (B, D)."""
-    t_emb = self.t_embedder(t)
-    if self.dt_embedder is not None:
-      t_emb = t_emb + self.dt_embedder(jnp.zeros_like(t) if dt is None else dt)
-    if self.gw_embedder is not None:
-      t_emb = t_emb + self.gw_embedder(jnp.ones_like(t) if gw is None else gw)
-    return t_emb
-
   def encode(self, x: jax.Array, t: jax.Array, y: jax.Array, dt: jax.Array | None = None,
              gw: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
     """The condition encoder: the decoder's per-token condition s (B, N, D) (the official
     forward's second output, reusable across nearby steps)."""
-    t_emb = self.time_embedding(t, dt, gw)[:, None]
+    t_emb = layers.time_condition(self.t_embedder, self.dt_embedder, self.gw_embedder, t, dt,
+                                  gw)[:, None]
     c = nnx.silu(t_emb + self.y_embedder(y, rngs)[:, None])
     p = self.patch_size
     rope = self.rope(x.shape[1] // p, x.shape[2] // p)

@@ -114,11 +114,8 @@ class DiT(nn.Module):
                gw: jax.Array | None = None, rngs: nnx.Rngs | None = None,
                hidden_at: int | None = None):
     layers.check_hidden_at(hidden_at, len(self.blocks))
-    c = self.t_embedder(t) + self.y_embedder(y, rngs)
-    if self.dt_embedder is not None:
-      c = c + self.dt_embedder(jnp.zeros_like(t) if dt is None else dt)
-    if self.gw_embedder is not None:
-      c = c + self.gw_embedder(jnp.ones_like(t) if gw is None else gw)
+    c = layers.time_condition(self.t_embedder, self.dt_embedder, self.gw_embedder, t, dt,
+                              gw) + self.y_embedder(y, rngs)
     h = self.x_embedder(x) + self.pos_embed[...].astype(c.dtype)
     hidden = None
     for depth, block in enumerate(self.blocks, 1):

@@ -70,6 +70,18 @@ def unpatchify(x: jax.Array, patch_size: int, channels: int) -> jax.Array:
   return x.reshape(batch, side * patch_size, side * patch_size, channels)
 
 
+def time_condition(t_embedder, dt_embedder, gw_embedder, t: jax.Array,
+                   dt: jax.Array | None = None, gw: jax.Array | None = None) -> jax.Array:
+  """t_emb(t) [+ dt_emb(dt), MeanFlow's interval t - r, default 0] [+ gw_emb(gw), the
+  guidance weight, default 1], for the embedders a network has (None: absent): (B, D)."""
+  c = t_embedder(t)
+  if dt_embedder is not None:
+    c = c + dt_embedder(jnp.zeros_like(t) if dt is None else dt)
+  if gw_embedder is not None:
+    c = c + gw_embedder(jnp.ones_like(t) if gw is None else gw)
+  return c
+
+
 def check_hidden_at(hidden_at: int | None, depth: int) -> None:
   """A network's `hidden_at` argument (the 1-based block whose output tokens it also returns)
   must name one of its `depth` blocks."""

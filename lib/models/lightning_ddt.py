@@ -126,11 +126,8 @@ class LightningDDT(nn.Module):
     """(B, H, W, C) velocity; with `hidden_at=k` also the tokens output by block k (1-based,
     encoder blocks first, then decoder blocks; REPA)."""
     layers.check_hidden_at(hidden_at, len(self.encoder_blocks) + len(self.decoder_blocks))
-    t_emb = self.t_embedder(t)
-    if self.dt_embedder is not None:
-      t_emb = t_emb + self.dt_embedder(jnp.zeros_like(t) if dt is None else dt)
-    if self.gw_embedder is not None:
-      t_emb = t_emb + self.gw_embedder(jnp.ones_like(t) if gw is None else gw)
+    t_emb = layers.time_condition(self.t_embedder, self.dt_embedder, self.gw_embedder, t, dt,
+                                  gw)
     c = nnx.silu(t_emb + self.y_embedder(y, rngs))
     enc_rope = dec_rope = None
     if self.enc_rope_cos is not None:

@@ -187,22 +187,14 @@ class LightningDiT(nn.Module):
     self.final_layer = LightningFinalLayer(hidden_size, patch_size, self.out_channels, rms_norm,
                                            dtype=compute, rngs=rngs)
 
-  def condition(self, t: jax.Array, dt: jax.Array | None, gw: jax.Array | None) -> jax.Array:
-    """t_emb(t) (+ dt_emb(dt), default 0; + gw_emb(gw), default 1)."""
-    c = self.t_embedder(t)
-    if self.dt_embedder is not None:
-      c = c + self.dt_embedder(jnp.zeros_like(t) if dt is None else dt)
-    if self.gw_embedder is not None:
-      c = c + self.gw_embedder(jnp.ones_like(t) if gw is None else gw)
-    return c
-
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, dt: jax.Array | None = None,
                gw: jax.Array | None = None, rngs: nnx.Rngs | None = None,
                hidden_at: int | None = None):
     """(B, H, W, C) velocity; with `hidden_at=k` also the tokens (B, N, D) output by block k
     (1-based; REPA)."""
     layers.check_hidden_at(hidden_at, len(self.blocks))
-    c = self.condition(t, dt, gw) + self.y_embedder(y, rngs)
+    c = layers.time_condition(self.t_embedder, self.dt_embedder, self.gw_embedder, t, dt,
+                              gw) + self.y_embedder(y, rngs)
     h = self.x_embedder(x) + self.pos_embed[...].astype(c.dtype)
     rope = None if self.rope_cos is None else (self.rope_cos[...], self.rope_sin[...])
     hidden = None
