@@ -90,6 +90,8 @@ def benchmark(config: fdl.Buildable, overrides: list[str], steps: int, warmup: i
     if not posterior:
       raise
     encoder_state, encoder_note = {}, 'not loaded (posterior batches need no VAE weights)'
+  run.load_detector()  # REPA's DINOv2 weights (a no-op without REPA)
+  detector_state = run.detector_state
   if real_data:
     data.check()
     host_batch = next(data.batches(0, jax.process_index(), jax.process_count()))
@@ -101,15 +103,15 @@ def benchmark(config: fdl.Buildable, overrides: list[str], steps: int, warmup: i
            for k, v in host_batch.items()}
 
   start = time.perf_counter()
-  compiled = run._train_step.lower(state, encoder_state, batch).compile()
+  compiled = run._train_step.lower(state, encoder_state, batch, detector_state).compile()
   compile_s = time.perf_counter() - start
   for _ in range(warmup):
-    state, metrics = compiled(state, encoder_state, batch)
+    state, metrics = compiled(state, encoder_state, batch, detector_state)
   jax.block_until_ready(state)
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    state, metrics = compiled(state, encoder_state, batch)
+    state, metrics = compiled(state, encoder_state, batch, detector_state)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   loss = float(metrics['loss'])
