@@ -5,8 +5,8 @@ defaults changed as `mf_imagenet`: the DiT takes the interval t - r (`take_dt=Tr
 no label dropout of its own (the MeanFlow interface drops conditions, 10%); MeanFlow
 interface (logit-normal(-0.4, 1.0), 75% r = t, training-time guidance 0.2 / mixture 0.92 on
 t <= 0.75, adaptive weight eps 1.0); AdamW lr 1e-4, b2 0.95; one-step Euler-Jump sampling
-with guidance 1 (it is baked in by training), FID at guidance 1 only. `digits`: the same on the bundled 8x8 digits,
-for the CPU.
+with guidance 1 (it is baked in by training), FID at guidance 1 only. `digits`: the same on
+the bundled 8x8 digits, for the CPU.
 
     python launch.py --fdl_config=experiments/meanflow.py:xl2 --workdir=runs/mf_xl2
     python launch.py --fdl_config='experiments/meanflow.py:b2(image_size=512)' --print_config

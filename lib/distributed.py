@@ -36,8 +36,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   # Open the collectives' communicator now, while the processes leave `initialize` together:
   # gloo waits only 30 s for its peers, and the first collective otherwise comes after start-up
   # work that takes longer on process 0 (writing the config, first imports).
-  from jax.experimental import multihost_utils
-  multihost_utils.sync_global_devices('fiddlediff:start')
+  barrier('start')
   logging.info('Process %d of %d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
