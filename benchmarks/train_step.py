@@ -17,8 +17,12 @@ uint8 pixels (B, H, W, C). `--real_data` takes the first batch of the configured
 Peak memory: on GPU/TPU the largest `peak_bytes_in_use` of the local devices' allocators; on
 CPU the process's maximum resident set size (`resource.getrusage`), which also counts the
 Python/JAX runtime and the compiler, not only the step's buffers.
+
+`compile_step` (the experiment's `Run`, a fresh state, one batch, the compiled step) is shared
+with `torch_vs_jax.py` and `profile_step.py`; importing this module defines no flags.
 """
 
+import dataclasses
 import json
 import os
 import resource
@@ -30,13 +34,6 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags  # noqa: E402
 import fiddle as fdl  # noqa: E402
-from fiddle import absl_flags  # noqa: E402,F401  (registers --fdl_config and --fdl_set)
-
-_BATCH = flags.DEFINE_integer('batch_size', None, 'Global batch size (default: the preset\'s).')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
-_REAL_DATA = flags.DEFINE_bool('real_data', False, 'Use a batch of the configured data source '
-                               'instead of a synthetic one.')
 
 
 def synthetic_batch(experiment, batch_size: int, seed: int = 0) -> dict:
@@ -71,10 +68,23 @@ def peak_memory() -> dict:
                     'runtime and the compiler'}
 
 
-def benchmark(config: fdl.Buildable, overrides: list[str], steps: int, warmup: int,
-              real_data: bool) -> dict:
+@dataclasses.dataclass
+class CompiledStep:
+  """The compiled train step of an experiment and the arguments of its first call:
+  `state, metrics = compiled(state, *rest)` with `state, *rest = args`."""
+  experiment: object
+  run: object
+  compiled: object
+  args: tuple
+  compile_s: float
+  source: str
+  encoder_note: str
+
+
+def compile_step(config: fdl.Buildable, real_data: bool = False) -> CompiledStep:
+  """Builds the experiment, its `lib.train.Run`, a fresh state and one batch (synthetic, or
+  the data source's first with `real_data`), and compiles the jitted step for them."""
   import jax
-  import numpy as np
 
   from lib.train import Run
 
@@ -91,7 +101,6 @@ def benchmark(config: fdl.Buildable, overrides: list[str], steps: int, warmup: i
       raise
     encoder_state, encoder_note = {}, 'not loaded (posterior batches need no VAE weights)'
   run.load_detector()  # REPA's DINOv2 weights (a no-op without REPA)
-  detector_state = run.detector_state
   if real_data:
     data.check()
     host_batch = next(data.batches(0, jax.process_index(), jax.process_count()))
@@ -99,19 +108,31 @@ def benchmark(config: fdl.Buildable, overrides: list[str], steps: int, warmup: i
   else:
     host_batch = synthetic_batch(experiment, data.batch_size)
     source = 'synthetic ' + ('posterior moments' if posterior else 'uint8 pixels')
+  source += f' {tuple(host_batch["image"].shape)} {host_batch["image"].dtype}'
   batch = {k: jax.make_array_from_process_local_data(run.batch_sharding, v)
            for k, v in host_batch.items()}
-
+  args = (state, encoder_state, batch, run.detector_state)
   start = time.perf_counter()
-  compiled = run._train_step.lower(state, encoder_state, batch, detector_state).compile()
-  compile_s = time.perf_counter() - start
+  compiled = run._train_step.lower(*args).compile()
+  return CompiledStep(experiment, run, compiled, args, time.perf_counter() - start, source,
+                      encoder_note)
+
+
+def benchmark(config: fdl.Buildable, overrides: list[str], steps: int, warmup: int,
+              real_data: bool) -> dict:
+  import jax
+  import numpy as np
+
+  step = compile_step(config, real_data)
+  experiment, run, compiled = step.experiment, step.run, step.compiled
+  state, *rest = step.args
   for _ in range(warmup):
-    state, metrics = compiled(state, encoder_state, batch, detector_state)
+    state, metrics = compiled(state, *rest)
   jax.block_until_ready(state)
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    state, metrics = compiled(state, encoder_state, batch, detector_state)
+    state, metrics = compiled(state, *rest)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   loss = float(metrics['loss'])
@@ -119,24 +140,25 @@ def benchmark(config: fdl.Buildable, overrides: list[str], steps: int, warmup: i
     raise FloatingPointError(f'the benchmarked step produced loss {loss}')
   step_ms = np.asarray(times) * 1e3
   device = jax.devices()[0]
+  batch_size = experiment.data.batch_size
   return {
       'preset': flags.FLAGS.fdl_config,
       'overrides': overrides,
-      'batch': data.batch_size,
-      'input': f'{source} {tuple(host_batch["image"].shape)} {host_batch["image"].dtype}',
+      'batch': batch_size,
+      'input': step.source,
       'latent_shape': list(experiment.latent_shape),
       'network': f'{getattr(experiment.network, "func", experiment.network).__name__}, '
                  f'{run.param_count:,} parameters',
-      'encoder_weights': encoder_note,
+      'encoder_weights': step.encoder_note,
       'devices': jax.device_count(),
       'device_kind': device.device_kind,
       'backend': jax.default_backend(),
-      'compile_s': round(compile_s, 3),
+      'compile_s': round(step.compile_s, 3),
       'warmup_steps': warmup,
       'steps': steps,
       'step_ms': {'mean': round(float(step_ms.mean()), 3), 'std': round(float(step_ms.std()), 3),
                   'min': round(float(step_ms.min()), 3)},
-      'images_per_s': round(data.batch_size / float(step_ms.mean() / 1e3), 3),
+      'images_per_s': round(batch_size / float(step_ms.mean() / 1e3), 3),
       'final_loss': round(loss, 5),
       'peak_memory': peak_memory(),
   }
@@ -155,9 +177,10 @@ def main(argv) -> int:
     config = cli.load_preset(flags.FLAGS.fdl_config)
     for assignment in overrides:
       cli.apply_override(config, assignment)
-    if _BATCH.value is not None:
-      cli.apply_override(config, f'data.batch_size={_BATCH.value}')
-    result = benchmark(config, overrides, _STEPS.value, _WARMUP.value, _REAL_DATA.value)
+    if flags.FLAGS.batch_size is not None:
+      cli.apply_override(config, f'data.batch_size={flags.FLAGS.batch_size}')
+    result = benchmark(config, overrides, flags.FLAGS.steps, flags.FLAGS.warmup,
+                       flags.FLAGS.real_data)
   except (cli.UsageError, ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -166,4 +189,11 @@ def main(argv) -> int:
 
 
 if __name__ == '__main__':
+  from fiddle import absl_flags  # registers --fdl_config and --fdl_set
+
+  flags.DEFINE_integer('batch_size', None, 'Global batch size (default: the preset\'s).')
+  flags.DEFINE_integer('steps', 10, 'Timed steps.')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+  flags.DEFINE_bool('real_data', False, 'Use a batch of the configured data source instead of '
+                    'a synthetic one.')
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=absl_flags.flags_parser)

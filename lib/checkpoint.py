@@ -11,7 +11,9 @@ while saving leaves its previous checkpoints intact and never a half-written one
 import os
 
 import jax
-import orbax.checkpoint as ocp
+
+# orbax (and tensorstore below it) is imported by the functions that use it, so that building
+# or printing a config, which constructs `Checkpointing`, does not pay for it.
 
 
 class Checkpointing:
@@ -31,7 +33,9 @@ class Checkpointing:
     self.keep_period = keep_period
     self.async_save = async_save
 
-  def manager(self, workdir: str) -> ocp.CheckpointManager:
+  def manager(self, workdir: str) -> 'ocp.CheckpointManager':
+    import orbax.checkpoint as ocp
+
     # Every `save_interval_steps` steps, or when JAX's preemption notice reaches every host;
     # unlike orbax's default policy, no extra save at a run's first step.
     policy = ocp.checkpoint_managers.AnySavePolicy([
@@ -44,14 +48,18 @@ class Checkpointing:
                                  options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, force: bool = False) -> bool:
+def save(manager: 'ocp.CheckpointManager', step: int, state, force: bool = False) -> bool:
   """Saves `state` at `step` if the policy asks for it (or `force`)."""
+  import orbax.checkpoint as ocp
+
   return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
+def restore(manager: 'ocp.CheckpointManager', abstract_state, step: int | None = None):
   """Restores the newest (or the given) step into the structure and shardings of
   `abstract_state` (a pytree of `jax.ShapeDtypeStruct`). Returns (step, state)."""
+  import orbax.checkpoint as ocp
+
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint found in {manager.directory}')
@@ -63,6 +71,8 @@ def latest_step(workdir: str) -> int | None:
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
     return None
+  import orbax.checkpoint as ocp
+
   steps = ocp.utils.checkpoint_steps(directory)
   return max(steps) if steps else None
 

@@ -42,11 +42,27 @@ def test_preset_json_round_trip(path, name):
   assert serialization.load_json(serialization.dump_json(config)) == config
 
 
-def test_config_path_imports_no_tensorflow_and_allocates_nothing():
-  code = ('import sys, fiddle as fdl; from lib import cli\n'
-          'for spec in ["experiments/dit.py:xl2", "experiments/dit.py:digits"]:\n'
-          '  e = fdl.build(cli.load_preset(spec))\n'
-          'assert "tensorflow" not in sys.modules, "tensorflow imported"\n'
-          'assert "clu.metric_writers" not in sys.modules\n'
+def test_config_paths_import_nothing_heavy_and_allocate_nothing():
+  """Building presets and what `--print_config`, `--render` and `--diff_against` do with them
+  (launch.py's own functions) import neither TensorFlow, CLU, orbax (tensorstore) nor torch,
+  and allocate no array."""
+  code = ('import contextlib, io, os, sys, tempfile\n'
+          'from absl import flags\n'
+          'import fiddle as fdl\n'
+          'import launch\n'
+          'from lib import cli\n'
+          'dot = os.path.join(tempfile.mkdtemp(), "graph.dot")\n'
+          'flags.FLAGS(["launch.py", "--render=" + dot, '
+          '"--diff_against=experiments/dit.py:digits"])\n'
+          'with contextlib.redirect_stdout(io.StringIO()) as out:\n'
+          '  for spec in ["experiments/dit.py:xl2", "experiments/dit.py:digits"]:\n'
+          '    config = cli.load_preset(spec)\n'
+          '    launch.print_config(config, fdl.build(config))\n'
+          '    assert launch.review_config(config) == 0\n'
+          'assert "network parameters: 674,816,272" in out.getvalue(), out.getvalue()[-300:]\n'
+          'assert os.path.getsize(dot) > 0\n'
+          'heavy = [m for m in ("tensorflow", "clu", "orbax", "tensorstore", "torch") '
+          'if m in sys.modules]\n'
+          'assert not heavy, f"imported {heavy}"\n'
           'import jax; assert not jax.live_arrays(), jax.live_arrays()\n')
   subprocess.run([sys.executable, '-c', code], check=True, cwd=cli.REPO_ROOT)

@@ -19,7 +19,7 @@ and the velocity decoder are the same block class at the same width, in one list
                  x = x + gate2 * SwiGLU(RMSNorm(x) * (1 + scale2) + shift2)
     Attn: qkv without bias -> per-head RMSNorm q/k norms -> 2-D RoPE (`layers.rope_2d_xy`:
           positions linspace(0, 16, n) per axis, pairs alternate column then row) -> softmax
-          attention (`jax.nn.dot_product_attention`) -> proj (with bias)
+          attention (`layers.attention`) -> proj (with bias)
     SwiGLU: w2(silu(w1 x) * w3 x), no biases, hidden int(2 * mlp_ratio * D / 3) (XL: 3072)
     RMSNorm: eps 1e-6 in float32, learnt weight; final layer: LayerNorm without affine
           (eps 1e-6), adaLN Linear(D, 2D) (shift, scale), Linear(D, p*p*C)

@@ -8,6 +8,7 @@ Layouts follow facebookresearch/DiT `models.py` so released weights map one to o
 Images are NHWC throughout.
 """
 
+import functools
 import math
 
 import jax
@@ -146,11 +147,108 @@ class LabelEmbedder(nn.Module):
     return self.embedding(labels)
 
 
-class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection (timm layout).
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(Dh)) v for q, k, v (B, L, H, Dh) -> (B, L, H, Dh).
 
-  Uses `jax.nn.dot_product_attention`, so GPUs get fused kernels.
+  GPU/TPU: `jax.nn.dot_product_attention` (fused kernels where the platform has them). CPU:
+  `_cpu_attention`, about twice as fast forward and backward on XLA:CPU, and without the
+  O(L^2) logits and weights of the whole batch in memory (`benchmarks/README.md`).
   """
+  if jax.default_backend() != 'cpu':
+    return jax.nn.dot_product_attention(q, k, v)
+  return _cpu_attention(q, k, v)
+
+
+# Batch elements per step of `_cpu_attention`'s loop: their L x L weights (H L^2 floats each)
+# should fit in a core's caches; one element is the minimum.
+ATTENTION_CHUNK_BYTES = 8 * 2**20
+
+
+def _batch_chunk(shape: tuple[int, ...]) -> int:
+  """The largest divisor of the batch whose chunk's weights fit ATTENTION_CHUNK_BYTES."""
+  batch, length, heads, _ = shape
+  fits = max(1, ATTENTION_CHUNK_BYTES // (4 * heads * length * length))
+  return max(n for n in range(1, min(batch, fits) + 1) if batch % n == 0)
+
+
+def _attention_one(q, k, v):
+  """One batch element, q, k, v (L, H, Dh) -> (out (L, H, Dh), lse (H, L)); logits and
+  softmax in float32:  s = (q / sqrt(Dh)) k^T,  lse = log sum_m exp(s_lm),  out = exp(s - lse) v."""
+  scaled = q * (1.0 / math.sqrt(q.shape[-1]))
+  logits = jnp.einsum('lhd,mhd->hlm', scaled, k, preferred_element_type=jnp.float32)
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  unnormalised = jnp.exp(logits - top)
+  total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+  out = jnp.einsum('hlm,mhd->hld', unnormalised.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32) / total
+  return jnp.swapaxes(out, 0, 1).astype(q.dtype), (top + jnp.log(total))[..., 0]
+
+
+def _attention_one_backward(q, k, v, out, lse, d_out):
+  """Flash-attention gradients of one batch element, the weights recomputed from lse:
+      p = exp(s - lse),  dv = p^T do,  ds = p (do v^T - rowsum(do * out)),
+      dq = ds k / sqrt(Dh),  dk = ds^T (q / sqrt(Dh))."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  scaled = q * scale
+  logits = jnp.einsum('lhd,mhd->hlm', scaled, k, preferred_element_type=jnp.float32)
+  weights = jnp.exp(logits - lse[..., None])
+  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).T  # (H, L)
+  d_v = jnp.einsum('hlm,lhd->mhd', weights.astype(d_out.dtype), d_out,
+                   preferred_element_type=jnp.float32)
+  d_weights = jnp.einsum('lhd,mhd->hlm', d_out, v, preferred_element_type=jnp.float32)
+  d_logits = weights * (d_weights - row[..., None])
+  d_q = jnp.einsum('hlm,mhd->lhd', d_logits.astype(k.dtype), k,
+                   preferred_element_type=jnp.float32) * scale
+  d_k = jnp.einsum('hlm,lhd->mhd', d_logits.astype(q.dtype), scaled,
+                   preferred_element_type=jnp.float32)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+
+@jax.custom_vjp
+def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """`attention` as a loop over chunks of the batch (`_batch_chunk`), so that each chunk's
+  L x L weights stay in cache; the backward pass keeps q, k, v, out and the row log-sum-exp,
+  as flash attention does, and recomputes the weights."""
+  return _cpu_attention_forward(q, k, v)[0]
+
+
+def _cpu_attention_forward(q, k, v):
+  out, lse = jax.lax.map(lambda qkv: _attention_one(*qkv), (q, k, v),
+                         batch_size=_batch_chunk(q.shape))
+  return out, (q, k, v, out, lse)
+
+
+def _cpu_attention_backward(residuals, d_out):
+  return jax.lax.map(lambda args: _attention_one_backward(*args), (*residuals, d_out),
+                     batch_size=_batch_chunk(d_out.shape))
+
+
+_cpu_attention.defvjp(_cpu_attention_forward, _cpu_attention_backward)
+
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+@jax.custom_jvp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """GELU, tanh approximation (`jax.nn.gelu(approximate=True)`, torch `approximate='tanh'`):
+      gelu(x) = x Phi(x),  Phi(x) = (1 + tanh(u)) / 2,  u = sqrt(2/pi) (x + 0.044715 x^3).
+  Its derivative Phi(x) + x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 0.044715 x^2) / 2 is one
+  array, which is all the backward pass keeps (autodiff through tanh keeps four or five)."""
+  return x * (0.5 * (1.0 + jnp.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))))
+
+
+@gelu_tanh.defjvp
+def _gelu_tanh_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  tanh = jnp.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
+  cdf = 0.5 * (1.0 + tanh)
+  slope = cdf + 0.5 * x * (1.0 - tanh * tanh) * SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+  return x * cdf, dx * slope
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (timm layout), `attention`."""
 
   def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool = True, *,
                dtype=jnp.float32, rngs: nnx.Rngs):
@@ -170,7 +268,7 @@ class Attention(nn.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     q, k, v = self.qkv_heads(x)
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = attention(q, k, v)
     return self.proj(out.reshape(x.shape))
 
 
@@ -184,13 +282,51 @@ class Mlp(nn.Module):
                           dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(nnx.gelu(self.fc1(x), approximate=True))
+    return self.fc2(gelu_tanh(self.fc1(x)))
 
 
-def layer_norm(hidden_size: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(hidden_size: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> 'LayerNorm':
   """LayerNorm without affine parameters, eps 1e-6 (the adaLN blocks' norm)."""
-  return nnx.LayerNorm(hidden_size, epsilon=1e-6, use_bias=False, use_scale=False,
-                       dtype=dtype, rngs=rngs)
+  del hidden_size, rngs  # no parameters
+  return LayerNorm(1e-6, dtype=dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def normalize(x: jax.Array, eps: float) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) over the last axis (two-pass variance, as torch). The
+  backward pass keeps the output and 1/std per row (flax's LayerNorm keeps three arrays of
+  x's size):  dx = (g - mean(g) - y mean(g y)) / std."""
+  return _normalize_forward(x, eps)[0]
+
+
+def _normalize_forward(x, eps):
+  centred = x - jnp.mean(x, axis=-1, keepdims=True)
+  inverse_std = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+  normed = centred * inverse_std
+  return normed, (normed, inverse_std)
+
+
+def _normalize_backward(eps, residuals, g):
+  del eps
+  normed, inverse_std = residuals
+  mean_g = jnp.mean(g, axis=-1, keepdims=True)
+  mean_gy = jnp.mean(g * normed, axis=-1, keepdims=True)
+  return (inverse_std * (g - mean_g - normed * mean_gy),)
+
+
+normalize.defvjp(_normalize_forward, _normalize_backward)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis without affine parameters (`normalize` in float32, the
+  result in `dtype`)."""
+
+  def __init__(self, eps: float = 1e-6, *, dtype=jnp.float32):
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return normalize(x.astype(jnp.float32), self.eps).astype(self.dtype)
 
 
 def ada_ln(hidden_size: int, chunks: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
@@ -287,7 +423,7 @@ class GeluMlp(nn.Module):
     self.fc2 = linear(mlp_dim, hidden_size, init, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-    h = dropout(nnx.gelu(self.fc1(x), approximate=True), self.dropout_rate, rngs)
+    h = dropout(gelu_tanh(self.fc1(x)), self.dropout_rate, rngs)
     return dropout(self.fc2(h), self.dropout_rate, rngs)
 
 
@@ -327,8 +463,8 @@ class RopeAttention(nn.Module):
   modules) -> optional 2-D RoPE on q and k -> softmax(q k^T / sqrt(Dh)) v -> proj.
 
   q/k norms are RMSNorm (eps 1e-6) with `rms_norm`, else affine LayerNorm with torch's
-  eps 1e-5, as the official code. `jax.nn.dot_product_attention` is used unless attention
-  weight dropout is active (train time with `attn_w_dropout > 0`).
+  eps 1e-5, as the official code. `attention` is used unless attention weight dropout is
+  active (train time with `attn_w_dropout > 0`).
   """
 
   def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False,
@@ -365,7 +501,7 @@ class RopeAttention(nn.Module):
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
       out = jnp.einsum('bhlm,bmhd->blhd', dropout(weights, self.attn_w_dropout, rngs), v)
     else:
-      out = jax.nn.dot_product_attention(q, k, v)
+      out = attention(q, k, v)
     return dropout(self.proj(out.reshape(batch, length, dim)), self.attn_o_dropout, rngs)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from lib import nn
+from lib.models import layers
 from lib.models.checkpoint_io import key_problems, read_state_dict
 
 _EPS = 1e-6
@@ -84,7 +85,7 @@ class AttentionBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, height, width, channels = x.shape
     h = self.group_norm(x).reshape(batch, height * width, 1, channels)  # (B, L, heads=1, C)
-    out = jax.nn.dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))
+    out = layers.attention(self.to_q(h), self.to_k(h), self.to_v(h))
     return x + self.to_out(out).reshape(x.shape)
 
 
