@@ -169,9 +169,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from lib import distributed
+  from lib import cpu_runtime, distributed
   from lib.experiment import ConfigError
 
+  cpu_runtime.run_inline()  # before any backend starts
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
   try:
@@ -194,6 +195,7 @@ def main(argv):
   from lib import train
   import jax
 
+  cpu_runtime.keep_freed_memory()
   if _MODE.value == 'sample':
     labels = [int(label) for label in _LABELS.value] if _LABELS.value else None
     try:

@@ -11,8 +11,8 @@ optimized module; its time is added to a group chosen from the instruction and t
 frames that produced it (the module's stack-frame table):
 
     copies        copy / transpose instructions and fusions XLA named after them (layouts)
-    attention     everything inside the attention core (q k^T, softmax, weights @ v) and its
-                  backward, not the qkv / out projections
+    attention     the attention core (q k^T, softmax, weights @ v) forward and backward, and
+                  splitting / merging heads; not the qkv and output projections
     dots fwd/bwd  the other dots (Linear layers, patch embedding, adaLN), forward or backward
                   (`transpose(jvp(...))` in the op name)
     norms+mod     LayerNorm / RMSNorm, adaLN modulate, gates and residuals, forward and backward
@@ -45,13 +45,15 @@ import train_step  # noqa: E402  (puts the repository on sys.path)
 GROUPS = ('copies', 'attention', 'dots fwd', 'dots bwd', 'norms+mod', 'mlp act', 'optimizer',
           'ema', 'other')
 # Python functions (innermost frame first) whose instructions belong to a group.
-ATTENTION = {'attention', '_cpu_attention', '_attention_forward', '_attention_backward'}
-MLP_ACTIVATION = {'gelu_tanh', '_gelu_tanh_jvp', 'gelu', 'silu', 'SwiGLU.__call__',
-                  'SplitSwiGLU.__call__'}
+ATTENTION = {'attention', '_cpu_attention', '_cpu_attention_forward', '_cpu_attention_backward',
+             '_attention_one', '_attention_one_backward'}
+MLP_ACTIVATION = {'gelu_tanh', '_gelu_tanh_jvp', 'gelu', 'silu'}
+MLP_MODULES = {'Mlp.__call__', 'GeluMlp.__call__', 'SwiGLU.__call__', 'SplitSwiGLU.__call__'}
 NORMS = {'normalize', '_normalize_forward', '_normalize_backward', 'LayerNorm.__call__',
          'RMSNorm.__call__', 'modulate', '_modulate'}
 BLOCKS = {'DiTBlock.__call__', 'LightningDiTBlock.__call__', 'DDTBlock.__call__',
           'FinalLayer.__call__'}  # gates and residual additions
+CONTAINERS = re.compile(r'^(while|conditional|call)(\.\d+)?$')
 COPY_NAMES = re.compile(r'^(copy|transpose|bitcast_copy|copy_bitcast|transpose_copy)')
 
 
@@ -90,22 +92,22 @@ def _frames_table(text: str) -> dict[int, list[tuple[str, str]]]:
 
 
 def instructions(module_text: str) -> dict[str, dict]:
-  """name -> {opcode, op_name, chain, is_dot} for the entry computation's instructions."""
+  """name -> {opcode, op_name, chain, is_dot} for every instruction of the module (thunks are
+  the entry computation's and those of loop bodies)."""
   chains = _frames_table(module_text)
-  entry = module_text[module_text.index('\nENTRY '):]
   out = {}
-  for line in entry.splitlines()[1:]:
+  for line in module_text[module_text.index('\n'):].splitlines():
     match = re.match(r'^\s+(?:ROOT )?%([\w.\-]+) = \S+(?:\{[^}]*\})? (\w[\w\-]*)\(', line)
     if not match:
       continue
     name, opcode = match.groups()
     op_name = re.search(r'op_name="([^"]*)"', line)
+    op_name = op_name.group(1) if op_name else ''
     frame = re.search(r'stack_frame_id=(\d+)', line)
-    out[name] = {'opcode': opcode, 'op_name': op_name.group(1) if op_name else '',
+    out[name] = {'opcode': opcode, 'op_name': op_name,
                  'chain': chains.get(int(frame.group(1)), []) if frame else [],
-                 'is_dot': opcode in ('dot', 'convolution') or '__ynn_fusion' in line
-                           or '__xnn_fusion' in line or 'dot_general' in (
-                               op_name.group(1) if op_name else '')}
+                 'is_dot': opcode in ('dot', 'convolution') or '__ynn_fusion' in line or
+                           '__xnn_fusion' in line or 'dot_general' in op_name}
   return out
 
 
@@ -115,31 +117,33 @@ def group_of(name: str, info: dict) -> str:
   files = [path for path, _ in info['chain']]
   if info['opcode'] in ('copy', 'transpose') or COPY_NAMES.match(name):
     return 'copies'
-  if functions & ATTENTION:
-    return 'attention'
+  innermost = info['chain'][0][1] if info['chain'] else ''
+  if functions & ATTENTION or innermost.endswith(('Attention.__call__', 'Attention.qkv_heads')):
+    return 'attention'  # the core, and splitting / merging heads (not the qkv / out Linears)
   if any(os.sep + 'optax' + os.sep in path for path in files):
     return 'optimizer'
   if any(path.endswith(os.path.join('lib', 'ema.py')) for path in files):
     return 'ema'
   if info['is_dot']:
     return 'dots bwd' if 'transpose(' in info['op_name'] else 'dots fwd'
-  if functions & MLP_ACTIVATION:
+  if functions & MLP_ACTIVATION or innermost in MLP_MODULES:
     return 'mlp act'
-  innermost = info['chain'][0][1] if info['chain'] else ''
   if functions & NORMS or innermost in BLOCKS:
     return 'norms+mod'
   return 'other'
 
 
 def thunk_times(trace_dir: str) -> dict[str, float]:
-  """Summed duration (seconds) per HLO instruction of the step's module in the trace."""
+  """Summed duration (seconds) per HLO instruction of the step's module in the trace (loops
+  and calls count through the instructions of their bodies)."""
   path = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)[0]
   with gzip.open(path) as f:
     events = json.load(f)['traceEvents']
   totals = collections.defaultdict(float)
   for event in events:
     args = event.get('args', {})
-    if event.get('ph') == 'X' and '_step' in args.get('hlo_module', '') and 'hlo_op' in args:
+    if event.get('ph') == 'X' and '_step' in args.get('hlo_module', '') and 'hlo_op' in args \
+        and not CONTAINERS.match(args['hlo_op']):
       totals[args['hlo_op']] += event['dur'] * 1e-6
   return totals
 
@@ -160,14 +164,14 @@ def profile(config, steps: int, warmup: int, top: int, dump_dir: str) -> dict:
       state, metrics = step.compiled(state, *rest)
       jax.block_until_ready((state, metrics))
   wall = (time.perf_counter() - start) / steps
-  [module_path] = [p for p in glob.glob(os.path.join(dump_dir, '*_step*after_optimizations.txt'))
-                   if re.search(r'after_optimizations\.txt$', p)]
+  [module_path] = glob.glob(os.path.join(dump_dir, '*_step*after_optimizations.txt'))
   with open(module_path) as f:
     table = instructions(f.read())
   times = thunk_times(trace_dir)
+  group = lambda name: group_of(name, table[name]) if name in table else 'other'  # noqa: E731
   groups = collections.defaultdict(float)
   for name, seconds in times.items():
-    groups[group_of(name, table[name]) if name in table else 'other'] += seconds / steps
+    groups[group(name)] += seconds / steps
   busy = sum(groups.values())
   slowest = sorted(times.items(), key=lambda item: -item[1])[:top]
   return {
@@ -179,8 +183,8 @@ def profile(config, steps: int, warmup: int, top: int, dump_dir: str) -> dict:
       'busy_s': round(busy, 3),
       'groups_s': {g: round(groups.get(g, 0.0), 3) for g in GROUPS},
       'groups_percent': {g: round(100 * groups.get(g, 0.0) / busy, 1) for g in GROUPS},
-      'slowest': [f'{seconds / steps * 1e3:8.1f} ms  {group_of(name, table[name]) if name in table else "other":10s}  {name}  {table.get(name, {}).get("op_name", "")}'
-                  for name, seconds in slowest],
+      'slowest': [f'{seconds / steps * 1e3:8.1f} ms  {group(name):10s}  {name}  '
+                  f'{table.get(name, {}).get("op_name", "")}' for name, seconds in slowest],
       'dump_dir': dump_dir,
   }
 

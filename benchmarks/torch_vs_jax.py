@@ -24,13 +24,16 @@ turns one step at a time (T J, J T, T J, ...), so both sides see the same minute
 machine. Prints one JSON object: per side the median and minimum step wall time, the median
 process CPU time per step (user + sys of the worker: less sensitive to other jobs than wall
 time), images/s, the final loss and memory; the ratio torch / fiddlediff of the median step
-times (> 1: fiddlediff is faster), also as the median of the per-pair ratios; the load average
-before and after (other jobs on the machine).
+times (> 1: fiddlediff is faster), also as the median of the per-pair ratios and as the ratio
+of the fastest steps (each side's least disturbed one); the load average before and after
+(other jobs on the machine).
 
-Memory: each worker's resident set after its imports (`baseline`), its peak during the timed
-steps (`VmHWM` reset just before them, after `malloc_trim` returned the heap that setup and
-compilation freed, so compilation is excluded) and that peak minus the baseline (model, optimizer, EMA, activations and allocator caches of the step); for fiddlediff
-also XLA's own account of the compiled step's buffers (arguments + outputs - aliased + temp).
+Memory: each worker's resident set before it imports its framework (`baseline`), its peak
+during the timed steps (`VmHWM` reset just before them, after `malloc_trim` returned the heap
+that setup and compilation freed, so compilation is excluded) and that peak minus the
+baseline (the framework's runtime, model, optimizer, EMA, activations and allocator caches);
+for fiddlediff also XLA's own account of the compiled step's buffers (arguments + outputs -
+aliased + temp).
 """
 
 import ctypes
@@ -269,6 +272,7 @@ def compare(size: str, batch: int, steps: int, warmup: int, threads: int) -> dic
       'ratio_torch_over_fiddlediff': {
           'median_step': round(torch_side['step_s']['median'] / jax_side['step_s']['median'], 3),
           'median_of_pairs': round(statistics.median(pairs), 3),
+          'min_step': round(torch_side['step_s']['min'] / jax_side['step_s']['min'], 3),
           'cpu_per_step': round(torch_side['cpu_s_per_step'] / jax_side['cpu_s_per_step'], 3),
           'step_memory': round(torch_side['memory']['step_gib'] /
                                jax_side['memory']['step_gib'], 3)},

@@ -86,8 +86,11 @@ def compile_step(config: fdl.Buildable, real_data: bool = False) -> CompiledStep
   the data source's first with `real_data`), and compiles the jitted step for them."""
   import jax
 
+  from lib import cpu_runtime
   from lib.train import Run
 
+  cpu_runtime.run_inline()  # as launch.py runs (lib/cpu_runtime.py), before the backend starts
+  cpu_runtime.keep_freed_memory()
   experiment = fdl.build(config)
   run = Run(experiment, workdir='/nonexistent-benchmark-workdir')  # nothing is written
   state = run.initial_state()
