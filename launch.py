@@ -12,9 +12,12 @@ with a Python literal; paths and types are checked before anything runs.
 """
 
 import logging as std_logging
+import math
 import os
 import sys
 import time
+import traceback
+from typing import Callable
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow (tf.data, CLU) start-up chatter
 
@@ -120,15 +123,17 @@ BOOKKEEPING = ('checkpoint', 'writers', 'report', 'profile', 'visualize', 'evalu
                'log_every_steps', 'sharding')
 
 
-def check_saved_config(config: fdl.Buildable, workdir: str) -> None:
+def check_saved_config(config: fdl.Buildable, workdir: str) -> Callable[[], None] | None:
   """Refuses to resume a workdir whose saved config differs in what the run computes,
-  unless accepted; bookkeeping differences (BOOKKEEPING) are allowed and logged."""
+  unless accepted; bookkeeping differences (BOOKKEEPING) are allowed and logged. Changes
+  nothing: returns the function that keeps the old config aside (None if there is none to
+  keep), which the run calls once its state is restored."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    return
+    return None
   saved = review.load_config_file(path)
   if saved == review.normalized(config):
-    return
+    return None
   lines = review.diff_lines(saved, config)
   difference = '\n  '.join(lines)
   bookkeeping = all(cli.parse_path(line.split(':')[0])[0] in BOOKKEEPING for line in lines)
@@ -136,13 +141,13 @@ def check_saved_config(config: fdl.Buildable, workdir: str) -> None:
     raise cli.UsageError(f'{workdir} holds a run whose saved config differs from this one:\n  '
                          f'{difference}\nuse another --workdir, relaunch the saved config with '
                          f'--fdl_config_file={path}, or pass --accept_config_change')
-  import jax
 
-  if jax.process_index() == 0:
+  def keep_old_config():
     replaced = os.path.join(workdir, f'config.replaced_{time.strftime("%Y%m%d-%H%M%S")}.json')
     os.replace(path, replaced)
     logging.warning('Config changed on resume (old config kept as %s):\n  %s', replaced,
                     difference)
+  return keep_old_config
 
 
 def print_config(config: fdl.Buildable, experiment) -> None:
@@ -169,54 +174,90 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from lib import distributed
-  from lib.experiment import ConfigError
-
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from lib import errors
 
   try:
-    config = resolve_config()
-    if _RENDER.value or _DIFF_AGAINST.value or _EXPORT_PYTHON.value:
-      return review_config(config)
-    experiment = fdl.build(config)
-    if _PRINT_CONFIG.value:
-      print_config(config, experiment)
-      return 0
-    if _WORKDIR.value and _MODE.value == 'train':
-      check_saved_config(config, _WORKDIR.value)
-  except (cli.UsageError, ConfigError) as e:
-    # Our messages name the values; Fiddle's appended dump of the root's arguments is noise.
-    print(f'error: {str(e).split(chr(10) * 2 + "Fiddle context:")[0]}', file=sys.stderr)
-    return 2
+    return run_command()
+  except errors.UserError as e:
+    return _report(e, 2)
+  except errors.NonFiniteError as e:
+    return _report(e, 1)
+
+
+def _report(error: Exception, status: int) -> int:
+  """One `error:` line (the traceback too with --verbosity=1 or FIDDLEDIFF_TRACEBACK=1)."""
+  if flags.FLAGS.verbosity >= 1 or os.environ.get('FIDDLEDIFF_TRACEBACK') not in (None, '', '0'):
+    traceback.print_exception(error)
+  # Our messages name the values; Fiddle's appended dump of the root's arguments is noise.
+  print(f'error: {str(error).split(chr(10) * 2 + "Fiddle context:")[0]}', file=sys.stderr)
+  return status
+
+
+def _sample_arguments(num_classes: int) -> tuple[list[int] | None, float | None]:
+  """--labels and --guidance_scale of --mode=sample, checked."""
+  if _NUM_SAMPLES.value < 1:
+    raise cli.UsageError(f'--num_samples={_NUM_SAMPLES.value}; expected a positive count')
+  labels = None
+  if _LABELS.value:
+    try:
+      labels = [int(label) for label in _LABELS.value]
+    except ValueError:
+      raise cli.UsageError(f'--labels={",".join(_LABELS.value)}: expected comma-separated '
+                           f'integer class labels in 0..{num_classes - 1}') from None
+  if _GUIDANCE.value is not None and not math.isfinite(_GUIDANCE.value):
+    raise cli.UsageError(f'--guidance_scale={_GUIDANCE.value}; expected a finite number '
+                         '(1: no guidance)')
+  return labels, _GUIDANCE.value
+
+
+def run_command() -> int:
+  from lib import distributed, workdir as workdirs
+
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  config = resolve_config()
+  if _RENDER.value or _DIFF_AGAINST.value or _EXPORT_PYTHON.value:
+    return review_config(config)
+  experiment = cli.build(config)
+  if _PRINT_CONFIG.value:
+    print_config(config, experiment)
+    return 0
   if not _WORKDIR.value:
-    print('error: --workdir is required to train or sample', file=sys.stderr)
-    return 2
+    raise cli.UsageError('--workdir is required to train, sample or evaluate')
+  workdir = _WORKDIR.value
+  workdirs.check_usable(workdir)
   from lib import train
   import jax
 
   if _MODE.value == 'sample':
-    labels = [int(label) for label in _LABELS.value] if _LABELS.value else None
-    try:
-      train.sample(experiment, _WORKDIR.value, _NUM_SAMPLES.value, labels, _GUIDANCE.value,
-                   _SAMPLE_SEED.value)
-    except (FileNotFoundError, ValueError) as e:
-      print(f'error: {e}', file=sys.stderr)
-      return 2
+    labels, guidance = _sample_arguments(experiment.data.num_classes)
+    train.sample(experiment, workdir, _NUM_SAMPLES.value, labels, guidance,
+                 _SAMPLE_SEED.value)
     return 0
   if _MODE.value == 'eval':
     from lib.eval import standalone
-    try:
-      standalone.evaluate(experiment, _WORKDIR.value)
-    except (FileNotFoundError, ValueError) as e:
-      print(f'error: {e}', file=sys.stderr)
-      return 2
+
+    experiment.check()
+    standalone.evaluate(experiment, workdir)
     return 0
-  # Every process has compared the saved config (check_saved_config) before process 0
-  # replaces it.
-  distributed.barrier('config checked')
-  if jax.process_index() == 0:
-    cli.write_config(config, _WORKDIR.value)
-  step = train.train(experiment, _WORKDIR.value)
+  # Training: everything that can be checked is checked before the workdir is touched; the
+  # config is written (or replaced) only once the run's state is restored.
+  experiment.check()
+  lock = workdirs.WorkdirLock(workdir)
+  lock.acquire()
+  try:
+    keep_old_config = check_saved_config(config, workdir)
+
+    def on_start(step: int) -> None:
+      # Every process has compared the saved config before process 0 replaces it.
+      distributed.barrier('config checked')
+      if jax.process_index() == 0:
+        if keep_old_config is not None:
+          keep_old_config()
+        cli.write_config(config, workdir)
+
+    step = train.train(experiment, workdir, on_start)
+  finally:
+    lock.release()
   logging.info('Stopped at step %d of %d.', step, experiment.total_steps)
   return 0
 

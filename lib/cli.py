@@ -23,10 +23,12 @@ from typing import Any
 import fiddle as fdl
 from fiddle import history
 
+from lib import errors
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class UsageError(ValueError):
+class UsageError(errors.UserError):
   """A command-line value that cannot be applied; nothing has run."""
 
 
@@ -104,10 +106,47 @@ def load_preset(spec: str) -> fdl.Config:
   except TypeError as e:
     raise UsageError(f'{target}:{fn_name} does not take these arguments ({e}); its signature: '
                      f'{fn_name}{inspect.signature(fn)}') from None
-  config = fn(**kwargs)
+  flag = f'--fdl_config={spec}'
+  try:
+    hints = typing.get_type_hints(fn)
+  except Exception:  # unresolvable annotations: no type information
+    hints = {}
+  kwargs = {k: coerce(v, hints.get(k, Any), k, flag) for k, v in kwargs.items()}
+  try:
+    config = fn(**kwargs)
+  except (ValueError, KeyError, TypeError) as e:
+    raise UsageError(f'{flag}: the preset cannot be made with these arguments: '
+                     f'{type(e).__name__}: {e}') from e
   if not isinstance(config, fdl.Buildable):
     raise UsageError(f'{target}:{fn_name} returned {type(config).__name__}, not a fdl.Config')
   return config
+
+
+_CONTEXT = re.compile(r'\n*Fiddle context: failed to construct or call (?P<name>\S+) at '
+                      r'<root>\.?(?P<path>\S*) with', re.S)
+
+
+def build(config: fdl.Buildable):
+  """`fdl.build(config)`, with a value a constructor rejects reported as a ConfigError
+  naming its path in the graph (`checkpoint.save_interval_steps=0; expected ...`)."""
+  from lib.experiment import ConfigError
+
+  try:
+    return fdl.build(config)
+  except errors.UserError:
+    raise  # its message names the values already
+  except (ValueError, TypeError) as e:
+    message = str(e)
+    match = _CONTEXT.search(message)
+    if match is None:
+      raise
+    text = message[:match.start()].strip()
+    path = match.group('path')
+    if path and re.match(r'[A-Za-z_]\w*=', text):
+      text = f'{path}.{text}'
+    elif path:
+      text = f'{path} ({match.group("name")}): {text}'
+    raise ConfigError(text) from e
 
 
 # ------------------------------------------------------------------------------- paths
@@ -237,25 +276,26 @@ def _annotation(parent, name) -> Any:
   return hints.get(name, Any)
 
 
-def coerce(value, annotation, where: str):
+def coerce(value, annotation, where: str, flag: str = '--fdl_set'):
   """`value` checked against `annotation` (ints become floats for float fields; lists
-  become tuples for tuple fields). Raises UsageError naming the field and the type."""
+  become tuples for tuple fields). Raises UsageError naming the flag, the field and the
+  type."""
   if annotation is Any or isinstance(value, fdl.Buildable):
     return value
   origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-  error = UsageError(f'--fdl_set: {where} expects {_type_name(annotation)}, got '
+  error = UsageError(f'{flag}: {where} expects {_type_name(annotation)}, got '
                      f'{value!r} ({type(value).__name__})')
   if origin in (typing.Union, types.UnionType):
     for option in args:
       try:
-        return coerce(value, option, where)
+        return coerce(value, option, where, flag)
       except UsageError:
         pass
     raise error
   if origin is typing.Literal:
     if value in args:
       return value
-    raise UsageError(f'--fdl_set: {where} must be one of {", ".join(map(repr, args))}; '
+    raise UsageError(f'{flag}: {where} must be one of {", ".join(map(repr, args))}; '
                      f'got {value!r}')
   if annotation is type(None):
     if value is None:
@@ -273,14 +313,15 @@ def coerce(value, annotation, where: str):
     if not isinstance(value, (list, tuple)):
       raise error
     if args and args[-1] is Ellipsis:
-      return tuple(coerce(v, args[0], where) for v in value)
+      return tuple(coerce(v, args[0], where, flag) for v in value)
     if args and len(args) != len(value):
       raise error
-    return tuple(coerce(v, a, where) for v, a in zip(value, args)) if args else tuple(value)
+    return tuple(coerce(v, a, where, flag) for v, a in zip(value, args)) if args else \
+        tuple(value)
   if origin is list or annotation is list:
     if not isinstance(value, (list, tuple)):
       raise error
-    return [coerce(v, args[0], where) for v in value] if args else list(value)
+    return [coerce(v, args[0], where, flag) for v in value] if args else list(value)
   if inspect.isclass(annotation) and annotation in (bool, str, dict):
     if isinstance(value, annotation):
       return value

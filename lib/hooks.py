@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from lib import errors
+
 
 class Writers:
   """CLU metric writers: log lines, TensorBoard event files, and `metrics.jsonl`.
@@ -68,6 +70,7 @@ class ReportProgress:
   """CLU ReportProgress: steps/s, ETA and uptime, every `every_steps` or `every_secs`."""
 
   def __init__(self, every_steps: int | None = 100, every_secs: float | None = 60.0):
+    errors.check_positive(every_steps=every_steps)
     self.every_steps = every_steps
     self.every_secs = every_secs
 
@@ -84,6 +87,7 @@ class Profile:
 
   def __init__(self, num_profile_steps: int = 5, first_profile: int = 10,
                every_steps: int | None = None):
+    errors.check_positive(num_profile_steps=num_profile_steps, every_steps=every_steps)
     self.num_profile_steps = num_profile_steps
     self.first_profile = first_profile
     self.every_steps = every_steps
@@ -145,6 +149,7 @@ class SampleGrid:
   def __init__(self, every_steps: int = 25_000, num_samples: int = 64,
                guidance_scales: tuple[float, ...] = (1.0, 2.0), seed: int = 42,
                reconstructions: bool = False):
+    errors.check_positive(every_steps=every_steps, num_samples=num_samples)
     self.every_steps = every_steps
     self.num_samples = num_samples
     self.guidance_scales = tuple(guidance_scales)
@@ -173,13 +178,17 @@ class SampleGrid:
                grid)
       run.writer.write_images(step, {'samples/reconstructions': grid[None]})
 
+  def check(self, experiment) -> None:
+    """Raises UserError if the data cannot be shown as asked."""
+    if self.reconstructions and experiment.data.kind != 'pixels':
+      raise errors.UserError('visualize.reconstructions needs pixel data to show originals; '
+                             f'data.kind={experiment.data.kind!r}')
+
   def action(self, run):
     grids = _callback(self.every_steps, lambda step: self.draw(run, step))
     if not self.reconstructions:
       return grids
-    if run.experiment.data.kind != 'pixels':
-      raise ValueError('visualize.reconstructions needs pixel data to show originals; '
-                       f'data.kind={run.experiment.data.kind!r}')
+    self.check(run.experiment)
     from clu import periodic_actions
 
     first = periodic_actions.PeriodicCallback(
@@ -193,6 +202,7 @@ class ValidationLoss:
   fixed times and noise (`seed`), so successive values are comparable."""
 
   def __init__(self, every_steps: int = 1000, batch_size: int = 256, seed: int = 7):
+    errors.check_positive(every_steps=every_steps, batch_size=batch_size)
     self.every_steps = every_steps
     self.batch_size = batch_size
     self.seed = seed

@@ -215,10 +215,15 @@ class ImageFolder:
       for index, flip in examples:
         yield paths[index], labels[index], np.asarray(flip, bool)
 
+    def decode(data, flip, path):
+      try:
+        return decode_and_crop(data, image_size, bool(flip))
+      except Exception as error:  # tf.data reports it without the file otherwise
+        raise ValueError(f'cannot decode {path.decode()}: {error}') from None
+
     def load(path, label, flip):
       data = tf.io.read_file(path)
-      image = tf.numpy_function(lambda d, f: decode_and_crop(d, image_size, bool(f)),
-                                [data, flip], tf.uint8, stateful=False)
+      image = tf.numpy_function(decode, [data, flip, path], tf.uint8, stateful=False)
       image.set_shape((image_size, image_size, 3))
       return {'image': image, 'label': label}
 

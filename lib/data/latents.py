@@ -65,8 +65,12 @@ class LatentFolder:
         for root, _, names in os.walk(self.data_dir) for name in names if name.endswith('.npy'))
     if not files:
       raise ValueError(f'no .npy files under data.data_dir={self.data_dir!r}')
-    with open(label_file) as f:
-      entries = json.load(f)
+    try:
+      with open(label_file) as f:
+        entries = json.load(f)
+    except ValueError as e:
+      raise ValueError(f'{label_file} is not valid JSON ({e}); expected {{"labels": '
+                       '[[relative_path, int_label], ...]}') from None
     entries = entries.get('labels') if isinstance(entries, dict) else None
     if not isinstance(entries, list) or not all(
         isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], int)
@@ -88,7 +92,10 @@ class LatentFolder:
   def _load(self, name: str) -> np.ndarray:
     """One file as float32 (h, w, C), its shape checked."""
     path = os.path.join(self.data_dir, name)
-    array = np.load(path)
+    try:
+      array = np.load(path)
+    except (OSError, ValueError) as e:
+      raise ValueError(f'cannot read {path}: {e}') from None
     side = self.image_size // self.downsample_factor
     if array.ndim != 3 or array.shape[1:] != (side, side):
       raise ValueError(f'{path} has shape {array.shape}; expected (C, {side}, {side}) latents '

@@ -17,11 +17,13 @@ it stays balanced whenever it is a multiple of the number of classes.
 """
 
 import math
+import os
 from typing import Literal
 
 import numpy as np
 from absl import logging
 
+from lib import errors
 from lib.eval import fid as fid_lib
 
 
@@ -128,10 +130,9 @@ class FIDEvaluation:
             zip(self.all_guidance_scales, self.all_eval_samples_nums)]
 
   # --------------------------------------------------------------------------- computing
-  def prepare(self, run) -> None:
-    """Checks and loads the Inception weights and the reference statistics (once)."""
-    if getattr(self, '_detector', None) is not None:
-      return
+  def check(self, experiment=None) -> None:
+    """Raises UserError if the Inception weights or the reference statistics are missing
+    (before a run touches its workdir)."""
     from lib.eval import inception
 
     without = ' (or train without FID: --fdl_set=evaluate=[])'
@@ -139,11 +140,23 @@ class FIDEvaluation:
       inception.check_weights(self.inception_weights,
                               'evaluate: FIDEvaluation.inception_weights')
     except (FileNotFoundError, ValueError) as e:
-      raise type(e)(f'{e}{without}') from None
+      raise errors.UserError(f'{e}{without}') from None
     if not self.reference_stats:
-      raise ValueError('evaluate: FIDEvaluation.reference_stats is not set; give an ADM '
-                       'reference batch (.npz with mu / sigma) or the output of `python -m '
-                       f'lib.eval.fid --stats_from=DATA_DIR --out=FILE.npz`{without}')
+      raise errors.UserError(
+          'evaluate: FIDEvaluation.reference_stats is not set; give an ADM reference batch '
+          '(.npz with mu / sigma) or the output of `python -m lib.eval.fid '
+          f'--stats_from=DATA_DIR --out=FILE.npz`{without}')
+    if not os.path.isfile(self.reference_stats):
+      raise errors.UserError(f'evaluate: FIDEvaluation.reference_stats='
+                             f'{self.reference_stats!r} is not a file{without}')
+
+  def prepare(self, run) -> None:
+    """Checks and loads the Inception weights and the reference statistics (once)."""
+    if getattr(self, '_detector', None) is not None:
+      return
+    from lib.eval import inception
+
+    self.check()
     self._reference = fid_lib.load_reference(self.reference_stats)
     if len(self._reference[0]) != inception.FEATURES:
       raise ValueError(f'{self.reference_stats}: statistics of {len(self._reference[0])}-d '
@@ -218,11 +231,20 @@ class DigitsQuality:
   def __init__(self, every_steps: int = 500, num_samples: int = 512,
                guidance_scales: tuple[float, ...] = (1.0,), seed: int = 123,
                weights: str | None = None):
+    errors.check_positive(every_steps=every_steps, num_samples=num_samples)
     self.every_steps = every_steps
     self.num_samples = num_samples
     self.guidance_scales = tuple(guidance_scales)
     self.seed = seed
     self.weights = weights
+
+  def check(self, experiment) -> None:
+    """Raises UserError unless the data are 10-class greyscale digits."""
+    data = experiment.data
+    if data.num_classes != 10 or data.channels != 1:
+      raise errors.UserError(
+          f'evaluate: DigitsQuality evaluates 10-class greyscale digits; the data has '
+          f'{data.num_classes} classes and {data.channels} channels (remove it from evaluate)')
 
   def prepare(self, run) -> None:
     """Loads the classifier and the held-out statistics of the run's data (once)."""
@@ -232,10 +254,8 @@ class DigitsQuality:
     from flax import nnx
     from lib.eval import digits_classifier
 
+    self.check(run.experiment)
     data = run.experiment.data
-    if data.num_classes != 10 or data.channels != 1:
-      raise ValueError(f'DigitsQuality evaluates 10-class greyscale digits; the data has '
-                       f'{data.num_classes} classes and {data.channels} channels')
     graphdef, state = nnx.split(digits_classifier.load(self.weights))
     apply = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     self._classify = lambda images: tuple(np.asarray(a) for a in apply(state, images))
