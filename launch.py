@@ -26,7 +26,7 @@ import fiddle as fdl
 from fiddle import absl_flags  # registers --fdl_config, --fdl_config_file and --fdl_set
 from ml_collections import config_flags
 
-from lib import cli, review
+from lib import cli, legacy_files, review
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do (eval: '
@@ -56,8 +56,10 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
 _LEGACY_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'A legacy (seed-library) ml_collections config, PATH.py[:OPTIONS], with '
-    '--config.FIELD=VALUE overrides; converted by lib/legacy.py, then run like a preset.')
+    'config', None, 'A legacy (diffuse_nnx) ml_collections config, PATH.py[:OPTIONS], with '
+    '--config.FIELD=VALUE overrides; loaded with its project root importable (its '
+    '`configs` package), converted by lib/legacy.py, then run like a preset.')
+flags.FLAGS['config'].parser = legacy_files.FileParser()
 _ACCEPT_CONFIG_CHANGE = flags.DEFINE_bool(
     'accept_config_change', False, 'Resume a workdir although its saved config differs from the '
     'launched one (the old config is kept as config.replaced_<time>.json).')
@@ -77,7 +79,9 @@ def resolve_config() -> fdl.Buildable:
   if legacy_config is not None:
     from lib import legacy
 
-    config = legacy.convert(legacy_config)
+    flag = flags.FLAGS['config']
+    config = legacy.convert(legacy_config, legacy_files.source(
+        config_flags.get_config_filename(flag), config_flags.get_override_values(flag)))
   elif saved:
     config = review.load_config_file(os.fspath(saved))
   elif spec:
@@ -262,5 +266,15 @@ def run_command() -> int:
   return 0
 
 
+def parse_flags(argv):
+  """Fiddle's flag parser; a legacy --config file that fails to load (it is run while the
+  flags are parsed) is one error message and exit 2, as a cli.UsageError in main is."""
+  try:
+    return absl_flags.flags_parser(argv)
+  except legacy_files.LegacyFileError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main, flags_parser=absl_flags.flags_parser)
+  app.run(main, flags_parser=parse_flags)

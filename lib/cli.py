@@ -374,12 +374,13 @@ def leaf_repr(value) -> str:
 
 def value_source(node: fdl.Buildable, name: str) -> str:
   """Where `node.name` was last set, from Fiddle's history: `FILE:LINE (function)` with FILE
-  relative to the repository, or the `--fdl_set=...` flag that set it."""
+  relative to the repository, or the flag that set it (`--fdl_set=...`, or the legacy
+  `--config=FILE:OPTIONS` it was converted from)."""
   entries = node.__argument_history__.get(name) or []
   if not entries:
     return 'default'
   location = entries[-1].location
-  if location.filename.startswith('--fdl_set'):
+  if location.filename.startswith('--'):  # a command-line flag: --fdl_set=..., --config=...
     return location.filename
   filename = location.filename
   if filename.startswith(REPO_ROOT + os.sep):

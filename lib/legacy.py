@@ -28,6 +28,7 @@ import typing
 
 import fiddle as fdl
 from absl import logging
+from fiddle import history
 
 from experiments import common
 from lib import cli, hooks, registry, sharding
@@ -133,8 +134,17 @@ TOP_LEVEL = (
     'checkpoint', 'visualize', 'eval', 'sharding')
 
 
-def convert(legacy) -> fdl.Config:
-  """The experiment graph of a legacy `ConfigDict` (or nested dict)."""
+def convert(legacy, source: str | None = None) -> fdl.Config:
+  """The experiment graph of a legacy `ConfigDict` (or nested dict). `source` (the --config
+  flag, `legacy_files.source`) is recorded as where every value was set (Fiddle's history), so
+  `--print_config --provenance` and a run's config.txt name the user's file."""
+  if source is None:
+    return _graph(legacy)
+  with history.custom_location(lambda: history.Location(source, 0, None)):
+    return _graph(legacy)
+
+
+def _graph(legacy) -> fdl.Config:
   fields = _plain(legacy)
   data, built_data, stat_dir = _data(fields)
   encoder, built_encoder = _encoder(fields, built_data)

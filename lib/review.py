@@ -10,11 +10,12 @@ saved configs and exported presets. Nothing here builds the experiment.
 
 import ast
 import html
+import json
 import os
 import shutil
 
 import fiddle as fdl
-from fiddle import diffing, graphviz
+from fiddle import diffing, graphviz, history
 from fiddle.codegen import codegen
 from fiddle.experimental import serialization
 
@@ -149,7 +150,43 @@ class ProjectImports(serialization.PyrefPolicy):
 
 
 def dump_config(config: fdl.Buildable) -> str:
-  return serialization.dump_json(config, indent=2)
+  """Fiddle JSON of `config`, plus, under 'provenance', where each argument was set (Fiddle's
+  history, which its JSON leaves out): `{"network.depth": [FILE, LINE, FUNCTION], ...}`."""
+  result = json.loads(serialization.dump_json(config))
+  result['provenance'] = _set_locations(config)
+  return json.dumps(result, indent=2)
+
+
+def _set_locations(config: fdl.Buildable) -> dict[str, list]:
+  """Path of each argument set in `config` -> [filename, line, function] of its last setting."""
+  locations = {}
+
+  def walk(node, path):
+    if isinstance(node, fdl.Buildable):
+      for name, value in node.__arguments__.items():
+        entries = node.__argument_history__.get(name)
+        if entries:
+          location = entries[-1].location
+          locations[cli.format_path(path + [name])] = [
+              location.filename, location.line_number, location.function_name]
+        walk(value, path + [name])
+    elif isinstance(node, (list, tuple)):
+      for index, value in enumerate(node):
+        walk(value, path + [index])
+
+  walk(config, [])
+  return locations
+
+
+def _restore_locations(config: fdl.Buildable, locations: dict[str, list]) -> None:
+  """Records each saved location as its argument's latest setting (dump_config's inverse)."""
+  for path, (filename, line, function) in locations.items():
+    *parents, name = cli.parse_path(path)
+    node = config
+    for part in parents:
+      node = node[part] if isinstance(part, int) else getattr(node, part)
+    with history.custom_location(lambda: history.Location(filename, line, function)):
+      setattr(node, name, getattr(node, name))
 
 
 def load_config_file(path: str) -> fdl.Buildable:
@@ -161,13 +198,15 @@ def load_config_file(path: str) -> fdl.Buildable:
   with open(path) as f:
     text = f.read()
   try:
-    return serialization.load_json(text, pyref_policy=ProjectImports())
+    config = serialization.load_json(text, pyref_policy=ProjectImports())
   except serialization.PyrefPolicyError as e:
     raise cli.UsageError(f'{path} refers to code outside the project and its libraries ({e}); '
                          f'only modules under {", ".join(ProjectImports.ALLOWED)} may be '
                          f'imported from a config file') from None
   except (ValueError, KeyError, TypeError) as e:
     raise cli.UsageError(f'{path} is not a Fiddle JSON config: {e}') from None
+  _restore_locations(config, json.loads(text).get('provenance', {}))
+  return config
 
 
 def normalized(config: fdl.Buildable) -> fdl.Buildable:

@@ -125,7 +125,10 @@ class TinyDenoiser(nn.Module):
     return self.outputs(nnx.silu(self.inputs(flat) + self.labels(y))).reshape(x.shape)
 
 
-registry.register('network', 'tiny_denoiser', TinyDenoiser)
+@pytest.fixture
+def restored_registry(monkeypatch):
+  """The registry as it was before the test, whatever the test registers."""
+  monkeypatch.setattr(registry, '_TARGETS', copy.deepcopy(registry._TARGETS))
 
 
 def tiny_legacy_config() -> ml_collections.ConfigDict:
@@ -148,9 +151,10 @@ def tiny_legacy_config() -> ml_collections.ConfigDict:
       sharding=dict(mesh=[('data', -1)], data_axis='data', strategy=[('.*', 'replicate')])))
 
 
-def test_registered_network_trains_through_the_normal_trainer(tmp_path):
+def test_registered_network_trains_through_the_normal_trainer(tmp_path, restored_registry):
   from lib import train
 
+  registry.register('network', 'tiny_denoiser', TinyDenoiser)
   config = legacy.convert(tiny_legacy_config())
   assert config.network.__arguments__ == {'hidden_size': 16}  # derived sizes left to Experiment
   assert fdl.get_callable(config.optimizer.schedule).__name__ == 'cosine'
@@ -160,7 +164,7 @@ def test_registered_network_trains_through_the_normal_trainer(tmp_path):
   assert len(losses) == 4 and np.all(np.isfinite(losses)), losses
 
 
-def test_registry_imports_lazily_and_refuses_a_taken_name():
+def test_registry_imports_lazily_and_refuses_a_taken_name(restored_registry):
   code = ('import sys; from lib import registry\n'
           'assert registry.resolve("ema", "ema").__name__ == "EMA"\n'
           'assert not [m for m in sys.modules if m.startswith("lib.models")], "model imported"\n')
@@ -169,6 +173,7 @@ def test_registry_imports_lazily_and_refuses_a_taken_name():
                                                    'lib.models.dit:DiT'):
     registry.register('network', 'dit', TinyDenoiser)
   assert registry.register('network', 'tiny_denoiser', TinyDenoiser) is TinyDenoiser
+  assert registry.register('network', 'tiny_denoiser', TinyDenoiser) is TinyDenoiser  # again
 
   @registry.register('ema', 'frozen')
   class Frozen:
@@ -180,7 +185,7 @@ def test_registry_imports_lazily_and_refuses_a_taken_name():
 # ------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize('field,value,message', [
     ('network_class', 'ditt', "network_class='ditt': unknown network 'ditt'; registered network "
-                              "names: dit, lightning_ddt, lightning_dit"),
+                              "names: dit, lightning_ddt, lightning_dit \\("),
     ('sampler_class', 'rk4', "sampler_class='rk4': unknown sampler 'rk4'; registered sampler "
                              "names: euler, euler-maruyama, euler_jump, heun"),
     ('network.dpeth', 4, "network.dpeth: unexpected field 'dpeth' for DiT; accepted fields: "

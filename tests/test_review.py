@@ -107,6 +107,15 @@ def test_relaunch_from_a_saved_config_equals_the_original(tmp_path):
   assert result.stdout.strip() == '# no difference'
 
 
+def test_a_saved_config_keeps_where_each_value_was_set(tmp_path):
+  config = cli.load_preset('experiments/dit.py:digits')
+  cli.apply_override(config, 'network.depth=2')
+  cli.write_config(config, str(tmp_path))
+  printed = cli.flat_lines(config, with_source=True)
+  assert 'network.depth = 2  # --fdl_set=network.depth=2' in printed
+  assert cli.flat_lines(review.load_config_file(str(tmp_path)), with_source=True) == printed
+
+
 def test_config_files_may_only_import_the_project_and_its_libraries(tmp_path):
   config = json.loads(review.dump_config(cli.load_preset('experiments/dit.py:digits')))
   text = json.dumps(config).replace('"module": "lib.models.dit"', '"module": "os"').replace(
