@@ -38,6 +38,9 @@ _GUIDANCE = flags.DEFINE_float('guidance_scale', None, '--mode=sample: guidance 
 _SAMPLE_SEED = flags.DEFINE_integer('sample_seed', 0, '--mode=sample: seed of the noise.')
 _PROVENANCE = flags.DEFINE_bool(
     'provenance', False, 'With --print_config: where each value was set (file:line or flag).')
+_HIDE_DEFAULTS = flags.DEFINE_bool(
+    'hide_defaults', False, 'With --print_config or --render: list only the values presets and '
+    'flags set, not the arguments left at their constructor defaults.')
 _RENDER = flags.DEFINE_string(
     'render', None, 'Draw the config graph to FILE.svg, .png, .dot or .html (a foldable tree), '
     'or with --diff_against the graph of the difference; then exit.')
@@ -87,21 +90,24 @@ def resolve_config() -> fdl.Buildable:
   return config
 
 
-def load_other(spec: str) -> fdl.Buildable:
-  """--diff_against: a preset (FILE.py:PRESET) or a saved run's config."""
+def load_other(spec: str) -> tuple[fdl.Buildable, dict]:
+  """--diff_against: a preset (FILE.py:PRESET) or a saved run's config, with its effective
+  values (those a run saved, defaults included)."""
   if os.path.exists(spec):
-    return review.load_config_file(spec)
-  return cli.load_preset(spec)
+    return review.load_config_file(spec), review.saved_values(spec)
+  other = cli.load_preset(spec)
+  return other, cli.effective_values(other)
 
 
 def review_config(config: fdl.Buildable) -> int:
   """--render, --diff_against and --export_python: look at the graph without building it."""
-  other = load_other(_DIFF_AGAINST.value) if _DIFF_AGAINST.value else None
+  other, other_values = load_other(_DIFF_AGAINST.value) if _DIFF_AGAINST.value else (None, None)
   if other is not None and not _RENDER.value:
-    lines = review.diff_lines(other, config)
+    lines = review.values_diff_lines(other_values, cli.effective_values(config))
     print('\n'.join(lines) if lines else '# no difference')
   if _RENDER.value:
-    warning = review.render(config, _RENDER.value, old=other)
+    warning = review.render(config, _RENDER.value, old=other,
+                            defaults=not _HIDE_DEFAULTS.value)
     if warning:
       print(f'warning: {warning}', file=sys.stderr)
       return 1
@@ -121,15 +127,15 @@ BOOKKEEPING = ('checkpoint', 'writers', 'report', 'profile', 'visualize', 'evalu
 
 
 def check_saved_config(config: fdl.Buildable, workdir: str) -> None:
-  """Refuses to resume a workdir whose saved config differs in what the run computes,
-  unless accepted; bookkeeping differences (BOOKKEEPING) are allowed and logged."""
+  """Refuses to resume a workdir whose saved effective values (defaults included, so a class
+  default changed in the code counts) differ in what the run computes, unless accepted;
+  bookkeeping differences (BOOKKEEPING) are allowed and logged."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return
-  saved = review.load_config_file(path)
-  if saved == review.normalized(config):
+  lines = review.values_diff_lines(review.saved_values(path), cli.effective_values(config))
+  if not lines:
     return
-  lines = review.diff_lines(saved, config)
   difference = '\n  '.join(lines)
   bookkeeping = all(cli.parse_path(line.split(':')[0])[0] in BOOKKEEPING for line in lines)
   if not bookkeeping and not _ACCEPT_CONFIG_CHANGE.value:
@@ -139,8 +145,12 @@ def check_saved_config(config: fdl.Buildable, workdir: str) -> None:
   import jax
 
   if jax.process_index() == 0:
-    replaced = os.path.join(workdir, f'config.replaced_{time.strftime("%Y%m%d-%H%M%S")}.json')
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    replaced = os.path.join(workdir, f'config.replaced_{stamp}.json')
     os.replace(path, replaced)
+    if os.path.exists(os.path.join(workdir, cli.EFFECTIVE)):
+      os.replace(os.path.join(workdir, cli.EFFECTIVE),
+                 os.path.join(workdir, f'effective.replaced_{stamp}.json'))
     logging.warning('Config changed on resume (old config kept as %s):\n  %s', replaced,
                     difference)
 
@@ -149,7 +159,8 @@ def print_config(config: fdl.Buildable, experiment) -> None:
   from flax import nnx
   import jax
 
-  print('\n'.join(cli.flat_lines(config, with_source=_PROVENANCE.value)))
+  print('\n'.join(cli.flat_lines(config, with_source=_PROVENANCE.value,
+                                 defaults=not _HIDE_DEFAULTS.value)))
   print(f'# derived: latent_shape = {experiment.latent_shape}; network.input_size = '
         f'{experiment.latent_shape[0]}, network.in_channels = {experiment.latent_shape[2]}, '
         f'network.num_classes = {experiment.data.num_classes}')
