@@ -41,6 +41,9 @@ _GUIDANCE = flags.DEFINE_float('guidance_scale', None, '--mode=sample: guidance 
 _SAMPLE_SEED = flags.DEFINE_integer('sample_seed', 0, '--mode=sample: seed of the noise.')
 _PROVENANCE = flags.DEFINE_bool(
     'provenance', False, 'With --print_config: where each value was set (file:line or flag).')
+_HIDE_DEFAULTS = flags.DEFINE_bool(
+    'hide_defaults', False, 'With --print_config or --render: list only the values presets and '
+    'flags set, not the arguments left at their constructor defaults.')
 _RENDER = flags.DEFINE_string(
     'render', None, 'Draw the config graph to FILE.svg, .png, .dot or .html (a foldable tree), '
     'or with --diff_against the graph of the difference; then exit.')
@@ -94,21 +97,24 @@ def resolve_config() -> fdl.Buildable:
   return config
 
 
-def load_other(spec: str) -> fdl.Buildable:
-  """--diff_against: a preset (FILE.py:PRESET) or a saved run's config."""
+def load_other(spec: str) -> tuple[fdl.Buildable, dict]:
+  """--diff_against: a preset (FILE.py:PRESET) or a saved run's config, with its effective
+  values (those a run saved, defaults included)."""
   if os.path.exists(spec):
-    return review.load_config_file(spec)
-  return cli.load_preset(spec)
+    return review.load_config_file(spec), review.saved_values(spec)
+  other = cli.load_preset(spec)
+  return other, cli.effective_values(other)
 
 
 def review_config(config: fdl.Buildable) -> int:
   """--render, --diff_against and --export_python: look at the graph without building it."""
-  other = load_other(_DIFF_AGAINST.value) if _DIFF_AGAINST.value else None
+  other, other_values = load_other(_DIFF_AGAINST.value) if _DIFF_AGAINST.value else (None, None)
   if other is not None and not _RENDER.value:
-    lines = review.diff_lines(other, config)
+    lines = review.values_diff_lines(other_values, cli.effective_values(config))
     print('\n'.join(lines) if lines else '# no difference')
   if _RENDER.value:
-    warning = review.render(config, _RENDER.value, old=other)
+    warning = review.render(config, _RENDER.value, old=other,
+                            defaults=not _HIDE_DEFAULTS.value)
     if warning:
       print(f'warning: {warning}', file=sys.stderr)
       return 1
@@ -128,17 +134,17 @@ BOOKKEEPING = ('checkpoint', 'writers', 'report', 'profile', 'visualize', 'evalu
 
 
 def check_saved_config(config: fdl.Buildable, workdir: str) -> Callable[[], None] | None:
-  """Refuses to resume a workdir whose saved config differs in what the run computes,
-  unless accepted; bookkeeping differences (BOOKKEEPING) are allowed and logged. Changes
-  nothing: returns the function that keeps the old config aside (None if there is none to
-  keep), which the run calls once its state is restored."""
+  """Refuses to resume a workdir whose saved effective values (defaults included, so a class
+  default changed in the code counts) differ in what the run computes, unless accepted;
+  bookkeeping differences (BOOKKEEPING) are allowed and logged. Changes nothing: returns the
+  function that keeps the old config aside (None if there is none to keep), which the run
+  calls once its state is restored."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return None
-  saved = review.load_config_file(path)
-  if saved == review.normalized(config):
+  lines = review.values_diff_lines(review.saved_values(path), cli.effective_values(config))
+  if not lines:
     return None
-  lines = review.diff_lines(saved, config)
   difference = '\n  '.join(lines)
   bookkeeping = all(cli.parse_path(line.split(':')[0])[0] in BOOKKEEPING for line in lines)
   if not bookkeeping and not _ACCEPT_CONFIG_CHANGE.value:
@@ -147,8 +153,12 @@ def check_saved_config(config: fdl.Buildable, workdir: str) -> Callable[[], None
                          f'--fdl_config_file={path}, or pass --accept_config_change')
 
   def keep_old_config():
-    replaced = os.path.join(workdir, f'config.replaced_{time.strftime("%Y%m%d-%H%M%S")}.json')
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    replaced = os.path.join(workdir, f'config.replaced_{stamp}.json')
     os.replace(path, replaced)
+    if os.path.exists(os.path.join(workdir, cli.EFFECTIVE)):
+      os.replace(os.path.join(workdir, cli.EFFECTIVE),
+                 os.path.join(workdir, f'effective.replaced_{stamp}.json'))
     logging.warning('Config changed on resume (old config kept as %s):\n  %s', replaced,
                     difference)
   return keep_old_config
@@ -158,7 +168,8 @@ def print_config(config: fdl.Buildable, experiment) -> None:
   from flax import nnx
   import jax
 
-  print('\n'.join(cli.flat_lines(config, with_source=_PROVENANCE.value)))
+  print('\n'.join(cli.flat_lines(config, with_source=_PROVENANCE.value,
+                                 defaults=not _HIDE_DEFAULTS.value)))
   print(f'# derived: latent_shape = {experiment.latent_shape}; network.input_size = '
         f'{experiment.latent_shape[0]}, network.in_channels = {experiment.latent_shape[2]}, '
         f'network.num_classes = {experiment.data.num_classes}')

@@ -3,6 +3,8 @@
     load_preset('experiments/dit.py:xl2(image_size=512)')   -> fdl.Config
     apply_override(config, 'optimizer.learning_rate=2e-4')  # validated path and type
     flat_lines(config)                                       -> ['data.batch_size = 256', ...]
+    effective_values(config)     -> {'sampler.guidance_scale': {'value': '1.0',
+                                     'default_of': 'lib.flow.samplers.Heun'}, ...}
 
 Preset files are imported as modules of the repository (`experiments/dit.py` ->
 `experiments.dit`), so a config saved by a run loads again in a fresh process.
@@ -10,9 +12,12 @@ Preset files are imported as modules of the repository (`experiments/dit.py` ->
 
 import ast
 import collections.abc
+import copy
+import dataclasses
 import difflib
 import importlib
 import inspect
+import json
 import os
 import re
 import sys
@@ -21,7 +26,7 @@ import typing
 from typing import Any
 
 import fiddle as fdl
-from fiddle import history
+from fiddle import daglish, history
 
 from lib import errors
 
@@ -206,9 +211,8 @@ def _child(node, key):
   if isinstance(node, fdl.Buildable):
     if key in node.__arguments__:
       return node.__arguments__[key]
-    parameter = inspect.signature(fdl.get_callable(node)).parameters.get(key)
-    return None if parameter is None or parameter.default is inspect.Parameter.empty else \
-        parameter.default
+    default = default_value(node, key)
+    return None if default is inspect.Parameter.empty else default
   return node[key]
 
 
@@ -231,6 +235,9 @@ def _resolve_parent(config, parts):
     names = _fields(node)
     if str(key) not in names:
       raise _path_error(config, parts, depth, node)
+    if isinstance(node, fdl.Buildable) and key not in node.__arguments__ and \
+        isinstance(_child(node, key), (fdl.Buildable, list, dict)):
+      _set_default(node, key)  # the override edits this config's copy, never the class's default
     node = _child(node, key)
     if not isinstance(node, (fdl.Buildable, list, tuple, dict)):
       raise UsageError(f'--fdl_set: {format_path(parts[:depth + 1])} is a value '
@@ -361,25 +368,100 @@ def apply_override(config: fdl.Buildable, assignment: str) -> None:
       parent[name] = value
 
 
+# ------------------------------------------------------------------------------- defaults
+# `function_name` of the history Location recorded for a value that is a constructor default
+# (its `filename` is the owner: 'lib.flow.samplers.Heun').
+_DEFAULT = 'constructor default'
+
+
+def default_value(node: fdl.Buildable, name: str) -> Any:
+  """What `fdl.build` passes for `node.name` when it is not set: the signature default, or a
+  fresh value of a dataclass field's default_factory; `inspect.Parameter.empty` if none."""
+  fn = fdl.get_callable(node)
+  if dataclasses.is_dataclass(fn):
+    field = next((f for f in dataclasses.fields(fn) if f.name == name), None)
+    if field is not None and field.default_factory is not dataclasses.MISSING:
+      return field.default_factory()
+  parameter = node.__signature_info__.parameters.get(name)
+  return inspect.Parameter.empty if parameter is None else parameter.default
+
+
+def _set_default(node: fdl.Buildable, name: str) -> None:
+  """Sets `node.name` to a copy of its default (a mutable default is never shared with the
+  class), recording `default of <target>` in Fiddle's history for it and for every value
+  inside it (a Buildable default's own arguments are part of the same default)."""
+  value = copy.deepcopy(default_value(node, name))
+  owner = qualified_name(fdl.get_callable(node))
+  with history.custom_location(lambda: history.Location(owner, 0, _DEFAULT)):
+    for inner, _ in daglish.iterate(value):
+      if isinstance(inner, fdl.Buildable):
+        for key, argument in list(inner.__arguments__.items()):
+          setattr(inner, key, argument)
+    setattr(node, name, value)
+
+
+def with_defaults(config: fdl.Buildable) -> fdl.Buildable:
+  """A copy of `config` with every unset argument that has a default set to it, recorded as
+  `default of <target>` (`default_owner`): every value `fdl.build(config)` will use.
+  Arguments without a default (supplied when a Partial is called) stay unset."""
+  config = copy.deepcopy(config)
+  done = set()
+  skipped = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL,
+             inspect.Parameter.VAR_KEYWORD)
+
+  def visit(node):
+    if isinstance(node, fdl.Buildable) and id(node) not in done:
+      done.add(id(node))
+      for name, parameter in node.__signature_info__.parameters.items():
+        if parameter.kind not in skipped and name not in node.__arguments__ and \
+            default_value(node, name) is not inspect.Parameter.empty:
+          _set_default(node, name)
+      children = node.__arguments__.values()
+    elif isinstance(node, (list, tuple)):
+      children = node
+    elif isinstance(node, dict):
+      children = node.values()
+    else:
+      return
+    for child in children:
+      visit(child)
+
+  visit(config)
+  return config
+
+
+def default_owner(node: fdl.Buildable, name: str) -> str | None:
+  """The target whose default `node.name` holds in a `with_defaults` copy, else None."""
+  entries = node.__argument_history__.get(name) or []
+  if entries and entries[-1].location.function_name == _DEFAULT:
+    return entries[-1].location.filename
+  return None
+
+
 # ------------------------------------------------------------------------------- printing
 def qualified_name(fn) -> str:
   return f'{fn.__module__}.{fn.__qualname__}'
 
 
 def leaf_repr(value) -> str:
-  """Classes and functions by their import path, everything else by repr."""
-  return qualified_name(value) if inspect.isclass(value) or inspect.isfunction(value) else \
-      repr(value)
+  """Classes and functions (jitted ones too) by their import path, everything else by repr
+  without memory addresses, so that the printouts of two processes compare."""
+  if inspect.isclass(value) or (inspect.isroutine(value) and hasattr(value, '__qualname__')):
+    return qualified_name(value)
+  return re.sub(r' at 0x[0-9a-fA-F]+', '', repr(value))
 
 
 def value_source(node: fdl.Buildable, name: str) -> str:
   """Where `node.name` was last set, from Fiddle's history: `FILE:LINE (function)` with FILE
-  relative to the repository, or the flag that set it (`--fdl_set=...`, or the legacy
-  `--config=FILE:OPTIONS` it was converted from)."""
+  relative to the repository, the flag that set it (`--fdl_set=...`, or the legacy
+  `--config=FILE:OPTIONS` it was converted from), or `default of TARGET` (in a
+  `with_defaults` copy). A config loaded from JSON without provenance: `saved config`."""
   entries = node.__argument_history__.get(name) or []
   if not entries:
-    return 'default'
+    return 'saved config'
   location = entries[-1].location
+  if location.function_name == _DEFAULT:
+    return f'default of {location.filename}'
   if location.filename.startswith('--'):  # a command-line flag: --fdl_set=..., --config=...
     return location.filename
   filename = location.filename
@@ -388,44 +470,72 @@ def value_source(node: fdl.Buildable, name: str) -> str:
   return f'{filename}:{location.line_number} ({location.function_name})'
 
 
-def flat_lines(config: fdl.Buildable, with_source: bool = False) -> list[str]:
-  """One `path = value` line per leaf that is set, preceded by a `path = Config[target]`
-  line for each node, so the printout names every component. `with_source` appends where
-  each value was set (`# experiments/dit.py:57 (digits)`, or the --fdl_set flag)."""
-  lines = []
-
-  def emit(text, parent, name):
-    lines.append(f'{text}  # {value_source(parent, name)}' if with_source and parent else text)
+def _entries(config: fdl.Buildable):
+  """(path, printed value, parent node, argument name) for every node and leaf that is set,
+  in signature order: nodes as `Config[target]`, lists and dicts of nodes item by item."""
 
   def walk(node, path, parent=None, name=None):
     if isinstance(node, fdl.Buildable):
       if path:
         target = qualified_name(fdl.get_callable(node))
-        emit(f'{format_path(path)} = {type(node).__name__}[{target}]', parent, name)
-      for key, value in node.__arguments__.items():
-        walk(value, path + [key], node, key)
+        yield format_path(path), f'{type(node).__name__}[{target}]', parent, name
+      for key, value in fdl.ordered_arguments(node).items():
+        yield from walk(value, path + [key], node, key)
     elif isinstance(node, (list, tuple)) and any(isinstance(v, fdl.Buildable) for v in node):
       for index, value in enumerate(node):
-        walk(value, path + [index], parent, name)
+        yield from walk(value, path + [index], parent, name)
     elif isinstance(node, dict) and any(isinstance(v, fdl.Buildable) for v in node.values()):
       for key, value in node.items():
-        walk(value, path + [key], parent, name)
+        yield from walk(value, path + [key], parent, name)
     else:
-      emit(f'{format_path(path)} = {leaf_repr(node)}', parent, name)
+      yield format_path(path), leaf_repr(node), parent, name
 
-  walk(config, [])
+  return walk(config, [])
+
+
+def flat_lines(config: fdl.Buildable, with_source: bool = False,
+               defaults: bool = True) -> list[str]:
+  """One `path = value` line per leaf, preceded by a `path = Config[target]` line for each
+  node, so the printout names every component. With `defaults`, arguments left at their
+  constructor defaults are listed too, marked `# default of lib.flow.samplers.Heun`.
+  `with_source` appends where every other value was set (`# experiments/dit.py:57 (digits)`,
+  or the --fdl_set flag)."""
+  lines = []
+  for path, text, parent, name in _entries(with_defaults(config) if defaults else config):
+    if parent is not None and (with_source or default_owner(parent, name)):
+      text += f'  # {value_source(parent, name)}'
+    lines.append(f'{path} = {text}')
   return lines
 
 
+def effective_values(config: fdl.Buildable) -> dict[str, dict[str, str]]:
+  """Every value `fdl.build(config)` will use, printed, by path, defaults marked with their
+  owner: {'network.depth': {'value': '4'}, 'sampler': {'value':
+  'Config[lib.flow.samplers.Heun]'}, 'sampler.guidance_scale': {'value': '1.0', 'default_of':
+  'lib.flow.samplers.Heun'}}. Plain text, so values saved by one version of the code compare
+  with another's."""
+  values = {}
+  for path, text, parent, name in _entries(with_defaults(config)):
+    owner = default_owner(parent, name) if parent is not None else None
+    values[path] = {'value': text, 'default_of': owner} if owner else {'value': text}
+  return values
+
+
 # ------------------------------------------------------------------------------- run folders
+EFFECTIVE = 'effective.json'  # beside config.json: the values the run used, defaults included
+
+
 def write_config(config: fdl.Buildable, workdir: str) -> None:
-  """The resolved config as Fiddle JSON (reloadable) and as text with provenance, into
-  `workdir/config.json` and `workdir/config.txt` (launch.py, lib.models.import_weights)."""
+  """The resolved config as Fiddle JSON (reloadable; only what presets and flags set), as text
+  with provenance and defaults, and its effective values (`effective_values`, compared when
+  the run resumes), into `workdir/config.json`, `config.txt` and `effective.json`
+  (launch.py, lib.models.import_weights)."""
   from lib import review  # review imports this module
 
   os.makedirs(workdir, exist_ok=True)
   for name, text in (('config.json', review.dump_config(config)),
-                     ('config.txt', '\n'.join(flat_lines(config, with_source=True)) + '\n')):
+                     ('config.txt', '\n'.join(flat_lines(config, with_source=True)) + '\n'),
+                     (EFFECTIVE, json.dumps(effective_values(config), indent=1) + '\n')):
     path = os.path.join(workdir, name)
     with open(path + '.tmp', 'w') as f:  # renamed when complete: never read half-written
       f.write(text)

@@ -7,8 +7,9 @@
     python launch.py --workdir=runs/sit --mode=sample
 
 The command writes an orbax checkpoint (the imported weights as both `params` and `ema`, a
-fresh optimizer state, step 0 or `--step`) and `config.json` / `config.txt` into the workdir,
-which `launch.py --mode=sample` (or `--mode=train`, to fine-tune) then uses like any run.
+fresh optimizer state, step 0 or `--step`) and `config.json` / `config.txt` / `effective.json`
+into the workdir, which `launch.py --mode=sample` (or `--mode=train`, to fine-tune) then uses
+like any run.
 `Experiment.init_from` instead starts a new run from a released file (see `lib/train.py`).
 
 facebookresearch/DiT layout (`models.py`; also the SiT and REPA releases), and where each key
