@@ -285,6 +285,14 @@ def parse_flags(argv):
   except legacy_files.LegacyFileError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing field
+    overrides = [arg for arg in argv[1:] if arg.startswith('--config.')]
+    if not overrides:
+      raise
+    print(f'error: {" ".join(overrides)}: the legacy config has no field '
+          f'{str(e).strip(chr(34) + chr(39))!r} (--config.FIELD '
+          'overrides change existing fields, they cannot add any)', file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -325,6 +325,8 @@ def test_a_truncated_image_met_while_training_is_named(tmp_path):
     (['--fdl_config=experiments/dit.py:digits', '--workdir=W', '--mode=sample',
       '--guidance_scale=nan'], '--guidance_scale=nan; expected a finite number'),
     (['--fdl_config=experiments/dit.py:digits', '--workdir=FILE'], 'is an existing file'),
+    (['--config=tests/legacy_configs/dit_imagenet.py:imagenet_256-B_2',
+      '--config.nonexistent=3', '--print_config'], "has no field 'nonexistent'"),
 ])
 def test_bad_values_exit_2_with_one_message(tmp_path, args, message):
   (tmp_path / 'FILE').write_text('not a folder')
