@@ -134,8 +134,6 @@ _CONTEXT = re.compile(r'\n*Fiddle context: failed to construct or call (?P<name>
 def build(config: fdl.Buildable):
   """`fdl.build(config)`, with a value a constructor rejects reported as a ConfigError
   naming its path in the graph (`checkpoint.save_interval_steps=0; expected ...`)."""
-  from lib.experiment import ConfigError
-
   try:
     return fdl.build(config)
   except errors.UserError:
@@ -151,7 +149,7 @@ def build(config: fdl.Buildable):
       text = f'{path}.{text}'
     elif path:
       text = f'{path} ({match.group("name")}): {text}'
-    raise ConfigError(text) from e
+    raise errors.ConfigError(text) from e
 
 
 # ------------------------------------------------------------------------------- paths

@@ -1,6 +1,7 @@
 """Errors a user can cause, which `launch.py` reports as one message instead of a traceback.
 
     UserError          bad input: a flag, a config value, a path; exit status 2
+      ConfigError      experiment values that contradict each other or are out of range
       DataError        data that cannot be read as configured (names the file)
       CheckpointError  no checkpoint of the workdir can be restored
       WorkdirBusy      another launch holds the workdir's lock
@@ -13,6 +14,10 @@ traceback as well.
 
 class UserError(ValueError):
   """Bad input; nothing the message names has been changed."""
+
+
+class ConfigError(UserError):
+  """An experiment whose values contradict each other or are out of range."""
 
 
 class DataError(UserError):

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from flax import nnx
 
 from lib import errors
+from lib.errors import ConfigError
 
 
 def _default(fn: Callable, name: str):
@@ -33,8 +34,6 @@ def _default(fn: Callable, name: str):
       parameter.default
 
 
-class ConfigError(errors.UserError):
-  """An experiment whose values contradict each other."""
 
 
 @dataclasses.dataclass
