@@ -20,14 +20,14 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow (tf.data, CLU) 
 
 from absl import app, flags, logging
 import fiddle as fdl
-from fiddle import absl_flags  # registers --fdl_config, --fdl_config_file and --fdl_set
+from fiddle import absl_flags  # registers --fdl_config(_file), --fdl_set, --fiddler, --fdl_tags_set
 from ml_collections import config_flags
 
 from lib import cli, review
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do (eval: '
-                           'the evaluation actions on the newest checkpoint).')
+                           'the evaluation actions on a checkpoint, see --step).')
 _PRINT_CONFIG = flags.DEFINE_bool(
     'print_config', False, 'Print the resolved config and the parameter count, then exit.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 64, '--mode=sample: number of samples.')
@@ -36,6 +36,8 @@ _LABELS = flags.DEFINE_list('labels', None, '--mode=sample: class labels (defaul
 _GUIDANCE = flags.DEFINE_float('guidance_scale', None, '--mode=sample: guidance weight '
                                '(default: sampler.guidance_scale).')
 _SAMPLE_SEED = flags.DEFINE_integer('sample_seed', 0, '--mode=sample: seed of the noise.')
+_STEP = flags.DEFINE_integer('step', None, '--mode=sample and --mode=eval: the checkpoint step '
+                             '(default: the newest).')
 _PROVENANCE = flags.DEFINE_bool(
     'provenance', False, 'With --print_config: where each value was set (file:line or flag).')
 _RENDER = flags.DEFINE_string(
@@ -62,7 +64,8 @@ _ACCEPT_CONFIG_CHANGE = flags.DEFINE_bool(
 
 def resolve_config() -> fdl.Buildable:
   """The preset named by --fdl_config (the saved config of --fdl_config_file, or the converted
-  legacy --config) with every --fdl_set applied, in command-line order."""
+  legacy --config) with every --fiddler, --fdl_tags_set and --fdl_set applied, each kind in
+  command-line order."""
   spec, saved = flags.FLAGS.fdl_config, flags.FLAGS.fdl_config_file
   legacy_config = _LEGACY_CONFIG.value
   if sum(map(bool, (spec, saved, legacy_config is not None))) > 1:
@@ -82,6 +85,10 @@ def resolve_config() -> fdl.Buildable:
   else:
     raise cli.UsageError('--fdl_config=PATH.py:PRESET (or --fdl_config_file=RUN/config.json) is '
                          'required; preset files: ' + ', '.join(cli.preset_files()))
+  for spec in flags.FLAGS.fiddler:  # Fiddle's order: fiddlers, tags, then --fdl_set
+    config = cli.apply_fiddler(config, spec)
+  for assignment in flags.FLAGS.fdl_tags_set:
+    cli.apply_tag_override(config, assignment)
   for assignment in flags.FLAGS.fdl_set:
     cli.apply_override(config, assignment)
   return config
@@ -173,6 +180,10 @@ def main(argv):
   from lib.experiment import ConfigError
 
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if _STEP.value is not None and _MODE.value == 'train':
+    print(f'error: --step={_STEP.value} chooses the checkpoint of --mode=sample or --mode=eval; '
+          'training resumes from the newest checkpoint', file=sys.stderr)
+    return 2
 
   try:
     config = resolve_config()
@@ -198,7 +209,7 @@ def main(argv):
     labels = [int(label) for label in _LABELS.value] if _LABELS.value else None
     try:
       train.sample(experiment, _WORKDIR.value, _NUM_SAMPLES.value, labels, _GUIDANCE.value,
-                   _SAMPLE_SEED.value)
+                   _SAMPLE_SEED.value, _STEP.value)
     except (FileNotFoundError, ValueError) as e:
       print(f'error: {e}', file=sys.stderr)
       return 2
@@ -206,7 +217,7 @@ def main(argv):
   if _MODE.value == 'eval':
     from lib.eval import standalone
     try:
-      standalone.evaluate(experiment, _WORKDIR.value)
+      standalone.evaluate(experiment, _WORKDIR.value, _STEP.value)
     except (FileNotFoundError, ValueError) as e:
       print(f'error: {e}', file=sys.stderr)
       return 2

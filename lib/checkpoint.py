@@ -49,6 +49,22 @@ def save(manager: ocp.CheckpointManager, step: int, state, force: bool = False) 
   return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
+def require_step(manager: ocp.CheckpointManager, step: int | None = None) -> int:
+  """`step` if the manager holds its checkpoint, else the newest step when `step` is None;
+  FileNotFoundError naming the folder (and the steps it holds) otherwise."""
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {manager.directory}; train first '
+                            '(--mode=train) or point --workdir at a trained run')
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f'no checkpoint of step {step} in {manager.directory}; its '
+                            f'checkpoints: {", ".join(map(str, steps))} (choose one with '
+                            f'--step=N)')
+  return step
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
   """Restores the newest (or the given) step into the structure and shardings of
   `abstract_state` (a pytree of `jax.ShapeDtypeStruct`). Returns (step, state)."""

@@ -24,6 +24,9 @@ from typing import Any, Callable
 
 from flax import nnx
 
+from lib import hooks
+from lib.sharding import Sharding
+
 
 def _default(fn: Callable, name: str):
   parameter = inspect.signature(fn).parameters.get(name)
@@ -50,7 +53,8 @@ class Experiment:
     checkpoint: orbax checkpoint policy.
     writers: CLU metric writers.
     report: progress reporting (a CLU periodic action).
-    profile: optional CLU profiler action.
+    profile: optional CLU profiler action (None: no trace; `--fdl_set=profile=Profile()`
+      creates one from the command line).
     visualize: optional sample-grid action.
     evaluate: evaluation actions.
     seed: seed of parameter initialisation and of every training random draw.
@@ -74,14 +78,14 @@ class Experiment:
   checkpoint: Any
   writers: Any
   report: Any
-  profile: Any = None
-  visualize: Any = None
+  profile: hooks.Profile | None = None
+  visualize: hooks.SampleGrid | None = None
   evaluate: list = dataclasses.field(default_factory=list)
   seed: int = 0
   total_steps: int = 7_000_000
   log_every_steps: int = 100
   init_from: str | None = None
-  sharding: Any = None
+  sharding: Sharding | None = None
   repa: Any = None
 
   def __post_init__(self):

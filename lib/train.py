@@ -322,17 +322,18 @@ def train(experiment: Experiment, workdir: str) -> int:
 
 def sample(experiment: Experiment, workdir: str, num_samples: int,
            labels: list[int] | None = None, guidance_scale: float | None = None,
-           seed: int = 0) -> str:
-  """Samples the EMA weights of the newest checkpoint in `workdir` into `samples.npz`
-  (`images` uint8 NHWC, `labels` int32) and `samples.png`. Returns the npz path."""
+           seed: int = 0, step: int | None = None) -> str:
+  """Samples the EMA weights of checkpoint `step` (default: the newest) in `workdir` into
+  `samples.npz` (`images` uint8 NHWC, `labels` int32) and `samples.png`. Returns the npz
+  path."""
   run = Run(experiment, workdir)
   manager = experiment.checkpoint.manager(workdir)
-  if manager.latest_step() is None:
-    raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}; train '
-                            f'first (--mode=train) or point --workdir at a trained run')
-  run.load_encoder()
-  step = run.restore(manager)
-  manager.close()
+  try:
+    step = ckpt.require_step(manager, step)
+    run.load_encoder()
+    run.restore(manager, step)
+  finally:
+    manager.close()
   if labels:
     bad = [label for label in labels if not 0 <= label < run.num_classes]
     if bad:
