@@ -23,14 +23,14 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow (tf.data, CLU) 
 
 from absl import app, flags, logging
 import fiddle as fdl
-from fiddle import absl_flags  # registers --fdl_config, --fdl_config_file and --fdl_set
+from fiddle import absl_flags  # registers --fdl_config(_file), --fdl_set, --fiddler, --fdl_tags_set
 from ml_collections import config_flags
 
 from lib import cli, legacy_files, review
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do (eval: '
-                           'the evaluation actions on the newest checkpoint).')
+                           'the evaluation actions on a checkpoint, see --step).')
 _PRINT_CONFIG = flags.DEFINE_bool(
     'print_config', False, 'Print the resolved config and the parameter count, then exit.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 64, '--mode=sample: number of samples.')
@@ -39,6 +39,8 @@ _LABELS = flags.DEFINE_list('labels', None, '--mode=sample: class labels (defaul
 _GUIDANCE = flags.DEFINE_float('guidance_scale', None, '--mode=sample: guidance weight '
                                '(default: sampler.guidance_scale).')
 _SAMPLE_SEED = flags.DEFINE_integer('sample_seed', 0, '--mode=sample: seed of the noise.')
+_STEP = flags.DEFINE_integer('step', None, '--mode=sample and --mode=eval: the checkpoint step '
+                             '(default: the newest).')
 _PROVENANCE = flags.DEFINE_bool(
     'provenance', False, 'With --print_config: where each value was set (file:line or flag).')
 _HIDE_DEFAULTS = flags.DEFINE_bool(
@@ -70,7 +72,8 @@ _ACCEPT_CONFIG_CHANGE = flags.DEFINE_bool(
 
 def resolve_config() -> fdl.Buildable:
   """The preset named by --fdl_config (the saved config of --fdl_config_file, or the converted
-  legacy --config) with every --fdl_set applied, in command-line order."""
+  legacy --config) with every --fiddler, --fdl_tags_set and --fdl_set applied, each kind in
+  command-line order."""
   spec, saved = flags.FLAGS.fdl_config, flags.FLAGS.fdl_config_file
   legacy_config = _LEGACY_CONFIG.value
   if sum(map(bool, (spec, saved, legacy_config is not None))) > 1:
@@ -92,6 +95,10 @@ def resolve_config() -> fdl.Buildable:
   else:
     raise cli.UsageError('--fdl_config=PATH.py:PRESET (or --fdl_config_file=RUN/config.json) is '
                          'required; preset files: ' + ', '.join(cli.preset_files()))
+  for spec in flags.FLAGS.fiddler:  # Fiddle's order: fiddlers, tags, then --fdl_set
+    config = cli.apply_fiddler(config, spec)
+  for assignment in flags.FLAGS.fdl_tags_set:
+    cli.apply_tag_override(config, assignment)
   for assignment in flags.FLAGS.fdl_set:
     cli.apply_override(config, assignment)
   return config
@@ -229,6 +236,9 @@ def run_command() -> int:
   from lib import distributed, workdir as workdirs
 
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if _STEP.value is not None and _MODE.value == 'train':
+    raise cli.UsageError(f'--step={_STEP.value} chooses the checkpoint of --mode=sample or '
+                         '--mode=eval; training resumes from the newest checkpoint')
   config = resolve_config()
   if _RENDER.value or _DIFF_AGAINST.value or _EXPORT_PYTHON.value:
     return review_config(config)
@@ -246,13 +256,13 @@ def run_command() -> int:
   if _MODE.value == 'sample':
     labels, guidance = _sample_arguments(experiment.data.num_classes)
     train.sample(experiment, workdir, _NUM_SAMPLES.value, labels, guidance,
-                 _SAMPLE_SEED.value)
+                 _SAMPLE_SEED.value, _STEP.value)
     return 0
   if _MODE.value == 'eval':
     from lib.eval import standalone
 
     experiment.check()
-    standalone.evaluate(experiment, workdir)
+    standalone.evaluate(experiment, workdir, _STEP.value)
     return 0
   # Training: everything that can be checked is checked before the workdir is touched; the
   # config is written (or replaced) only once the run's state is restored.

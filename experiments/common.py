@@ -9,25 +9,57 @@ classes) are not set here: `lib.experiment.Experiment` derives them when it is b
 import fiddle as fdl
 
 from lib import checkpoint, ema, hooks, optim, sharding
-from lib.data import digits, images, latents
+from lib.data import digits, images, latents, prepared
 from lib.eval import actions as eval_actions
-from lib.experiment import Experiment
+from lib.experiment import ConfigError, Experiment
 from lib.flow import edm, meanflow, repa, samplers, sit
 from lib.models import ddt, dinov2, dit, encoders, lightning_ddt, lightning_dit, rae, sd_vae
 
 # ------------------------------------------------------------------------------- data
 IMAGENET_LATENT_DIRS = {
-    64: '/mnt/disks/data/prepared/imagenet_64',
     256: '/mnt/disks/data/imagenet_256',
     512: '/mnt/disks/data/prepared/imagenet_512',
 }
+IMAGENET_PREPARED_DIRS = {  # EDM2 dataset_tool.py output: uint8 PNGs and dataset.json
+    64: '/mnt/disks/data/prepared/imagenet_64',
+}
+PIXEL_SIZES = (64,)  # resolutions trained in pixel space (diffuse_nnx's `RGB` encoder presets)
+
+
+def _for_size(table: dict, image_size: int, what: str, remedy: str):
+  """`table[image_size]`, or a ConfigError naming the resolutions that have an entry."""
+  if image_size not in table:
+    raise ConfigError(f'image_size={image_size}: no {what} for this resolution (known: '
+                      f'{", ".join(map(str, sorted(table)))}); {remedy}')
+  return table[image_size]
 
 
 def imagenet_latents(image_size: int = 256, batch_size: int = 256,
                      data_dir: str | None = None) -> fdl.Config:
-  """Pre-extracted SD-VAE posteriors of ImageNet (the seed's `imagenet_<size>` data presets)."""
-  return fdl.Config(latents.LatentFolder, data_dir=data_dir or IMAGENET_LATENT_DIRS[image_size],
-                    image_size=image_size, batch_size=batch_size, num_classes=1000)
+  """Pre-extracted SD-VAE posteriors of ImageNet (diffuse_nnx's `imagenet_<size>` data presets)."""
+  data_dir = data_dir or _for_size(IMAGENET_LATENT_DIRS, image_size, 'ImageNet latent folder',
+                                  'give data_dir')
+  return fdl.Config(latents.LatentFolder, data_dir=data_dir, image_size=image_size,
+                    batch_size=batch_size, num_classes=1000)
+
+
+def imagenet_prepared(image_size: int = 64, batch_size: int = 256,
+                      data_dir: str | None = None) -> fdl.Config:
+  """ImageNet uint8 images prepared at `image_size` by EDM2's dataset_tool.py, a folder or
+  `.zip` (diffuse_nnx's `imagenet_64`)."""
+  data_dir = data_dir or _for_size(IMAGENET_PREPARED_DIRS, image_size,
+                                  'prepared ImageNet folder', 'give data_dir')
+  return fdl.Config(prepared.PreparedImages, data_dir=data_dir, image_size=image_size,
+                    batch_size=batch_size, num_classes=1000)
+
+
+def imagenet_data(image_size: int = 256, batch_size: int = 256,
+                  data_dir: str | None = None) -> fdl.Config:
+  """The ImageNet training data of `image_size` for `imagenet_encoder(image_size)`: prepared
+  images in pixel space (64), pre-extracted SD-VAE latents (256, 512)."""
+  imagenet_encoder(image_size)  # an unknown resolution fails here, naming the known ones
+  make = imagenet_prepared if image_size in PIXEL_SIZES else imagenet_latents
+  return make(image_size, batch_size=batch_size, data_dir=data_dir)
 
 
 IMAGENET_RAW_DIRS = {  # the seed's imagenet_raw_<size>; images under <dir>/train/<wnid>/
@@ -58,14 +90,24 @@ SD_VAE_STATS = {  # per resolution, as the seed's `_imagenet_encoder_presets`
 
 
 def sd_vae_encoder(image_size: int = 256, weights_path: str | None = None) -> fdl.Config:
-  """Stability SD-VAE (f8, 4 channels) with the seed's latent statistics for the resolution."""
-  return fdl.Config(sd_vae.StabilityVAE, weights_path=weights_path, final_std=0.5,
-                    **SD_VAE_STATS[image_size])
+  """Stability SD-VAE (f8, 4 channels) with diffuse_nnx's latent statistics for the resolution."""
+  stats = _for_size(SD_VAE_STATS, image_size, 'SD-VAE latent statistics',
+                   f'pixel space is used at {", ".join(map(str, PIXEL_SIZES))}; for another '
+                   'resolution add its per-channel raw_mean / raw_std to '
+                   'experiments/common.py SD_VAE_STATS')
+  return fdl.Config(sd_vae.StabilityVAE, weights_path=weights_path, final_std=0.5, **stats)
 
 
 def pixel_encoder() -> fdl.Config:
   """Pixel space: uint8 <-> [-1, 1] (the seed's `RGB` encoder)."""
   return fdl.Config(encoders.PixelEncoder)
+
+
+def imagenet_encoder(image_size: int = 256) -> fdl.Config:
+  """The encoder of ImageNet at `image_size`, as diffuse_nnx's `_imagenet_encoder_presets`:
+  pixel space at 64, the SD-VAE with the resolution's latent statistics at 256 and 512; any
+  other size is a ConfigError naming these."""
+  return pixel_encoder() if image_size in PIXEL_SIZES else sd_vae_encoder(image_size)
 
 
 def sd_vae_scaled_encoder(scaling_factor: float = 0.18215,
@@ -228,12 +270,14 @@ def fsdp(axis: str = 'data') -> fdl.Config:
 
 def run_services(save_every_steps: int = 50_000, max_to_keep: int = 8,
                  keep_period: int = 100_000, log_every_steps: int = 100) -> dict:
-  """Checkpointing, writers and progress reporting (the seed's `checkpoint` and logging)."""
+  """Checkpointing, writers, progress reporting (the seed's `checkpoint` and logging) and a
+  trace of 5 steps early in every run (diffuse_nnx's; it costs under 1 % of the digits demo)."""
   return dict(
       checkpoint=fdl.Config(checkpoint.Checkpointing, save_interval_steps=save_every_steps,
                             max_to_keep=max_to_keep, keep_period=keep_period, async_save=False),
       writers=fdl.Config(hooks.Writers),
       report=fdl.Config(hooks.ReportProgress, every_steps=log_every_steps, every_secs=60.0),
+      profile=fdl.Config(hooks.Profile, num_profile_steps=5, first_profile=10),
       log_every_steps=log_every_steps)
 
 

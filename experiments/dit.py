@@ -5,6 +5,10 @@
 
     python launch.py --fdl_config=experiments/dit.py:xl2 --workdir=runs/xl2
     python launch.py --fdl_config='experiments/dit.py:b2(image_size=512)' --print_config
+
+`image_size=64` trains in pixel space on ImageNet 64 prepared by EDM2's dataset_tool.py (a
+folder or .zip of PNGs with dataset.json; diffuse_nnx's default `imagenet_64-B_2`); 512 uses
+that resolution's SD-VAE latent statistics.
 """
 
 import fiddle as fdl
@@ -16,8 +20,8 @@ from lib.eval import actions
 
 def _imagenet(size: str, patch_size: int, image_size: int, data_dir: str | None) -> fdl.Config:
   return common.experiment(
-      data=common.imagenet_latents(image_size, batch_size=256, data_dir=data_dir),
-      encoder=common.sd_vae_encoder(image_size),
+      data=common.imagenet_data(image_size, batch_size=256, data_dir=data_dir),
+      encoder=common.imagenet_encoder(image_size),
       network=common.dit_network(size, patch_size))
 
 

@@ -26,7 +26,7 @@ ALIGNED_BLOCK = {'S': 4, 'B': 4, 'L': 8, 'XL': 8}
 def _imagenet(size: str, image_size: int, data_dir: str | None) -> fdl.Config:
   return common.experiment(
       data=common.imagenet_raw(image_size, batch_size=256, data_dir=data_dir),
-      encoder=common.sd_vae_encoder(image_size),
+      encoder=common.imagenet_encoder(image_size),
       network=common.dit_network(size, patch_size=2),
       repa=common.repa_alignment(image_size, depth=ALIGNED_BLOCK[size]),
       sampler=common.euler_maruyama(250),

@@ -25,8 +25,8 @@ SAMPLER_RANGE = dict(t_start=1.0, t_end=0.0, t_shift_base=4096, t_shift_cur=16 *
 
 def _imagenet(size: str, patch_size: int, image_size: int, data_dir: str | None) -> fdl.Config:
   config = common.experiment(
-      data=common.imagenet_latents(image_size, batch_size=1024, data_dir=data_dir),
-      encoder=common.sd_vae_encoder(image_size),
+      data=common.imagenet_data(image_size, batch_size=1024, data_dir=data_dir),
+      encoder=common.imagenet_encoder(image_size),
       network=common.ddt_network(size, patch_size),
       interface=common.sit_interface(time_dist='logit_normal'),
       optimizer=common.adamw(learning_rate=2e-4, b2=0.95),

@@ -16,8 +16,8 @@ from experiments import common
 
 def _imagenet(size: str, patch_size: int, image_size: int, data_dir: str | None) -> fdl.Config:
   return common.experiment(
-      data=common.imagenet_latents(image_size, batch_size=1024, data_dir=data_dir),
-      encoder=common.sd_vae_encoder(image_size),
+      data=common.imagenet_data(image_size, batch_size=1024, data_dir=data_dir),
+      encoder=common.imagenet_encoder(image_size),
       network=common.lightning_dit_network(size, patch_size),
       interface=common.sit_interface(time_dist='logit_normal'),
       optimizer=common.adamw(learning_rate=2e-4, b2=0.95),

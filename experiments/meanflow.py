@@ -26,8 +26,8 @@ def _network(size: str, patch_size: int) -> fdl.Partial:
 
 def _imagenet(size: str, patch_size: int, image_size: int, data_dir: str | None) -> fdl.Config:
   config = common.experiment(
-      data=common.imagenet_latents(image_size, batch_size=256, data_dir=data_dir),
-      encoder=common.sd_vae_encoder(image_size),
+      data=common.imagenet_data(image_size, batch_size=256, data_dir=data_dir),
+      encoder=common.imagenet_encoder(image_size),
       network=_network(size, patch_size),
       interface=common.meanflow_interface(),
       optimizer=common.adamw(learning_rate=1e-4, b2=0.95),

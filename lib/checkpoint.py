@@ -204,8 +204,9 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
     if step not in steps:
-      raise errors.CheckpointError(f'no checkpoint of step {step} in {manager.directory}; '
-                                   f'there are {sorted(steps) or "none"}')
+      raise errors.CheckpointError(
+          f'no checkpoint of step {step} in {manager.directory}; its checkpoints: '
+          f'{", ".join(map(str, sorted(steps))) or "none"} (choose one with --step=N)')
     steps = [step]
   if not steps:
     raise errors.CheckpointError(f'no checkpoint found in {manager.directory}')

@@ -41,10 +41,14 @@ class UsageError(errors.UserError):
 _SPEC = re.compile(r'^(?P<module>[^:()]+):(?P<call>[A-Za-z_]\w*\s*(\(.*\))?)\s*$', re.S)
 
 
+NOT_PRESETS = ('common.py', 'fiddlers.py')  # building blocks and fiddlers
+FIDDLERS = 'experiments.fiddlers'  # where a bare --fiddler=NAME is looked up
+
+
 def preset_files() -> list[str]:
   folder = os.path.join(REPO_ROOT, 'experiments')
   return sorted(f'experiments/{name}' for name in os.listdir(folder)
-                if name.endswith('.py') and not name.startswith('_') and name != 'common.py')
+                if name.endswith('.py') and not name.startswith('_') and name not in NOT_PRESETS)
 
 
 def presets_of(module: types.ModuleType) -> list[str]:
@@ -71,46 +75,63 @@ def _parse_call(call: str, spec: str) -> tuple[str, dict[str, Any]]:
   try:
     node = ast.parse(call.strip(), mode='eval').body
   except SyntaxError as e:
-    raise UsageError(f'cannot parse the preset call in {spec!r}: {e.msg}') from None
+    raise UsageError(f'cannot parse the call in {spec!r}: {e.msg}') from None
   if isinstance(node, ast.Name):
     return node.id, {}
   if not isinstance(node, ast.Call) or node.args or not isinstance(node.func, ast.Name):
-    raise UsageError(f'{spec!r}: write the preset call as name or name(key=literal, ...)')
+    raise UsageError(f'{spec!r}: write the call as name or name(key=literal, ...)')
   try:
     return node.func.id, {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
   except ValueError:
-    raise UsageError(f'{spec!r}: preset arguments must be Python literals') from None
+    raise UsageError(f'{spec!r}: the arguments must be Python literals') from None
 
 
-def load_preset(spec: str) -> fdl.Config:
-  """`FILE.py:preset` or `FILE.py:preset(key=value, ...)` -> the preset's config."""
+def _named_function(spec: str, flag: str, kind: str, usage: str, default_module: str = ''):
+  """(FILE or module, function, literal keyword arguments) of `FILE.py:name(k=v, ...)` or
+  `package.module:name(...)`; with `default_module`, also of a bare `name(...)` there."""
   match = _SPEC.match(spec)
-  if not match:
-    raise UsageError(f'--fdl_config={spec!r}: expected PATH.py:PRESET, e.g. '
-                     f'experiments/dit.py:xl2; preset files: {", ".join(preset_files())}')
-  target, call = match.group('module'), match.group('call')
+  if match:
+    target, call = match.group('module'), match.group('call')
+  elif default_module and re.match(r'^[A-Za-z_]\w*\s*(\(.*\))?\s*$', spec, re.S):
+    target, call = default_module, spec
+  else:
+    raise UsageError(f'{flag}={spec!r}: expected {usage}')
   if target.endswith('.py'):
     candidates = [target, os.path.join(REPO_ROOT, target)]
     path = next((c for c in candidates if os.path.isfile(c)), None)
     if path is None:
-      raise UsageError(f'--fdl_config: no file {target!r}; preset files: '
-                       f'{", ".join(preset_files())}')
+      raise UsageError(f'{flag}: no file {target!r}' + (
+          f'; preset files: {", ".join(preset_files())}' if kind == 'preset' else ''))
     name = module_name(path)
   else:
     name = target
   if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
-  module = importlib.import_module(name)
+  try:
+    module = importlib.import_module(name)
+  except ModuleNotFoundError as e:
+    raise UsageError(f'{flag}={spec!r}: cannot import {name!r} ({e})') from None
   fn_name, kwargs = _parse_call(call, spec)
   available = presets_of(module)
   if fn_name not in available:
-    raise UsageError(f'{target} has no preset {fn_name!r}; its presets: {", ".join(available)}')
-  fn = getattr(module, fn_name)
+    raise UsageError(f'{target} has no {kind} {fn_name!r}; its {kind}s: {", ".join(available)}')
+  return target, getattr(module, fn_name), kwargs
+
+
+def _check_call(target: str, fn, *args, **kwargs) -> None:
   try:
-    inspect.signature(fn).bind(**kwargs)
+    inspect.signature(fn).bind(*args, **kwargs)
   except TypeError as e:
-    raise UsageError(f'{target}:{fn_name} does not take these arguments ({e}); its signature: '
-                     f'{fn_name}{inspect.signature(fn)}') from None
+    raise UsageError(f'{target}:{fn.__name__} does not take these arguments ({e}); its '
+                     f'signature: {fn.__name__}{inspect.signature(fn)}') from None
+
+
+def load_preset(spec: str) -> fdl.Config:
+  """`FILE.py:preset` or `FILE.py:preset(key=value, ...)` -> the preset's config."""
+  target, fn, kwargs = _named_function(
+      spec, '--fdl_config', 'preset', f'PATH.py:PRESET, e.g. experiments/dit.py:xl2; preset '
+      f'files: {", ".join(preset_files())}')
+  _check_call(target, fn, **kwargs)
   flag = f'--fdl_config={spec}'
   try:
     hints = typing.get_type_hints(fn)
@@ -123,7 +144,7 @@ def load_preset(spec: str) -> fdl.Config:
     raise UsageError(f'{flag}: the preset cannot be made with these arguments: '
                      f'{type(e).__name__}: {e}') from e
   if not isinstance(config, fdl.Buildable):
-    raise UsageError(f'{target}:{fn_name} returned {type(config).__name__}, not a fdl.Config')
+    raise UsageError(f'{target}:{fn.__name__} returned {type(config).__name__}, not a fdl.Config')
   return config
 
 
@@ -150,6 +171,52 @@ def build(config: fdl.Buildable):
     elif path:
       text = f'{path} ({match.group("name")}): {text}'
     raise errors.ConfigError(text) from e
+
+
+def apply_fiddler(config: fdl.Buildable, spec: str) -> fdl.Buildable:
+  """--fiddler=SPEC: `name(key=literal, ...)` of experiments/fiddlers.py, `FILE.py:name` or
+  `package.module:name`, called as `name(config, **kwargs)`; it changes `config` in place or
+  returns the new config (Fiddle's convention). Returns the config."""
+  target, fn, kwargs = _named_function(
+      spec, '--fiddler', 'fiddler', 'NAME or NAME(key=literal, ...) of experiments/fiddlers.py, '
+      'PATH.py:NAME or package.module:NAME', FIDDLERS)
+  _check_call(target, fn, config, **kwargs)
+  location = lambda: history.Location(f'--fiddler={spec}', 0, fn.__name__)
+  with history.custom_location(location):  # the provenance of what it changes
+    result = fn(config, **kwargs)
+  return config if result is None else result
+
+
+def apply_tag_override(config: fdl.Buildable, assignment: str) -> None:
+  """--fdl_tags_set=TAG=VALUE: every field tagged TAG (a Fiddle tag's name, `ImageSize` or
+  `experiments.dit.ImageSize`) gets VALUE, checked against each field's annotation."""
+  if '=' not in assignment:
+    raise UsageError(f'--fdl_tags_set={assignment!r}: expected TAG=VALUE')
+  name, text = (part.strip() for part in assignment.split('=', 1))
+  fields = [(node, field, tag) for node in nodes(config)
+            for field, tags in node.__argument_tags__.items() for tag in tags
+            if name in (tag.name, tag.__name__)]
+  if not fields:
+    tags = sorted({tag.name for node in nodes(config)
+                   for tags in node.__argument_tags__.values() for tag in tags})
+    raise UsageError(f'--fdl_tags_set: no field is tagged {name!r}; '
+                     + (f'tags of this config: {", ".join(tags)}' if tags else
+                        'this config has no tags; set fields with --fdl_set=PATH=VALUE'))
+  location = lambda: history.Location(f'--fdl_tags_set={assignment}', 0, 'command line')
+  with history.custom_location(location):
+    for node, field, tag in fields:
+      annotation = _annotation(node, field)
+      setattr(node, field, coerce(parse_value(text, annotation), annotation, tag.name,
+                                   '--fdl_tags_set'))
+
+
+def nodes(config: fdl.Buildable) -> list[fdl.Buildable]:
+  """Every Buildable of the graph, once (a shared node is reached by several paths)."""
+  found = {}
+  for value, _ in daglish.iterate(config):
+    if isinstance(value, fdl.Buildable):
+      found.setdefault(id(value), value)
+  return list(found.values())
 
 
 # ------------------------------------------------------------------------------- paths
@@ -236,13 +303,29 @@ def _resolve_parent(config, parts):
     if isinstance(node, fdl.Buildable) and key not in node.__arguments__ and \
         isinstance(_child(node, key), (fdl.Buildable, list, dict)):
       _set_default(node, key)  # the override edits this config's copy, never the class's default
-    node = _child(node, key)
+    parent, node = node, _child(node, key)
+    if node is None and _node_classes(_annotation(parent, key)):
+      raise _create_first(parts, depth, _node_classes(_annotation(parent, key)))
     if not isinstance(node, (fdl.Buildable, list, tuple, dict)):
       raise UsageError(f'--fdl_set: {format_path(parts[:depth + 1])} is a value '
                        f'({node!r}), not a node with fields')
   if str(parts[-1]) not in _fields(node):
     raise _path_error(config, parts, len(parts) - 1, node)
   return node
+
+
+def _create_first(parts, depth: int, classes: list[type]) -> UsageError:
+  """The error for a path below a None field that can hold a node: how to create it."""
+  node_path, rest = format_path(parts[:depth + 1]), parts[depth + 1:]
+  names = ' or '.join(cls.__name__ for cls in classes)
+  cls = classes[0]
+  if len(rest) == 1:
+    example = f"--fdl_set='{node_path}={cls.__name__}({rest[0]}=...)'"
+  else:
+    example = f"--fdl_set='{node_path}={cls.__name__}()', then --fdl_set={format_path(parts)}=..."
+  return UsageError(f'--fdl_set: {node_path} is None, so {format_path(parts)} does not exist; '
+                    f'create the {names} node first: {example} ({cls.__name__} fields: '
+                    f'{", ".join(_fields(fdl.Config(cls)))})')
 
 
 # ------------------------------------------------------------------------------- values
@@ -336,6 +419,41 @@ def coerce(value, annotation, where: str, flag: str = '--fdl_set'):
   return value
 
 
+_SCALAR_TYPES = (bool, int, float, complex, str, bytes, tuple, list, dict, set, type(None))
+
+
+def _node_classes(annotation) -> list[type]:
+  """The classes of a field that holds a node or None (`Profile | None` -> [Profile]); none
+  for a field that may hold a value (`int`, `str | None`, `Any`, `Callable`, ...)."""
+  options = typing.get_args(annotation) if typing.get_origin(annotation) in (
+      typing.Union, types.UnionType) else (annotation,)
+  classes = [option for option in options
+             if inspect.isclass(option) and option not in _SCALAR_TYPES]
+  return classes if all(o is type(None) or o in classes for o in options) else []
+
+
+def new_node(text: str, annotation, where: str) -> fdl.Config | None:
+  """`Class(key=literal, ...)` -> fdl.Config(Class, ...) where `annotation` names Class (a
+  field that holds a node), its arguments checked; None when `text` is no such call."""
+  classes = {cls.__name__: cls for cls in _node_classes(annotation)}
+  match = re.match(r'^\s*([A-Za-z_]\w*)\s*\(.*\)\s*$', text, re.S)
+  if not classes or not match:
+    return None
+  cls = classes.get(match.group(1))
+  if cls is None:
+    raise UsageError(f'--fdl_set: {where} holds a {" or ".join(classes)} node, not '
+                     f'{match.group(1)}')
+  _, kwargs = _parse_call(text, text)
+  node = fdl.Config(cls)
+  for name, value in kwargs.items():
+    if name not in _fields(node):
+      raise UsageError(f'--fdl_set: {cls.__name__} has no field {name!r}; its fields: '
+                       f'{", ".join(_fields(node))}')
+    annotation = _annotation(node, name)
+    setattr(node, name, coerce(value, annotation, f'{where}.{name}'))
+  return node
+
+
 def _type_name(annotation) -> str:
   return getattr(annotation, '__name__', None) or str(annotation).replace('typing.', '')
 
@@ -350,13 +468,21 @@ def apply_override(config: fdl.Buildable, assignment: str) -> None:
   parent = _resolve_parent(config, parts)
   name = parts[-1]
   annotation = _annotation(parent, name)
-  value = coerce(parse_value(text, annotation), annotation, path)
+  location = lambda: history.Location(f'--fdl_set={assignment}', 0, 'command line')
+  with history.custom_location(location):  # a created node's fields get the flag's location
+    value = new_node(text, annotation, path)
+  if value is None:
+    value = coerce(parse_value(text, annotation), annotation, path)
   current = _child(parent, name)
   if isinstance(current, fdl.Buildable) and value is not None and \
       not isinstance(value, fdl.Buildable):
     raise UsageError(f'--fdl_set: {path} is a {fdl.get_callable(current).__name__} node; set '
                      f'one of its fields instead ({", ".join(_fields(current))})')
-  location = lambda: history.Location(f'--fdl_set={assignment}', 0, 'command line')
+  classes = _node_classes(annotation)
+  if classes and value is not None and not isinstance(value, fdl.Buildable):
+    raise UsageError(f'--fdl_set: {path} holds a {" or ".join(c.__name__ for c in classes)} '
+                     f"node or None, not {value!r}; e.g. --fdl_set='{path}="
+                     f"{classes[0].__name__}()'")
   with history.custom_location(location):
     if isinstance(parent, fdl.Buildable):
       setattr(parent, name, value)
@@ -451,8 +577,8 @@ def leaf_repr(value) -> str:
 
 def value_source(node: fdl.Buildable, name: str) -> str:
   """Where `node.name` was last set, from Fiddle's history: `FILE:LINE (function)` with FILE
-  relative to the repository, the flag that set it (`--fdl_set=...`, or the legacy
-  `--config=FILE:OPTIONS` it was converted from), or `default of TARGET` (in a
+  relative to the repository, the flag that set it (`--fdl_set=...`, `--fiddler=...`, or the
+  legacy `--config=FILE:OPTIONS` it was converted from), or `default of TARGET` (in a
   `with_defaults` copy). A config loaded from JSON without provenance: `saved config`."""
   entries = node.__argument_history__.get(name) or []
   if not entries:

@@ -26,6 +26,8 @@ from flax import nnx
 
 from lib import errors
 from lib.errors import ConfigError
+from lib import hooks
+from lib.sharding import Sharding
 
 
 def _default(fn: Callable, name: str):
@@ -51,7 +53,8 @@ class Experiment:
     checkpoint: orbax checkpoint policy.
     writers: CLU metric writers.
     report: progress reporting (a CLU periodic action).
-    profile: optional CLU profiler action.
+    profile: optional CLU profiler action (None: no trace; `--fdl_set=profile=Profile()`
+      creates one from the command line).
     visualize: optional sample-grid action.
     evaluate: evaluation actions.
     seed: seed of parameter initialisation and of every training random draw.
@@ -79,14 +82,14 @@ class Experiment:
   checkpoint: Any
   writers: Any
   report: Any
-  profile: Any = None
-  visualize: Any = None
+  profile: hooks.Profile | None = None
+  visualize: hooks.SampleGrid | None = None
   evaluate: list = dataclasses.field(default_factory=list)
   seed: int = 0
   total_steps: int = 7_000_000
   log_every_steps: int = 100
   init_from: str | None = None
-  sharding: Any = None
+  sharding: Sharding | None = None
   repa: Any = None
   skip_nonfinite_updates: int = 0
 

@@ -83,24 +83,35 @@ class ReportProgress:
 
 
 class Profile:
-  """CLU Profile: a `num_profile_steps` trace from `first_profile`, then every `every_steps`."""
+  """CLU Profile: a JAX trace (TensorBoard's profile tab; files under
+  `<workdir>/plugins/profile/`) of at least `num_profile_steps` steps and `profile_duration_ms`,
+  starting `first_profile` steps after the run starts or resumes, then again every
+  `every_steps` steps or `every_secs` seconds (None: not again). The defaults are diffuse_nnx's
+  (CLU's: 5 steps from step 10, at least 3 s, again every hour); `profile=None` traces nothing.
+  """
 
   def __init__(self, num_profile_steps: int = 5, first_profile: int = 10,
-               every_steps: int | None = None):
+               every_steps: int | None = None, every_secs: float | None = 3600.0,
+               profile_duration_ms: int | None = 3000):
     errors.check_positive(num_profile_steps=num_profile_steps, every_steps=every_steps)
     self.num_profile_steps = num_profile_steps
     self.first_profile = first_profile
     self.every_steps = every_steps
+    self.every_secs = every_secs
+    self.profile_duration_ms = profile_duration_ms
 
   def action(self, run):
     from clu import periodic_actions
 
     return periodic_actions.Profile(
         logdir=run.workdir, num_profile_steps=self.num_profile_steps,
-        first_profile=self.first_profile, every_steps=self.every_steps)
+        first_profile=int(run.state['step']) + self.first_profile,
+        every_steps=self.every_steps, every_secs=self.every_secs,
+        profile_duration_ms=self.profile_duration_ms)
 
 
-def _callback(every_steps: int, fn):
+def every(every_steps: int, fn):
+  """A CLU periodic action calling fn(step) every `every_steps` steps."""
   from clu import periodic_actions
 
   return periodic_actions.PeriodicCallback(
@@ -131,7 +142,12 @@ def save_png(path: str, grid: np.ndarray, min_side: int = 256) -> None:
 
 
 class SampleGrid:
-  """Sample grids of the EMA network to `<workdir>/samples/*.png` and TensorBoard.
+  """Sample grids to `<workdir>/samples/*.png` and TensorBoard: of the EMA weights at each of
+  `guidance_scales` (`step_<step>_cfg<g>.png`, `samples/cfg<g>`) and of the trained (raw,
+  not averaged) weights at each of `trained_guidance_scales` (`step_<step>_trained_cfg<g>.png`,
+  `samples/trained_cfg<g>`), every `every_steps` steps and at the last step. The defaults
+  draw what diffuse_nnx draws: both weights at cfg 1, the EMA also at its guidance scale, and
+  one set of grids when a run starts or resumes.
 
   Labels cycle through the classes (row-major), the noise is fixed by `seed`, so grids
   of successive steps are comparable.
@@ -139,33 +155,43 @@ class SampleGrid:
   Args:
     every_steps: how often (also drawn at the last step).
     num_samples: images per grid.
-    guidance_scales: one grid per classifier-free guidance weight.
+    guidance_scales: one grid of the EMA weights per classifier-free guidance weight.
+    trained_guidance_scales: one grid of the trained weights per guidance weight (() for none).
+    at_start: also draw before the first step of a run or of its resumption (at that step:
+      step 0 shows the initial weights).
     seed: seed of the noise.
     reconstructions: also draw, at the first step of the run (or of its resumption), held-out
-      images above their encoder round trip decode(encode(x)) (the seed's
+      images above their encoder round trip decode(encode(x)) (diffuse_nnx's
       `visualize_reconstruction`; pixel data only).
   """
 
   def __init__(self, every_steps: int = 25_000, num_samples: int = 64,
-               guidance_scales: tuple[float, ...] = (1.0, 2.0), seed: int = 42,
-               reconstructions: bool = False):
+               guidance_scales: tuple[float, ...] = (1.0, 2.0),
+               trained_guidance_scales: tuple[float, ...] = (1.0,), at_start: bool = True,
+               seed: int = 42, reconstructions: bool = False):
     errors.check_positive(every_steps=every_steps, num_samples=num_samples)
     self.every_steps = every_steps
     self.num_samples = num_samples
     self.guidance_scales = tuple(guidance_scales)
+    self.trained_guidance_scales = tuple(trained_guidance_scales)
+    self.at_start = at_start
     self.seed = seed
     self.reconstructions = reconstructions
 
   def draw(self, run, step: int) -> None:
     labels = np.arange(self.num_samples) % run.num_classes
     images = {}
-    for scale in self.guidance_scales:
-      samples = run.generate(labels, scale, seed=self.seed)
-      if run.is_main:
-        grid = image_grid(samples)
-        os.makedirs(os.path.join(run.workdir, 'samples'), exist_ok=True)
-        save_png(os.path.join(run.workdir, 'samples', f'step_{step:08d}_cfg{scale:g}.png'), grid)
-        images[f'samples/cfg{scale:g}'] = grid[None]
+    for prefix, params, scales in (('', run.ema_params(), self.guidance_scales),
+                                   ('trained_', run.state['params'],
+                                    self.trained_guidance_scales)):
+      for scale in scales:
+        samples = run.generate(labels, scale, seed=self.seed, params=params)
+        if run.is_main:
+          grid = image_grid(samples)
+          os.makedirs(os.path.join(run.workdir, 'samples'), exist_ok=True)
+          save_png(os.path.join(run.workdir, 'samples',
+                                f'step_{step:08d}_{prefix}cfg{scale:g}.png'), grid)
+          images[f'samples/{prefix}cfg{scale:g}'] = grid[None]
     run.writer.write_images(step, images)
 
   def draw_reconstructions(self, run, step: int) -> None:
@@ -185,30 +211,57 @@ class SampleGrid:
                              f'data.kind={experiment.data.kind!r}')
 
   def action(self, run):
-    grids = _callback(self.every_steps, lambda step: self.draw(run, step))
+    """The periodic grids; with `at_start`, draws the first ones now, before training
+    continues."""
+    self.check(run.experiment)
+    start = int(run.state['step'])
+    if self.at_start:
+      self.draw(run, start)
+    grids = every(self.every_steps, lambda step: self.draw(run, step))
     if not self.reconstructions:
       return grids
-    self.check(run.experiment)
     from clu import periodic_actions
 
     first = periodic_actions.PeriodicCallback(
-        on_steps=[int(run.state['step']) + 1], callback_fn=lambda step, t: (
+        on_steps=[start + 1], callback_fn=lambda step, t: (
             self.draw_reconstructions(run, step)), pass_step_and_time=True)
     return lambda step: (first(step), grids(step))
 
 
+def evaluate_on_load(run, evaluate) -> None:
+  """diffuse_nnx's `eval.on_load`: `evaluate(step)` on the weights the run starts from, before
+  training continues, when they were loaded (a checkpoint, or `init_from`); a fresh random
+  initialisation is not evaluated."""
+  from absl import logging
+
+  step = int(run.state['step'])
+  if step > 0 or run.experiment.init_from:
+    logging.info('Evaluating the loaded weights (step %d) before training continues', step)
+    evaluate(step)
+
+
 class ValidationLoss:
   """The training loss of the EMA and the trained weights on held-out data, with
-  fixed times and noise (`seed`), so successive values are comparable."""
+  fixed times and noise (`seed`), so successive values are comparable.
 
-  def __init__(self, every_steps: int = 1000, batch_size: int = 256, seed: int = 7):
+  Args:
+    on_load: also evaluate the loaded weights before training continues (`evaluate_on_load`).
+  """
+
+  def __init__(self, every_steps: int = 1000, batch_size: int = 256, seed: int = 7,
+               on_load: bool = False):
     errors.check_positive(every_steps=every_steps, batch_size=batch_size)
     self.every_steps = every_steps
     self.batch_size = batch_size
     self.seed = seed
+    self.on_load = on_load
 
-  def evaluate(self, run, step: int) -> None:
-    run.writer.write_scalars(step, run.validation_loss(self.batch_size, self.seed))
+  def evaluate(self, run, step: int) -> dict[str, float]:
+    scalars = run.validation_loss(self.batch_size, self.seed)
+    run.writer.write_scalars(step, scalars)
+    return scalars
 
   def action(self, run):
-    return _callback(self.every_steps, lambda step: self.evaluate(run, step))
+    if self.on_load:
+      evaluate_on_load(run, lambda step: self.evaluate(run, step))
+    return every(self.every_steps, lambda step: self.evaluate(run, step))

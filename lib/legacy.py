@@ -32,6 +32,7 @@ from fiddle import history
 
 from experiments import common
 from lib import cli, hooks, registry, sharding
+from lib.data import latents, prepared
 
 
 class LegacyConfigError(cli.UsageError):
@@ -66,14 +67,13 @@ IGNORED_UNLESS_TAKEN = {
 # behaves as (field -> value).
 NEUTRAL = {
     'trainer': 'DiT_ImageNet', 'standalone_eval': False, 'pretrained_ckpt': '',
-    'on_load': False, 'detector': 'inception', 'dtype': 'float32',
+    'detector': 'inception', 'dtype': 'float32',
     'continuous_time_embed': False, 'qk_norm': False, 'take_dt': False, 'take_gw': False,
     'mlp_dropout': 0.0, 'attn_dropout': 0.0, 'attn_w_dropout': 0.0, 'attn_o_dropout': 0.0,
     'n_mu': 0.0, 'n_sigma': 1.0, 'weight_decay': 0.0, 'warmup_steps': 0, 'min_abs_lr': 0.0,
 }
 HINTS = {
     'standalone_eval': '; evaluate a checkpoint with launch.py --mode=eval --workdir=DIR',
-    'on_load': '; evaluate a checkpoint with launch.py --mode=eval --workdir=DIR',
     'pretrained_ckpt': '; start from released weights with --fdl_set=init_from=FILE',
 }
 FIXED = {'lib.flow.edm.EDM': {'train_time_dist_type': 'log_normal'}}  # per class, as NEUTRAL
@@ -103,6 +103,7 @@ SAMPLING_TIME_DISTS = {'UNIFORM': 'uniform', 'EXP': 'karras'}
 BLOCKS = {
     'lib.data.latents.LatentFolder': 'imagenet_latents',
     'lib.data.images.ImageFolder': 'imagenet_raw',
+    'lib.data.prepared.PreparedImages': 'imagenet_prepared',
     'lib.data.digits.Digits': 'digits_data',
     'lib.models.encoders.PixelEncoder': 'pixel_encoder',
     'lib.models.sd_vae.StabilityVAE': 'sd_vae_encoder',
@@ -121,6 +122,7 @@ BLOCKS = {
     'lib.flow.samplers.Heun': 'heun',
     'lib.flow.samplers.EulerMaruyama': 'euler_maruyama',
 }
+EDM2_LAYOUT = (latents.LatentFolder, prepared.PreparedImages)  # data.latent_dataset=True
 SIZED_BLOCKS = ('repa_alignment', 'dinov2_detector')
 PARTIAL_KINDS = ('network', 'optimizer', 'schedule')  # called later with rngs / total_steps
 
@@ -167,13 +169,18 @@ def _data(fields):
   values = fields.pop('data', {})
   latent = values.pop('latent_dataset', None)
   stat_dir = values.pop('stat_dir', None)
-  name = fields.pop('data_class', None) or ('latents' if latent else 'images')
+  # diffuse_nnx's latent_dataset reads an EDM2 dataset folder: latents, or with the RGB
+  # encoder uint8 images (its imagenet_64).
+  pixels = fields.get('encoder_class') == 'RGB'
+  name = fields.pop('data_class', None) or (
+      ('prepared' if pixels else 'latents') if latent else 'images')
   node, minimal = _node('data', name, 'data_class')
   _apply(node, values, 'data', minimal=minimal)
   built = fdl.build(node)
-  if latent is not None and latent != (built.kind == 'posterior'):
+  if latent is not None and latent != isinstance(built, EDM2_LAYOUT):
     raise LegacyConfigError(f'data.latent_dataset={latent} contradicts data_class={name!r}, '
-                            f'which yields {built.kind}')
+                            f'which {"does not read" if latent else "reads"} an EDM2 dataset '
+                            f'folder')
   return node, built, stat_dir
 
 

@@ -20,6 +20,7 @@ _TARGETS: dict[str, dict[str, Any]] = {
     'data': {
         'latents': 'lib.data.latents:LatentFolder',
         'images': 'lib.data.images:ImageFolder',
+        'prepared': 'lib.data.prepared:PreparedImages',
         'digits': 'lib.data.digits:Digits',
     },
     'encoder': {

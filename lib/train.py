@@ -399,9 +399,10 @@ def train(experiment: Experiment, workdir: str,
 
 def sample(experiment: Experiment, workdir: str, num_samples: int,
            labels: list[int] | None = None, guidance_scale: float | None = None,
-           seed: int = 0) -> str:
-  """Samples the EMA weights of the newest checkpoint in `workdir` into `samples.npz`
-  (`images` uint8 NHWC, `labels` int32) and `samples.png`. Returns the npz path."""
+           seed: int = 0, step: int | None = None) -> str:
+  """Samples the EMA weights of checkpoint `step` (default: the newest good one) in `workdir`
+  into `samples.npz` (`images` uint8 NHWC, `labels` int32) and `samples.png`. Returns the npz
+  path."""
   num_classes = experiment.data.num_classes
   if labels:
     bad = [label for label in labels if not 0 <= label < num_classes]
@@ -415,7 +416,7 @@ def sample(experiment: Experiment, workdir: str, num_samples: int,
   manager = experiment.checkpoint.manager(workdir, create=False)
   run.load_encoder()
   try:
-    step = run.restore(manager)
+    step = run.restore(manager, step)
   finally:
     manager.close()
   if labels:

@@ -40,6 +40,7 @@ SIZES = {'S': 's2', 'B': 'b2', 'L': 'l2', 'XL': 'xl2'}
 CASES = [  # (legacy file, options, native preset, allowed differences)
     *[('dit_imagenet', f'imagenet_256-{size}_2', f'experiments/dit.py:{preset}',
        []) for size, preset in SIZES.items()],
+    ('dit_imagenet', 'imagenet_64-B_2', 'experiments/dit.py:b2(image_size=64)', []),
     *[('lightning_dit_imagenet', f'imagenet_256-{size}_2',
        f'experiments/lightning_dit.py:{preset}', [])
       for size, preset in SIZES.items()],

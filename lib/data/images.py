@@ -174,6 +174,12 @@ class ImageFolder:
     with open(path, 'rb') as f:
       return f.read()
 
+  def _read_op(self, path):
+    """The encoded bytes of `path` as a tf.string tensor, inside the tf.data map."""
+    import tensorflow as tf
+
+    return tf.io.read_file(path)
+
   def load(self, indices: Sequence[int], flips: Sequence[bool] | None = None,
            num_threads: int = 8) -> np.ndarray:
     """Examples `indices` as (n, S, S, 3) uint8 without TensorFlow (a thread pool of PIL
@@ -222,7 +228,7 @@ class ImageFolder:
         raise ValueError(f'cannot decode {path.decode()}: {error}') from None
 
     def load(path, label, flip):
-      data = tf.io.read_file(path)
+      data = self._read_op(path)
       image = tf.numpy_function(decode, [data, flip, path], tf.uint8, stateful=False)
       image.set_shape((image_size, image_size, 3))
       return {'image': image, 'label': label}

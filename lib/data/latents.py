@@ -25,6 +25,41 @@ import numpy as np
 from lib.data import stream
 
 
+LABELS_FORMAT = ('{"labels": [[relative_path, int_label], ...]}, as EDM2\'s dataset_tool.py '
+                 'writes')
+
+
+def dataset_labels(label_file: str, text: bytes, files: list[str], num_classes: int,
+                   what: str) -> np.ndarray:
+  """(N,) int32 labels of `files` (relative '/'-separated paths, in order) from the contents
+  of an EDM2 `dataset.json`; every file needs exactly one label in [0, num_classes). Errors
+  name `label_file` and what it should hold; `what` names the files (`.npy files under D`)."""
+  try:
+    entries = json.loads(text)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f'{label_file} is not valid JSON ({e}); expected {LABELS_FORMAT}') from None
+  entries = entries.get('labels', ()) if isinstance(entries, dict) else ()
+  if entries is None:
+    raise ValueError(f'{label_file} has "labels": null (an unconditional dataset); class-'
+                     f'conditional training needs {LABELS_FORMAT}')
+  if not isinstance(entries, list) or not all(
+      isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+      and isinstance(entry[1], int) for entry in entries):
+    raise ValueError(f'{label_file}: expected {LABELS_FORMAT}')
+  labels = dict(entries)
+  if len(labels) != len(files) or set(labels) != set(files):
+    unlabelled = sorted(set(files) - set(labels))[:3]
+    missing = sorted(set(labels) - set(files))[:3]
+    raise ValueError(f'{label_file} has {len(labels)} labels for {len(files)} {what} '
+                     f'(unlabelled files e.g. {unlabelled}, labels without a file e.g. '
+                     f'{missing})')
+  values = np.array([labels[name] for name in files], np.int64)
+  if values.min() < 0 or values.max() >= num_classes:
+    raise ValueError(f'{label_file}: labels span [{values.min()}, {values.max()}], outside '
+                     f'[0, data.num_classes={num_classes})')
+  return values.astype(np.int32)
+
+
 class LatentFolder:
   """Class-conditional pre-extracted latents (`kind = 'posterior'`).
 
@@ -65,29 +100,10 @@ class LatentFolder:
         for root, _, names in os.walk(self.data_dir) for name in names if name.endswith('.npy'))
     if not files:
       raise ValueError(f'no .npy files under data.data_dir={self.data_dir!r}')
-    try:
-      with open(label_file) as f:
-        entries = json.load(f)
-    except ValueError as e:
-      raise ValueError(f'{label_file} is not valid JSON ({e}); expected {{"labels": '
-                       '[[relative_path, int_label], ...]}') from None
-    entries = entries.get('labels') if isinstance(entries, dict) else None
-    if not isinstance(entries, list) or not all(
-        isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], int)
-        for entry in entries):
-      raise ValueError(f'{label_file}: expected {{"labels": [[relative_path, int_label], ...]}}')
-    labels = dict(entries)
-    if len(labels) != len(files) or set(labels) != set(files):
-      unlabelled = sorted(set(files) - set(labels))[:3]
-      missing = sorted(set(labels) - set(files))[:3]
-      raise ValueError(f'{label_file} has {len(labels)} labels for {len(files)} .npy files '
-                       f'under {self.data_dir} (unlabelled files e.g. {unlabelled}, labels '
-                       f'without a file e.g. {missing})')
-    values = np.array([labels[name] for name in files], np.int64)
-    if values.min() < 0 or values.max() >= self.num_classes:
-      raise ValueError(f'{label_file}: labels span [{values.min()}, {values.max()}], outside '
-                       f'[0, data.num_classes={self.num_classes})')
-    return files, values.astype(np.int32)
+    with open(label_file, 'rb') as f:
+      labels = dataset_labels(label_file, f.read(), files, self.num_classes,
+                              f'.npy files under {self.data_dir}')
+    return files, labels
 
   def _load(self, name: str) -> np.ndarray:
     """One file as float32 (h, w, C), its shape checked."""

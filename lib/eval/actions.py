@@ -24,14 +24,8 @@ import numpy as np
 from absl import logging
 
 from lib import errors
+from lib import hooks
 from lib.eval import fid as fid_lib
-
-
-def _callback(every_steps: int, fn):
-  from clu import periodic_actions
-
-  return periodic_actions.PeriodicCallback(
-      every_steps=every_steps, callback_fn=lambda step, t: fn(step), pass_step_and_time=True)
 
 
 def eval_labels(num_samples: int, num_classes: int, kind: str = 'balanced',
@@ -72,6 +66,8 @@ class FIDEvaluation:
       trace from symmetric eigendecompositions, several times faster; see
       `lib.eval.fid.frechet_distance`).
     seed: seed of the noise (and of uniform labels).
+    on_load: also evaluate the whole schedule on the loaded weights before training continues
+      (diffuse_nnx's `eval.on_load`; `lib.hooks.evaluate_on_load`).
   """
 
   def __init__(self, inception_weights: str | None = None, reference_stats: str | None = None,
@@ -81,7 +77,8 @@ class FIDEvaluation:
                labels: Literal['balanced', 'uniform'] = 'balanced',
                samples_per_call: int = 1000, generate_batch_size: int = 256,
                inception_batch_size: int = 200, inception_score: bool = True,
-               fid_method: Literal['sqrtm', 'eigh'] = 'sqrtm', seed: int = 42):
+               fid_method: Literal['sqrtm', 'eigh'] = 'sqrtm', seed: int = 42,
+               on_load: bool = False):
     self.inception_weights = inception_weights
     self.reference_stats = reference_stats
     self.all_guidance_scales = tuple(all_guidance_scales)
@@ -94,6 +91,7 @@ class FIDEvaluation:
     self.inception_score = inception_score
     self.fid_method = fid_method
     self.seed = seed
+    self.on_load = on_load
     if not len(self.all_guidance_scales) == len(self.all_eval_samples_nums) == \
         len(self.eval_every_steps):
       raise ValueError(
@@ -205,7 +203,10 @@ class FIDEvaluation:
 
   def action(self, run):
     self.prepare(run)  # a missing file fails at the start of training
-    return _callback(self.every_steps, lambda step: self.evaluate(run, step, self.due(step)))
+    if self.on_load:  # the whole schedule, as diffuse_nnx's eval.on_load
+      hooks.evaluate_on_load(run, lambda step: self.evaluate(run, step))
+    return hooks.every(self.every_steps,
+                           lambda step: self.evaluate(run, step, self.due(step)))
 
 
 class DigitsQuality:
@@ -226,17 +227,20 @@ class DigitsQuality:
     guidance_scales: classifier-free guidance weights to evaluate.
     seed: seed of the noise.
     weights: classifier weights (.npz; None: the committed `digits_classifier.npz`).
+    on_load: also evaluate the loaded weights before training continues
+      (`lib.hooks.evaluate_on_load`).
   """
 
   def __init__(self, every_steps: int = 500, num_samples: int = 512,
                guidance_scales: tuple[float, ...] = (1.0,), seed: int = 123,
-               weights: str | None = None):
+               weights: str | None = None, on_load: bool = False):
     errors.check_positive(every_steps=every_steps, num_samples=num_samples)
     self.every_steps = every_steps
     self.num_samples = num_samples
     self.guidance_scales = tuple(guidance_scales)
     self.seed = seed
     self.weights = weights
+    self.on_load = on_load
 
   def check(self, experiment) -> None:
     """Raises UserError unless the data are 10-class greyscale digits."""
@@ -286,4 +290,6 @@ class DigitsQuality:
 
   def action(self, run):
     self.prepare(run)
-    return _callback(self.every_steps, lambda step: self.evaluate(run, step))
+    if self.on_load:
+      hooks.evaluate_on_load(run, lambda step: self.evaluate(run, step))
+    return hooks.every(self.every_steps, lambda step: self.evaluate(run, step))

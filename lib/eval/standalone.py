@@ -1,7 +1,8 @@
-"""Evaluation of a finished (or paused) run: every evaluation action on the newest checkpoint.
+"""Evaluation of a finished (or paused) run: every evaluation action on a checkpoint.
 
-    python launch.py --workdir=runs/xl2 --mode=eval        # the saved config of the run
-    evaluate(experiment, workdir)                           # the same, from Python
+    python launch.py --workdir=runs/xl2 --mode=eval        # the saved config, newest checkpoint
+    python launch.py --workdir=runs/xl2 --mode=eval --step=100000
+    evaluate(experiment, workdir, step=None)                # the same, from Python
 
 Runs `evaluate(run, step)` of each node of `experiment.evaluate` that has one (FID actions
 evaluate every guidance scale and sample count of their schedule, not only those due at that
@@ -22,8 +23,8 @@ def evaluate(experiment, workdir: str, step: int | None = None) -> dict[str, flo
 
   actions = [hook for hook in experiment.evaluate if hasattr(hook, 'evaluate')]
   if not actions:
-    raise errors.UserError('the experiment has no evaluation actions (`evaluate` is empty); add e.g. '
-                     'fdl.Config(lib.eval.actions.FIDEvaluation, ...) to it')
+    raise errors.UserError('the experiment has no evaluation actions (`evaluate` is empty); '
+                           'add e.g. fdl.Config(lib.eval.actions.FIDEvaluation, ...) to it')
   if ckpt.latest_step(workdir) is None:
     raise errors.CheckpointError(f'no checkpoint in {ckpt.directory(workdir)}; train first '
                                  '(--mode=train) or point --workdir at a trained run')
