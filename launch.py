@@ -84,6 +84,9 @@ def resolve_config() -> fdl.Buildable:
                          'required; preset files: ' + ', '.join(cli.preset_files()))
   for assignment in flags.FLAGS.fdl_set:
     cli.apply_override(config, assignment)
+  if getattr(config, 'init_from', None):  # the released weights' conventions
+    from lib.models import releases
+    releases.apply_init_from(config)
   return config
 
 
@@ -115,9 +118,10 @@ def review_config(config: fdl.Buildable) -> int:
 
 
 # Differences under these paths change how a run is observed or laid out on devices, not
-# what it computes, so a resumed run may change them without --accept_config_change.
+# what it computes, so a resumed run may change them without --accept_config_change
+# (`init_from` is read only by a run's first start).
 BOOKKEEPING = ('checkpoint', 'writers', 'report', 'profile', 'visualize', 'evaluate',
-               'log_every_steps', 'sharding')
+               'log_every_steps', 'sharding', 'init_from')
 
 
 def check_saved_config(config: fdl.Buildable, workdir: str) -> None:

@@ -333,12 +333,13 @@ def leaf_repr(value) -> str:
 
 def value_source(node: fdl.Buildable, name: str) -> str:
   """Where `node.name` was last set, from Fiddle's history: `FILE:LINE (function)` with FILE
-  relative to the repository, or the `--fdl_set=...` flag that set it."""
+  relative to the repository, or what on the command line set it (the `--fdl_set=...` flag,
+  or a released checkpoint's conventions, `lib.models.releases`)."""
   entries = node.__argument_history__.get(name) or []
   if not entries:
     return 'default'
   location = entries[-1].location
-  if location.filename.startswith('--fdl_set'):
+  if location.function_name == 'command line':
     return location.filename
   filename = location.filename
   if filename.startswith(REPO_ROOT + os.sep):
