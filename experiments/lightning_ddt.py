@@ -10,7 +10,9 @@ s = sqrt(t_shift_cur / t_shift_base) = sqrt(16*16*768 / 4096) ~ 6.93.
 That shift is the one RAE derives for its 16x16x768 latents, which the seed applies to this
 preset's sampler unchanged; training on 32x32x4 latents uses s = 1 (the interface derives it
 from the data). Set `sampler.t_shift_cur=4096` for a grid matched to the training shift. The
-RAE variant on 768-channel latents (patch 1) is a separate preset.
+RAE variant on 768-channel latents (patch 1) is a separate preset. Sampling guidance: cfg 1.5,
+the SD-VAE family's published best (`common.SIT_GUIDANCE`); RAE's DiT-DH has no published
+CFG number on these latents (its 1.13 uses AutoGuidance on RAE latents).
 
     python launch.py --fdl_config=experiments/lightning_ddt.py:xl2 --workdir=runs/ddt_xl2
 """
@@ -31,7 +33,7 @@ def _imagenet(size: str, patch_size: int, image_size: int, data_dir: str | None)
       interface=common.sit_interface(time_dist='logit_normal'),
       optimizer=common.adamw(learning_rate=2e-4, b2=0.95),
       sharding=common.fsdp(),
-      sampler=common.heun(32, **SAMPLER_RANGE))
+      sampler=common.heun(32, guidance_scale=common.SIT_GUIDANCE, **SAMPLER_RANGE))
   config.ema.decay = 0.9995
   return config
 

@@ -38,20 +38,30 @@ SEED_DECODER_PATH = (
     'the seed hard-codes its RAE decoder file (its `encoder.pretrained_path`, converted to '
     'decoder_weights); the native preset leaves weight files to the caller')
 
+SAMPLING_GUIDANCE = (
+    'sampler.guidance_scale: 1.5 -> ',
+    "diffuse_nnx's sampler has no guidance of its own (its evaluation lists scales); the native "
+    "presets sample at the family's published best, SiT-XL/2's cfg 1.5 (common.SIT_GUIDANCE)")
+REPA_GUIDANCE = [(
+    f'sampler.{field}: {native} -> ',
+    "diffuse_nnx's sampler has no guidance of its own; the native REPA presets sample at REPA's "
+    'published best, cfg 1.8 for t <= 0.7') for field, native in (
+        ('guidance_scale', '1.8'), ('guidance_interval', '(0.0, 0.7)'))]
+
 SIZES = {'S': 's2', 'B': 'b2', 'L': 'l2', 'XL': 'xl2'}
 CASES = [  # (legacy file, options, native preset, allowed differences)
     *[('dit_imagenet', f'imagenet_256-{size}_2', f'experiments/dit.py:{preset}',
-       []) for size, preset in SIZES.items()],
+       [SAMPLING_GUIDANCE]) for size, preset in SIZES.items()],
     *[('lightning_dit_imagenet', f'imagenet_256-{size}_2',
-       f'experiments/lightning_dit.py:{preset}', [])
+       f'experiments/lightning_dit.py:{preset}', [SAMPLING_GUIDANCE])
       for size, preset in SIZES.items()],
     *[('lightning_ddt_imagenet', f'imagenet_256-{size}_2',
-       f'experiments/lightning_ddt.py:{SIZES[size]}', [])
+       f'experiments/lightning_ddt.py:{SIZES[size]}', [SAMPLING_GUIDANCE])
       for size in ('S', 'XL')],
     *[('mf_imagenet', f'imagenet_256-{size}_2', f'experiments/meanflow.py:{preset}',
        MEANFLOW_FID_AT_CFG_1) for size, preset in SIZES.items()],
     *[('dit_imagenet_repa', f'imagenet_raw_256-{size}_2', f'experiments/dit_repa.py:{preset}',
-       [REPA_PAPER_DEPTH] if size in ('L', 'XL') else [])
+       REPA_GUIDANCE + ([REPA_PAPER_DEPTH] if size in ('L', 'XL') else []))
       for size, preset in SIZES.items()],
     ('rae_imagenet', 'imagenet_raw_256-XL_1', 'experiments/rae.py:xl1',
      [SEED_DECODER_PATH]),
