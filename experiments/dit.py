@@ -1,6 +1,6 @@
 """DiT presets: SiT flow matching with DiT backbones.
 
-`s2`, `b2`, `l2`, `xl2`: ImageNet 256 SD-VAE latents (32x32x4), the seed's
+`s2`, `b2`, `l2`, `xl2`: ImageNet 256 SD-VAE latents (32x32x4), diffuse_nnx's
 `dit_imagenet.py` defaults. `digits`: the embedded CPU demo on scikit-learn's digits.
 
     python launch.py --fdl_config=experiments/dit.py:xl2 --workdir=runs/xl2

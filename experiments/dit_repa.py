@@ -1,4 +1,4 @@
-"""DiT + REPA presets: the seed's `dit_imagenet_repa.py` (`imagenet_raw_256-{S,B,L,XL}_2`).
+"""DiT + REPA presets: diffuse_nnx's `dit_imagenet_repa.py` (`imagenet_raw_256-{S,B,L,XL}_2`).
 
 Raw ImageNet 256 images (ADM center crop, random flips) are encoded on the fly by the SD-VAE
 into 32x32x4 latents; with patch 2 the network sees 256 tokens, aligned with the 256 patch
@@ -9,7 +9,7 @@ guidance: cfg 1.8 inside the interval t <= 0.7 (FID 1.42 for SiT-XL/2 + REPA at 
 1.80 without the interval).
 
 Aligned block: 4 for S and B, 8 for L and XL, as the REPA paper (arXiv 2410.06940, SiT-B/2
-depth 4, SiT-L/XL depth 8); the seed aligns block 4 at every size.
+depth 4, SiT-L/XL depth 8); diffuse_nnx aligns block 4 at every size.
 
 The DINOv2 weights are a local file:
 

@@ -1,4 +1,4 @@
-"""RAE presets: the seed's `rae_imagenet.py` (`imagenet_raw_256-{XL,S}_1`), diffusion in the
+"""RAE presets: diffuse_nnx's `rae_imagenet.py` (`imagenet_raw_256-{XL,S}_1`), diffusion in the
 latent space of a representation autoencoder (Zheng et al., arXiv 2510.11690).
 
 Raw ImageNet 256 images are encoded on the fly by the RAE (DINOv2-B with registers, final
@@ -13,7 +13,7 @@ without guidance, as RAE's released CFG sampling config (`DiTDHXL-DINOv2-B.yaml`
 replicated state. The first sample grid of a run also shows reconstructions
 decode(encode(x)) of held-out images.
 
-The seed's `pretrained_ckpt` (a released DiT-DH checkpoint, left to the caller) is
+diffuse_nnx's `pretrained_ckpt` (a released DiT-DH checkpoint, left to the caller) is
 `init_from` here:
 
     python launch.py --fdl_config=experiments/rae.py:xl1 --workdir=runs/rae_xl1 \\

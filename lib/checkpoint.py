@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointing:
-  """Checkpoint policy (the seed's `checkpoint.options`).
+  """Checkpoint policy (diffuse_nnx's `checkpoint.options`).
 
   Args:
     save_interval_steps: save every this many steps (and at the end of the run).

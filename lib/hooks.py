@@ -138,7 +138,7 @@ class SampleGrid:
     guidance_scales: one grid per classifier-free guidance weight.
     seed: seed of the noise.
     reconstructions: also draw, at the first step of the run (or of its resumption), held-out
-      images above their encoder round trip decode(encode(x)) (the seed's
+      images above their encoder round trip decode(encode(x)) (diffuse_nnx's
       `visualize_reconstruction`; pixel data only).
   """
 

@@ -1,4 +1,4 @@
-"""Legacy compatibility: seed-library configs (ml_collections, `*_class` strings) convert to the
+"""Legacy compatibility: diffuse_nnx configs (ml_collections, `*_class` strings) convert to the
 native presets' graphs, train with user-registered classes, fail with useful messages, and run
 through launch.py --config."""
 
@@ -20,22 +20,22 @@ from flax import nnx
 from lib import cli, legacy, nn, registry, review
 from tests.legacy_configs import dit_imagenet, dit_imagenet_repa
 
-# Differences between a converted seed preset and its native preset that are intended
+# Differences between a converted diffuse_nnx preset and its native preset that are intended
 # (`path: native -> converted` line prefix, reason).
 MEANFLOW_FID_AT_CFG_1 = [(
     f'evaluate[0].{field}: {native} -> ',
     'MeanFlow bakes guidance in by training, so the native preset evaluates FID at cfg 1 only; '
-    'the seed repeats the same samples at cfg 1.5 (seed-library.md section 10, item 8)')
+    'diffuse_nnx repeats the same samples at cfg 1.5')
     for field, native in (('all_guidance_scales', '(1.0,)'),
                           ('all_eval_samples_nums', '((10000, 50000),)'),
                           ('eval_every_steps', '((25000, 100000),)'))]
 REPA_PAPER_DEPTH = (
     'repa.depth: 8 -> 4',
-    'the seed aligns block 4 at every size; the native L and XL presets align block 8, the '
+    'diffuse_nnx aligns block 4 at every size; the native L and XL presets align block 8, the '
     'REPA paper\'s value (experiments/dit_repa.py)')
-SEED_DECODER_PATH = (
+DIFFUSE_NNX_DECODER_PATH = (
     "encoder.decoder_weights: None -> '/home/nm3607/model.pt'",
-    'the seed hard-codes its RAE decoder file (its `encoder.pretrained_path`, converted to '
+    'diffuse_nnx hard-codes its RAE decoder file (its `encoder.pretrained_path`, converted to '
     'decoder_weights); the native preset leaves weight files to the caller')
 
 SAMPLING_GUIDANCE = (
@@ -64,7 +64,7 @@ CASES = [  # (legacy file, options, native preset, allowed differences)
        REPA_GUIDANCE + ([REPA_PAPER_DEPTH] if size in ('L', 'XL') else []))
       for size, preset in SIZES.items()],
     ('rae_imagenet', 'imagenet_raw_256-XL_1', 'experiments/rae.py:xl1',
-     [SEED_DECODER_PATH]),
+     [DIFFUSE_NNX_DECODER_PATH]),
 ]
 
 
@@ -96,7 +96,7 @@ def without_defaults(config: fdl.Buildable) -> fdl.Buildable:
 
 @pytest.mark.parametrize('name,options,native,allowed', CASES,
                          ids=[f'{case[0]}:{case[1]}' for case in CASES])
-def test_seed_preset_converts_to_its_native_preset(name, options, native, allowed):
+def test_diffuse_nnx_preset_converts_to_its_native_preset(name, options, native, allowed):
   if not os.path.exists(os.path.join(cli.REPO_ROOT, native.split(':')[0])):
     pytest.skip(f'{native.split(":")[0]} is not written yet')
   converted = legacy.convert(legacy_config(name, options))
@@ -139,7 +139,7 @@ registry.register('network', 'tiny_denoiser', TinyDenoiser)
 
 
 def tiny_legacy_config() -> ml_collections.ConfigDict:
-  """A legacy config in the seed's layout naming the registered network, on the digits."""
+  """A legacy config in diffuse_nnx's layout naming the registered network, on the digits."""
   return ml_collections.ConfigDict(dict(
       trainer='DiT_ImageNet', seed=0, dtype='float32', total_steps=4, log_every_steps=1,
       save_every_steps=1000, visualize_every_steps=1000,
