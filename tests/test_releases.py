@@ -206,6 +206,14 @@ def test_import_refuses_an_experiment_built_without_the_conventions(tmp_path):
   assert 'encoder.final_std is 0.5, the release needs 0.18215' in message
 
 
+def test_a_file_that_is_not_a_checkpoint_is_refused_clearly(tmp_path):
+  path = tmp_path / 'notes.pt'
+  path.write_text('not a checkpoint')
+  config = small_config('experiments/dit.py:s2', f'init_from={path}')
+  with pytest.raises(ConfigError, match=f'cannot read the weights file {path}: '):
+    releases.apply_init_from(config)
+
+
 def test_a_missing_init_from_file_leaves_the_config_for_a_resuming_run(tmp_path):
   config = small_config('experiments/dit.py:s2', f'init_from={tmp_path / "gone.pt"}')
   before = review.dump_config(config)

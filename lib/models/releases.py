@@ -166,7 +166,12 @@ def identify(network, path: str) -> Release:
   cls = import_weights.network_class(network)
   for base in getattr(cls, '__mro__', ()):
     if base in FAMILIES:
-      return FAMILIES[base](read_contents(path), path)
+      try:
+        contents = read_contents(path)
+      except Exception as e:  # a file that is not a readable weights file
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f'cannot read the weights file {path}: {first_line}') from None
+      return FAMILIES[base](contents, path)
   raise ConfigError(f'no release conventions are declared for network class '
                     f'{getattr(cls, "__qualname__", cls)} (add them to '
                     f'lib.models.releases.FAMILIES)')
@@ -211,7 +216,8 @@ def apply(config: fdl.Buildable, path: str, source: str) -> tuple[Release, list[
   release = identify(config.network, path)
   if release.name is None and not _by_flag(config.interface, 'network_time'):
     raise ConfigError(_unknown_message(path))
-  label = f'{source} ({release.name or "time convention as set"} release conventions)'
+  label = f'{source} ({release.name} release conventions)' if release.name else \
+      f'{source} (what its weights show)'
   changed = []
   with history.custom_location(lambda: history.Location(label, 0, 'command line')):
     if release.interface is not None and \
@@ -228,7 +234,8 @@ def apply(config: fdl.Buildable, path: str, source: str) -> tuple[Release, list[
       if _same(current, value):
         continue
       if _by_flag(node, name):
-        raise ConfigError(f'{source} is a {release.name} release, which needs {where}={value!r}; '
+        what = f'a {release.name} release' if release.name else 'a checkpoint'
+        raise ConfigError(f'{source} is {what}, which needs {where}={value!r}; '
                           f'{cli.value_source(node, name)} contradicts it: drop that flag')
       setattr(node, name, value)
       changed.append(f'{where} = {value!r} (was {current!r})')
