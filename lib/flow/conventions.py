@@ -11,7 +11,8 @@ feeding it s = 1 - t and negating its output:
     v(x, t, y) = -v'(x, 1 - t, y)
 
 `ReversedTime(network)` does exactly that. An interval input `dt` (MeanFlow's t - r, a
-length) is passed through unchanged.
+length) is passed through unchanged. `interface.network_time` selects it; importing released
+weights sets it to the release's convention (`lib.models.releases`).
 """
 
 from typing import Literal
