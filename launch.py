@@ -101,6 +101,9 @@ def resolve_config() -> fdl.Buildable:
     cli.apply_tag_override(config, assignment)
   for assignment in flags.FLAGS.fdl_set:
     cli.apply_override(config, assignment)
+  if getattr(config, 'init_from', None):  # the released weights' conventions
+    from lib.models import releases
+    releases.apply_init_from(config)
   return config
 
 
@@ -135,9 +138,10 @@ def review_config(config: fdl.Buildable) -> int:
 
 
 # Differences under these paths change how a run is observed or laid out on devices, not
-# what it computes, so a resumed run may change them without --accept_config_change.
+# what it computes, so a resumed run may change them without --accept_config_change
+# (`init_from` is read only by a run's first start).
 BOOKKEEPING = ('checkpoint', 'writers', 'report', 'profile', 'visualize', 'evaluate',
-               'log_every_steps', 'sharding')
+               'log_every_steps', 'sharding', 'init_from')
 
 
 def check_saved_config(config: fdl.Buildable, workdir: str) -> Callable[[], None] | None:

@@ -140,6 +140,8 @@ def load_preset(spec: str) -> fdl.Config:
   kwargs = {k: coerce(v, hints.get(k, Any), k, flag) for k, v in kwargs.items()}
   try:
     config = fn(**kwargs)
+  except errors.UserError:
+    raise  # its message names the values already
   except (ValueError, KeyError, TypeError) as e:
     raise UsageError(f'{flag}: the preset cannot be made with these arguments: '
                      f'{type(e).__name__}: {e}') from e
@@ -577,8 +579,9 @@ def leaf_repr(value) -> str:
 
 def value_source(node: fdl.Buildable, name: str) -> str:
   """Where `node.name` was last set, from Fiddle's history: `FILE:LINE (function)` with FILE
-  relative to the repository, the flag that set it (`--fdl_set=...`, `--fiddler=...`, or the
-  legacy `--config=FILE:OPTIONS` it was converted from), or `default of TARGET` (in a
+  relative to the repository, what on the command line set it (`--fdl_set=...`,
+  `--fiddler=...`, the legacy `--config=FILE:OPTIONS` it was converted from, or a released
+  checkpoint's conventions, `lib.models.releases`), or `default of TARGET` (in a
   `with_defaults` copy). A config loaded from JSON without provenance: `saved config`."""
   entries = node.__argument_history__.get(name) or []
   if not entries:
@@ -586,7 +589,7 @@ def value_source(node: fdl.Buildable, name: str) -> str:
   location = entries[-1].location
   if location.function_name == _DEFAULT:
     return f'default of {location.filename}'
-  if location.filename.startswith('--'):  # a command-line flag: --fdl_set=..., --config=...
+  if location.filename.startswith('--') or location.function_name == 'command line':
     return location.filename
   filename = location.filename
   if filename.startswith(REPO_ROOT + os.sep):

@@ -1,4 +1,4 @@
-"""Converts a seed-library config (willisma/diffuse_nnx: an ml_collections `ConfigDict` that
+"""Converts a diffuse_nnx config (willisma/diffuse_nnx: an ml_collections `ConfigDict` that
 names components by `*_class` strings) into this project's experiment graph.
 
     config = legacy.convert(dit_imagenet.get_config('imagenet_256-XL_2'))  # fdl.Config(Experiment)
@@ -7,7 +7,7 @@ names components by `*_class` strings) into this project's experiment graph.
 Each `*_class` string is resolved in `lib.registry`. The node starts from the block of
 `experiments/common.py` that native presets build that class with (BLOCKS), then the legacy
 fields are translated to the class's argument names and value conventions and set where they
-change it; a class without a block starts bare and gets every field given. So a seed preset
+change it; a class without a block starts bare and gets every field given. So a diffuse_nnx preset
 converts to the native preset it mirrors, and the result prints, diffs, takes `--fdl_set`
 overrides and trains like any preset.
 
@@ -40,30 +40,30 @@ class LegacyConfigError(cli.UsageError):
   and the alternatives."""
 
 
-# Seed fields that are accepted and dropped (dotted path -> why).
+# diffuse_nnx fields that are accepted and dropped (dotted path -> why).
 IGNORED = {
-    'exp_name': 'names the seed\'s wandb run; runs here log to the workdir',
-    'project_name': 'names the seed\'s wandb project',
-    'restore_step': 'dead in the seed (0 is falsy; only standalone_eval reads it)',
-    'data.num_train_samples': 'dead in the seed (never read)',
+    'exp_name': 'names diffuse_nnx\'s wandb run; runs here log to the workdir',
+    'project_name': 'names diffuse_nnx\'s wandb project',
+    'restore_step': 'dead in diffuse_nnx (0 is falsy; only standalone_eval reads it)',
+    'data.num_train_samples': 'dead in diffuse_nnx (never read)',
     'data.num_workers': 'PyTorch loader workers; the tf.data pipeline sets its own parallelism',
     'data.seed_pt': 'seed of PyTorch loader workers; the data order here follows data.seed',
-    'network.attn_norm_layer': 'dead in the seed; with qk_norm, the norm here follows rms_norm',
-    'network.rope_init_theta': 'dead in the seed (its unused learned RotaryEmbedder)',
-    'network.rope_init_scale': 'dead in the seed (its unused learned RotaryEmbedder)',
-    'eval.save_samples_path': 'dead in the seed (a no-op)',
-    'eval.batch_size': 'the seed\'s per-device generation batch, a speed setting',
-    'eval.inception_batch_size': 'the seed\'s per-device Inception batch, a speed setting',
-    'sharding.rules': 'dead in the seed (never applied; the batch follows sharding.data_axis)',
-    'sharding.allow_split_physical_axes': 'dead in the seed (its trainer reads another key)',
+    'network.attn_norm_layer': 'dead in diffuse_nnx; with qk_norm, the norm here follows rms_norm',
+    'network.rope_init_theta': 'dead in diffuse_nnx (its unused learned RotaryEmbedder)',
+    'network.rope_init_scale': 'dead in diffuse_nnx (its unused learned RotaryEmbedder)',
+    'eval.save_samples_path': 'dead in diffuse_nnx (a no-op)',
+    'eval.batch_size': 'diffuse_nnx\'s per-device generation batch, a speed setting',
+    'eval.inception_batch_size': 'diffuse_nnx\'s per-device Inception batch, a speed setting',
+    'sharding.rules': 'dead in diffuse_nnx (never applied; the batch follows sharding.data_axis)',
+    'sharding.allow_split_physical_axes': 'dead in diffuse_nnx (its trainer reads another key)',
 }
 # ... and these only where the target class has no argument of that name.
 IGNORED_UNLESS_TAKEN = {
-    'interface.x_sigma': 'dead in the seed for sit and mean_flow (edm takes it)',
-    'interface.t_shift_base': 'dead in the seed for mean_flow and edm (no resolution shift)',
+    'interface.x_sigma': 'dead in diffuse_nnx for sit and mean_flow (edm takes it)',
+    'interface.t_shift_base': 'dead in diffuse_nnx for mean_flow and edm (no resolution shift)',
 }
 
-# Seed switches this project's classes lack: accepted only at the value the class always
+# diffuse_nnx switches this project's classes lack: accepted only at the value the class always
 # behaves as (field -> value).
 NEUTRAL = {
     'trainer': 'DiT_ImageNet', 'standalone_eval': False, 'pretrained_ckpt': '',
@@ -94,7 +94,7 @@ CLASS_RENAMES = {
     'lib.models.dinov2.DINOv2': {'pretrained_path': 'weights_path'},
 }
 
-# Seed value conventions (upper-cased, '_' removed, as the seed parses them) -> ours.
+# diffuse_nnx value conventions (upper-cased, '_' removed, as diffuse_nnx parses them) -> ours.
 TIME_DISTS = {'UNIFORM': 'uniform', 'LOGITNORMAL': 'logit_normal', 'LOGNORMAL': 'log_normal'}
 SAMPLING_TIME_DISTS = {'UNIFORM': 'uniform', 'EXP': 'karras'}
 
@@ -212,7 +212,7 @@ def _network(fields, data, encoder):
   for name, value in derived.items():
     if name in values and values[name] == value:
       del values[name]
-  if not values.pop('enable_dropout', True):  # the seed's switch for label dropout
+  if not values.pop('enable_dropout', True):  # diffuse_nnx's switch for label dropout
     values['class_dropout_prob'] = 0.0
   _apply(node, values, 'network', minimal=minimal)
   _apply(node, {'dtype': fields.pop('dtype')} if 'dtype' in fields else {}, '', minimal=minimal)
@@ -235,7 +235,7 @@ def _optimizer(fields, batch_size: int):
       'schedule', fields.pop('learning_rate_schedule', 'constant'), 'learning_rate_schedule')
   values = {name: fields.pop(name) for name in ('warmup_steps', 'min_abs_lr', 'lr_ref_batches')
             if name in fields}
-  if 'lr_rampup_Mimg' in fields:  # the seed's edm2 ramp-up in images -> optimizer steps
+  if 'lr_rampup_Mimg' in fields:  # diffuse_nnx's edm2 ramp-up in images -> optimizer steps
     values['lr_rampup_Mimg'] = round(fields.pop('lr_rampup_Mimg') * 1e6 / batch_size)
   _apply(schedule, values, '', SCHEDULE_RENAMES, minimal=schedule_minimal)
   top = {'learning_rate': fields.pop('learning_rate')} if 'learning_rate' in fields else {}
@@ -299,7 +299,7 @@ def _sharding(fields):
 
 
 def _tactic(tactic, path: str) -> fdl.Config:
-  """The seed's sharding tactics: 'replicate' and 'fsdp(axis="a")' / 'fsdp(axis="a,b")'."""
+  """diffuse_nnx's sharding tactics: 'replicate' and 'fsdp(axis="a")' / 'fsdp(axis="a,b")'."""
   if isinstance(tactic, str) and tactic.strip() == 'replicate':
     return fdl.Config(sharding.Replicate)
   match = re.fullmatch(r'\s*fsdp\s*(\(\s*(axis\s*=\s*["\']([^"\']*)["\'])?\s*\))?\s*', tactic) \
@@ -319,7 +319,7 @@ def _services(fields, image_size: int, stat_dir: str | None) -> dict:
   _rest(checkpoint, 'checkpoint', 'checkpoint', ('options',))
   save_every = fields.pop('save_every_steps', None)
   interval = options.pop('save_interval_steps', save_every or 50_000)
-  if save_every:  # the seed saves where its trainer and orbax's interval agree
+  if save_every:  # diffuse_nnx saves where its trainer and orbax's interval agree
     interval = math.lcm(interval, save_every)
   services = common.run_services(save_every_steps=interval,
                                  log_every_steps=fields.pop('log_every_steps', 100))
@@ -341,7 +341,7 @@ def _visualize(fields, seed: int | None):
   every_steps = fields.pop('visualize_every_steps', 25_000)
   if not values.pop('on', False):
     return None
-  scale = values.pop('guidance_scale', 1.0)  # the seed draws cfg 1 and, above 1, this scale
+  scale = values.pop('guidance_scale', 1.0)  # diffuse_nnx draws cfg 1 and, above 1, this scale
   node = fdl.Config(hooks.SampleGrid, every_steps=every_steps,
                     num_samples=values.pop('num_samples', 64),
                     guidance_scales=(1.0, scale) if scale > 1.0 else (1.0,))
@@ -458,7 +458,8 @@ def _check_choice(target, argument: str, value, dotted: str) -> None:
 
 
 def _convention(value, table: dict, dotted: str) -> str:
-  """A seed enum string (case and '_' free, as the seed parses it) in this project's terms."""
+  """A diffuse_nnx enum string (case and '_' free, as diffuse_nnx parses it) in this project's
+  terms."""
   key = str(value).replace('_', '').upper()
   if key not in table:
     raise LegacyConfigError(f'{dotted}={value!r}: expected one of '
@@ -467,7 +468,7 @@ def _convention(value, table: dict, dotted: str) -> str:
 
 
 def _pretrained_path(values: dict, path: str) -> None:
-  """The seed's `pretrained_path` is a file or a Hugging Face hub id; only files carry over
+  """diffuse_nnx's `pretrained_path` is a file or a Hugging Face hub id; only files carry over
   (this project reads weights from local files), a hub id is dropped with a warning."""
   value = values.get('pretrained_path')
   if value is None:

@@ -1,4 +1,4 @@
-"""Legacy compatibility: seed-library configs (ml_collections, `*_class` strings) convert to the
+"""Legacy compatibility: diffuse_nnx configs (ml_collections, `*_class` strings) convert to the
 native presets' graphs, train with user-registered classes, fail with useful messages, and run
 through launch.py --config."""
 
@@ -18,42 +18,53 @@ from flax import nnx
 from lib import cli, legacy, nn, registry, review
 from tests.legacy_configs import dit_imagenet, dit_imagenet_repa
 
-# Differences between a converted seed preset and its native preset that are intended
+# Differences between a converted diffuse_nnx preset and its native preset that are intended
 # (`path: native -> converted` line prefix, reason).
 MEANFLOW_FID_AT_CFG_1 = [(
     f'evaluate[0].{field}: {native} -> ',
     'MeanFlow bakes guidance in by training, so the native preset evaluates FID at cfg 1 only; '
-    'the seed repeats the same samples at cfg 1.5 (seed-library.md section 10, item 8)')
+    'diffuse_nnx repeats the same samples at cfg 1.5')
     for field, native in (('all_guidance_scales', '(1.0,)'),
                           ('all_eval_samples_nums', '((10000, 50000),)'),
                           ('eval_every_steps', '((25000, 100000),)'))]
 REPA_PAPER_DEPTH = (
     'repa.depth: 8 -> 4',
-    'the seed aligns block 4 at every size; the native L and XL presets align block 8, the '
+    'diffuse_nnx aligns block 4 at every size; the native L and XL presets align block 8, the '
     'REPA paper\'s value (experiments/dit_repa.py)')
-SEED_DECODER_PATH = (
+DIFFUSE_NNX_DECODER_PATH = (
     "encoder.decoder_weights: None -> '/home/nm3607/model.pt'",
-    'the seed hard-codes its RAE decoder file (its `encoder.pretrained_path`, converted to '
+    'diffuse_nnx hard-codes its RAE decoder file (its `encoder.pretrained_path`, converted to '
     'decoder_weights); the native preset leaves weight files to the caller')
+
+SAMPLING_GUIDANCE = (
+    'sampler.guidance_scale: 1.5 -> ',
+    "diffuse_nnx's sampler has no guidance of its own (its evaluation lists scales); the native "
+    "presets sample at the family's published best, SiT-XL/2's cfg 1.5 (common.SIT_GUIDANCE)")
+REPA_GUIDANCE = [(
+    f'sampler.{field}: {native} -> ',
+    "diffuse_nnx's sampler has no guidance of its own; the native REPA presets sample at REPA's "
+    'published best, cfg 1.8 for t <= 0.7') for field, native in (
+        ('guidance_scale', '1.8'), ('guidance_interval', '(0.0, 0.7)'))]
 
 SIZES = {'S': 's2', 'B': 'b2', 'L': 'l2', 'XL': 'xl2'}
 CASES = [  # (legacy file, options, native preset, allowed differences)
     *[('dit_imagenet', f'imagenet_256-{size}_2', f'experiments/dit.py:{preset}',
-       []) for size, preset in SIZES.items()],
-    ('dit_imagenet', 'imagenet_64-B_2', 'experiments/dit.py:b2(image_size=64)', []),
+       [SAMPLING_GUIDANCE]) for size, preset in SIZES.items()],
+    ('dit_imagenet', 'imagenet_64-B_2', 'experiments/dit.py:b2(image_size=64)',
+     [SAMPLING_GUIDANCE]),
     *[('lightning_dit_imagenet', f'imagenet_256-{size}_2',
-       f'experiments/lightning_dit.py:{preset}', [])
+       f'experiments/lightning_dit.py:{preset}', [SAMPLING_GUIDANCE])
       for size, preset in SIZES.items()],
     *[('lightning_ddt_imagenet', f'imagenet_256-{size}_2',
-       f'experiments/lightning_ddt.py:{SIZES[size]}', [])
+       f'experiments/lightning_ddt.py:{SIZES[size]}', [SAMPLING_GUIDANCE])
       for size in ('S', 'XL')],
     *[('mf_imagenet', f'imagenet_256-{size}_2', f'experiments/meanflow.py:{preset}',
        MEANFLOW_FID_AT_CFG_1) for size, preset in SIZES.items()],
     *[('dit_imagenet_repa', f'imagenet_raw_256-{size}_2', f'experiments/dit_repa.py:{preset}',
-       [REPA_PAPER_DEPTH] if size in ('L', 'XL') else [])
+       REPA_GUIDANCE + ([REPA_PAPER_DEPTH] if size in ('L', 'XL') else []))
       for size, preset in SIZES.items()],
     ('rae_imagenet', 'imagenet_raw_256-XL_1', 'experiments/rae.py:xl1',
-     [SEED_DECODER_PATH]),
+     [DIFFUSE_NNX_DECODER_PATH]),
 ]
 
 
@@ -63,7 +74,7 @@ def legacy_config(name: str, options: str) -> ml_collections.ConfigDict:
 
 @pytest.mark.parametrize('name,options,native,allowed', CASES,
                          ids=[f'{case[0]}:{case[1]}' for case in CASES])
-def test_seed_preset_converts_to_its_native_preset(name, options, native, allowed):
+def test_diffuse_nnx_preset_converts_to_its_native_preset(name, options, native, allowed):
   if not os.path.exists(os.path.join(cli.REPO_ROOT, native.split(':')[0])):
     pytest.skip(f'{native.split(":")[0]} is not written yet')
   converted = legacy.convert(legacy_config(name, options))
@@ -110,7 +121,7 @@ def restored_registry(monkeypatch):
 
 
 def tiny_legacy_config() -> ml_collections.ConfigDict:
-  """A legacy config in the seed's layout naming the registered network, on the digits."""
+  """A legacy config in diffuse_nnx's layout naming the registered network, on the digits."""
   return ml_collections.ConfigDict(dict(
       trainer='DiT_ImageNet', seed=0, dtype='float32', total_steps=4, log_every_steps=1,
       save_every_steps=1000, visualize_every_steps=1000,

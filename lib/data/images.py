@@ -12,7 +12,7 @@ deterministic, sharded per JAX process and resumable at any step, exactly like t
 in-memory sources.
 
 Preprocessing (`center_crop`) reproduces ADM's `center_crop_arr` (also used by DiT, SiT,
-REPA and the seed library): halve the image with a BOX filter while its short side is at
+REPA and diffuse_nnx): halve the image with a BOX filter while its short side is at
 least twice `image_size`, resize it with BICUBIC so that the short side is `image_size`
 (the long side rounded), and cut the central `image_size` square. It runs in PIL, not in
 TensorFlow ops: TF's bicubic kernel and JPEG decoder differ from PIL's in the last bits,
@@ -21,7 +21,7 @@ calls it through `tf.numpy_function` from parallel map threads; PIL releases the
 decoding and resampling, so the threads do run in parallel. Files are read with
 `tf.io.read_file`, so `data_dir` may be any filesystem TensorFlow reads (gs://...).
 
-Random horizontal flips (`random_flip`, on by default; the seed library had none) are a
+Random horizontal flips (`random_flip`, on by default; diffuse_nnx had none) are a
 function of (seed, position of the example in the global stream), not of a stateful RNG,
 so a resumed run flips exactly the images the uninterrupted run would have flipped.
 

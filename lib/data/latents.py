@@ -1,4 +1,4 @@
-"""Pre-extracted VAE latents on disk, in the EDM2 / seed layout.
+"""Pre-extracted VAE latents on disk, in the EDM2 / diffuse_nnx layout.
 
     data_dir/
       dataset.json          {"labels": [["00000/img00000000.npy", 207], ...]}

@@ -11,7 +11,7 @@ with fixed noise (`seed`), so successive evaluations are comparable. Labels are
 class-balanced by default: label k of n is k mod num_classes, so n = 50,000 gives exactly 50
 images per ImageNet class (the "equal labels" protocol of RAE / Internal Guidance, about 0.1
 FID lower than uniformly random labels at ~1-2 FID); `labels='uniform'` draws them uniformly at
-random from `seed` instead (the seed library's and ADM's protocol). A smaller size evaluated at
+random from `seed` instead (diffuse_nnx's and ADM's protocol). A smaller size evaluated at
 the same step is the prefix of the larger one (FID-10K is the first 10,000 of the 50,000), so
 it stays balanced whenever it is a multiple of the number of classes.
 """
@@ -46,11 +46,11 @@ def _size_name(n: int) -> str:
 class FIDEvaluation:
   """FID (and Inception Score) of EMA samples against reference statistics, periodically.
 
-  The three schedule tuples align (as the seed's `eval` config): guidance scale
+  The three schedule tuples align (as diffuse_nnx's `eval` config): guidance scale
   `all_guidance_scales[i]` is evaluated on `all_eval_samples_nums[i][j]` samples every
-  `eval_every_steps[i][j]` steps. The defaults (the seed's) give FID-10K at cfg 1.0 every 25k
+  `eval_every_steps[i][j]` steps. The defaults (diffuse_nnx's) give FID-10K at cfg 1.0 every 25k
   steps, FID-50K at cfg 1.0 and 1.5 every 100k. Scalars: `FID-10K (cfg=1.0)`,
-  `IS-10K (cfg=1.0)` (the seed's names).
+  `IS-10K (cfg=1.0)` (diffuse_nnx's names).
 
   Args:
     inception_weights: local pytorch-fid `pt_inception-2015-12-05-6726825d.pth`.
