@@ -257,6 +257,9 @@ class Run:
     if self.experiment.init_from:
       from lib.models import import_weights
 
+      if not os.path.isfile(self.experiment.init_from):
+        raise errors.UserError(f'init_from={self.experiment.init_from!r} is not a file; give '
+                               'the released checkpoint (.pt / .safetensors) to start from')
       self.state = self.imported_state(
           import_weights.import_file(self.experiment.init_from, self.experiment))
       logging.info('Starting from the weights of %s (params and EMA)', self.experiment.init_from)

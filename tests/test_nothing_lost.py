@@ -254,7 +254,8 @@ def test_hooks_that_cannot_take_the_data_are_refused_before_training(tmp_path):
 @pytest.mark.slow
 def test_a_failed_launch_leaves_the_workdir_as_it_was(tmp_path):
   bad = launch(tmp_path, '--fdl_set=init_from=/nonexistent/DiT-XL-2-256x256.pt')
-  assert bad.returncode != 0
+  assert bad.returncode == 2 and 'Traceback' not in bad.stderr
+  assert "init_from='/nonexistent/DiT-XL-2-256x256.pt' is not a file" in bad.stderr
   assert not os.path.exists(tmp_path / 'config.json')
   good = launch(tmp_path)
   assert good.returncode == 0, good.stderr[-2000:]
