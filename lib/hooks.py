@@ -101,9 +101,17 @@ class Profile:
     self.profile_duration_ms = profile_duration_ms
 
   def action(self, run):
-    from clu import periodic_actions
+    from clu import periodic_actions, profiler
 
-    return periodic_actions.Profile(
+    class Profile(periodic_actions.Profile):
+      def close(self):
+        """Ends (and writes) a trace still recording when the run stops: CLU ends a trace
+        only at a later step, and a trace left running records everything the process
+        does afterwards."""
+        if self._session_running:
+          self._end_session(profiler.stop())
+
+    return Profile(
         logdir=run.workdir, num_profile_steps=self.num_profile_steps,
         first_profile=int(run.state['step']) + self.first_profile,
         every_steps=self.every_steps, every_secs=self.every_secs,

@@ -289,6 +289,7 @@ class Run:
     self.load_detector()
     manager = exp.checkpoint.manager(self.workdir)
     self.writer = exp.writers.create(self.workdir, self.is_main)
+    actions = []
     try:
       step = self.restore_or_init(manager)
       if on_start is not None:
@@ -296,7 +297,7 @@ class Run:
       if self.is_main:
         logging.info('Network: %s parameters; training steps %d -> %d', f'{self.param_count:,}',
                      step, self.total_steps)
-      actions = [exp.report.action(self)]
+      actions.append(exp.report.action(self))
       actions += [hook.action(self) for hook in (exp.profile, exp.visualize) if hook is not None]
       actions += [hook.action(self) for hook in exp.evaluate]
       batches = exp.data.batches(step, jax.process_index(), jax.process_count())
@@ -337,6 +338,9 @@ class Run:
         exp.visualize.draw(self, step)  # the final grid, when the schedule missed it
       return step
     finally:
+      for action in actions:
+        if hasattr(action, 'close'):
+          action.close()
       manager.wait_until_finished()
       manager.close()
       self.writer.flush()

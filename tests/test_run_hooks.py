@@ -93,3 +93,14 @@ def test_sample_and_eval_choose_the_checkpoint(run, tmp_path):
   assert set(scalars) == {'eval/loss', 'eval/loss_ema'}
   with pytest.raises(errors.CheckpointError, match=r'its checkpoints: 2, 4'):
     standalone.evaluate(experiment, evaluated, step=5)
+
+
+def test_a_trace_still_recording_when_the_run_ends_is_written_and_stopped(tmp_path):
+  config = tiny_digits(2)
+  config.profile.num_profile_steps = 50  # still recording at the last step
+  config.visualize = None
+  train.train(fdl.build(config), str(tmp_path))
+  assert glob.glob(os.path.join(tmp_path, 'plugins', 'profile', '*', '*.xplane.pb'))
+  import jax
+  jax.profiler.start_trace(str(tmp_path / 'again'))  # raises if the run left one running
+  jax.profiler.stop_trace()
