@@ -2,6 +2,7 @@
 native presets' graphs, train with user-registered classes, fail with useful messages, and run
 through launch.py --config."""
 
+import copy
 import importlib
 import json
 import os
