@@ -429,8 +429,8 @@ def _node_classes(annotation) -> list[type]:
   for a field that may hold a value (`int`, `str | None`, `Any`, `Callable`, ...)."""
   options = typing.get_args(annotation) if typing.get_origin(annotation) in (
       typing.Union, types.UnionType) else (annotation,)
-  classes = [option for option in options
-             if inspect.isclass(option) and option not in _SCALAR_TYPES]
+  classes = [option for option in options  # (typing.Any is a class since Python 3.11)
+             if inspect.isclass(option) and option not in _SCALAR_TYPES and option is not Any]
   return classes if all(o is type(None) or o in classes for o in options) else []
 
 

@@ -177,10 +177,11 @@ def test_exported_preset_rebuilds_an_equal_graph(tmp_path):
 # ------------------------------------------------------------------------------- defaults
 # Arguments the digits preset leaves at their constructor defaults: (path, printed value,
 # owner). A preset that starts setting one moves it out of this list.
-DIGITS_DEFAULTS = [('sampler.guidance_scale', '1.0', 'lib.flow.samplers.Heun'),
+DIGITS_DEFAULTS = [('sampler.guide_channels', 'None', 'lib.flow.samplers.Heun'),
                    ('network.learn_sigma', 'False', 'lib.models.dit.DiT'),
                    ('visualize.seed', '42', 'lib.hooks.SampleGrid')]
-DIGITS_SET = ['network.depth = 4', 'ema.decay = 0.995']  # set by the preset: never marked
+DIGITS_SET = ['network.depth = 4', 'ema.decay = 0.995',  # set by the preset: never marked
+              'sampler.guidance_scale = 3.0']
 # A default as an older version of the code had it: (path, old value, value now, owner).
 CHANGED_DEFAULT = ('network.learn_sigma', 'True', 'False', 'lib.models.dit.DiT')
 
