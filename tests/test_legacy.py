@@ -2,6 +2,7 @@
 native presets' graphs, train with user-registered classes, fail with useful messages, and run
 through launch.py --config."""
 
+import copy
 import importlib
 import json
 import os
@@ -35,24 +36,30 @@ SEED_DECODER_PATH = (
     "encoder.decoder_weights: None -> '/home/nm3607/model.pt'",
     'the seed hard-codes its RAE decoder file (its `encoder.pretrained_path`, converted to '
     'decoder_weights); the native preset leaves weight files to the caller')
+# Every seed preset names its wandb run and project (`exp_name`, `project_name`).
+TRACKER_NAMES = [
+    ('writers.wandb_name: None (default of lib.hooks.Writers) -> ',
+     'the seed\'s exp_name names the tracker run (used once writers.wandb=True)'),
+    ("writers.wandb_project: 'fiddlediff' (default of lib.hooks.Writers) -> ",
+     'the seed\'s project_name names the tracker project')]
 
 SIZES = {'S': 's2', 'B': 'b2', 'L': 'l2', 'XL': 'xl2'}
 CASES = [  # (legacy file, options, native preset, allowed differences)
     *[('dit_imagenet', f'imagenet_256-{size}_2', f'experiments/dit.py:{preset}',
-       []) for size, preset in SIZES.items()],
+       TRACKER_NAMES) for size, preset in SIZES.items()],
     *[('lightning_dit_imagenet', f'imagenet_256-{size}_2',
-       f'experiments/lightning_dit.py:{preset}', [])
+       f'experiments/lightning_dit.py:{preset}', TRACKER_NAMES)
       for size, preset in SIZES.items()],
     *[('lightning_ddt_imagenet', f'imagenet_256-{size}_2',
-       f'experiments/lightning_ddt.py:{SIZES[size]}', [])
+       f'experiments/lightning_ddt.py:{SIZES[size]}', TRACKER_NAMES)
       for size in ('S', 'XL')],
     *[('mf_imagenet', f'imagenet_256-{size}_2', f'experiments/meanflow.py:{preset}',
-       MEANFLOW_FID_AT_CFG_1) for size, preset in SIZES.items()],
+       MEANFLOW_FID_AT_CFG_1 + TRACKER_NAMES) for size, preset in SIZES.items()],
     *[('dit_imagenet_repa', f'imagenet_raw_256-{size}_2', f'experiments/dit_repa.py:{preset}',
-       [REPA_PAPER_DEPTH] if size in ('L', 'XL') else [])
+       ([REPA_PAPER_DEPTH] if size in ('L', 'XL') else []) + TRACKER_NAMES)
       for size, preset in SIZES.items()],
     ('rae_imagenet', 'imagenet_raw_256-XL_1', 'experiments/rae.py:xl1',
-     [SEED_DECODER_PATH]),
+     [SEED_DECODER_PATH] + TRACKER_NAMES),
 ]
 
 

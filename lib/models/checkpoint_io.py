@@ -18,6 +18,7 @@ and bf16 releases included); other dtypes are kept.
 """
 
 import argparse
+import io
 import os
 import re
 
@@ -60,14 +61,14 @@ def unwrap(checkpoint: dict, path: str = '') -> dict:
                    f'{type(checkpoint).__name__}')
 
 
-def _read_torch(path: str) -> dict:
+def _read_torch(path: str, data: bytes) -> dict:
   try:
     import torch
   except ImportError as error:
     raise ImportError(f'reading {path} (a torch pickle) needs torch: pip install torch, or '
                       'convert the file to .safetensors') from error
   with torch.serialization.safe_globals([argparse.Namespace]):
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    checkpoint = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
   if not isinstance(checkpoint, dict):
     raise ValueError(f'{path}: expected a state dict or a training checkpoint dict, got '
                      f'{type(checkpoint).__name__}')
@@ -82,21 +83,26 @@ def _read_torch(path: str) -> dict:
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """`{key: array}` (floating point as float32) from a `.safetensors`, `.npz` or torch pickle
-  (`.pt`, `.pth`, `.bin`, `.ckpt`) file; see the module docstring for torch checkpoints."""
+  (`.pt`, `.pth`, `.bin`, `.ckpt`) file, local or in a bucket; see the module docstring for
+  torch checkpoints."""
+  from lib import paths
+
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  file = paths.resolve(path, 'weights file')
+  if not file.is_file():
     raise FileNotFoundError(f'{path!r} does not exist')
-  if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-    state_dict = load_file(path)
-  elif path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as archive:
-      state_dict = {key: archive[key] for key in archive.files}
-  elif path.endswith(TORCH_SUFFIXES):
-    state_dict = _read_torch(path)
-  else:
+  if not path.endswith(SUFFIXES):
     raise ValueError(f'{path!r}: unknown weights file type; expected one of '
                      f'{", ".join(SUFFIXES)}')
+  data = file.read_bytes()
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import load
+    state_dict = load(data)
+  elif path.endswith('.npz'):
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+      state_dict = {key: archive[key] for key in archive.files}
+  else:
+    state_dict = _read_torch(path, data)
   if not state_dict:
     raise ValueError(f'{path}: no arrays found')
   return {_strip_prefixes(key): _float32(np.asarray(value)) for key, value in state_dict.items()}

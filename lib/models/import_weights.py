@@ -51,6 +51,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from lib import paths
 from lib.models import ddt, dit, import_lightning, layers
 from lib.models.checkpoint_io import key_problems, read_state_dict
 from lib.models.lightning_ddt import LightningDDT
@@ -271,7 +272,7 @@ def import_file(path: str, experiment) -> nnx.State:
 
 
 # ------------------------------------------------------------------------------- command line
-def write_checkpoint(experiment, weights: nnx.State, workdir: str, step: int = 0) -> str:
+def write_checkpoint(experiment, weights: nnx.State, workdir, step: int = 0):
   """An orbax checkpoint of step `step` in `workdir` that `lib.train` restores: params and EMA
   from the imported `weights` (and their fixed arrays), a freshly initialised optimizer state.
   Returns the checkpoint folder."""
@@ -291,7 +292,7 @@ def write_checkpoint(experiment, weights: nnx.State, workdir: str, step: int = 0
     manager.wait_until_finished()
   finally:
     manager.close()
-  return os.path.join(str(manager.directory), str(step))
+  return manager.directory / str(step)
 
 
 def _main(argv) -> int:
@@ -331,9 +332,11 @@ def _main(argv) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   cli.write_config(config, values.workdir)
-  with open(os.path.join(values.workdir, 'imported_from.json'), 'w') as f:
-    json.dump({'checkpoint': os.path.abspath(values.checkpoint), 'step': values.step}, f)
-  print(f'wrote {folder} and {os.path.join(values.workdir, "config.json")}; sample with: '
+  workdir = paths.resolve(values.workdir, '--workdir')
+  paths.write_atomic(workdir / 'imported_from.json', json.dumps({
+      'checkpoint': os.fspath(paths.resolve(values.checkpoint, '--checkpoint')),
+      'step': values.step}))
+  print(f'wrote {folder} and {workdir / "config.json"}; sample with: '
         f'python launch.py --workdir={values.workdir} --mode=sample')
   return 0
 
