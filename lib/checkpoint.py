@@ -183,8 +183,7 @@ def set_aside(manager: ocp.CheckpointManager, step: int, reason: str) -> str:
   if target.exists():
     target = target.parent / (target.name + time.strftime('.%Y%m%d-%H%M%S'))
   if jax.process_index() == 0:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    source.rename(target)
+    paths.move(source, target)
     (target / 'REASON.txt').write_text(reason + '\n')
   from lib import distributed
   distributed.barrier(f'set aside {step}')

@@ -20,6 +20,7 @@ written in place.
 
 import os
 import re
+from typing import Iterator
 
 os.environ.setdefault('EPATH_USE_TF', 'false')  # before epath picks a backend: gcsfs for gs://
 
@@ -60,6 +61,28 @@ def resolve(value: os.PathLike | str, what: str) -> epath.Path:
 def is_file(value: os.PathLike | str, what: str) -> bool:
   """Whether the user path `value` (given as `what`) is an existing file."""
   return resolve(value, what).is_file()
+
+
+def files_under(folder: epath.Path) -> Iterator[str]:
+  """The relative POSIX paths of all files below `folder` (one listing per folder, local or
+  in a bucket; epath's `walk` names a bucket's folders without their `gs://`)."""
+  base = os.fspath(folder).split('://', 1)[-1].rstrip('/')
+  for root, _, names in folder.walk():
+    relative = os.fspath(root).split('://', 1)[-1][len(base):].strip('/')
+    for name in names:
+      yield f'{relative}/{name}' if relative else name
+
+
+def move(source: epath.Path, target: epath.Path) -> None:
+  """Renames the folder `source` to `target` (which must not exist). In a bucket, where a
+  folder is a name prefix, each object is copied on the server and then deleted."""
+  if is_url(source):
+    for name in list(files_under(source)):
+      (source / name).copy(target / name)
+    source.rmtree()
+  else:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
 
 
 def bucket(path: epath.Path) -> str:

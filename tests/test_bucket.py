@@ -97,6 +97,89 @@ def test_tensorboard_events_go_through_tensorflows_file_system(tmp_path, monkeyp
   assert events and tf.io.gfile.stat(events[0]).length > 0
 
 
+def upload(local_root, url: str) -> None:
+  """Copies a local folder tree to `url`."""
+  target = paths.resolve(url, 'url')
+  for root, _, names in os.walk(local_root):
+    for name in names:
+      relative = os.path.relpath(os.path.join(root, name), local_root)
+      with open(os.path.join(root, name), 'rb') as f:
+        (target / relative).write_bytes(f.read())
+
+
+def test_data_weights_and_statistics_are_read_from_a_bucket(gcs, tmp_path):
+  from lib.data import extract_latents
+  from lib.data.images import ImageFolder
+  from lib.data.latents import LatentFolder
+  from lib.eval import fid
+  from lib.models import checkpoint_io
+  from tests.test_images import make_tree
+
+  make_tree(tmp_path / 'images')
+  upload(tmp_path / 'images', f'gs://{BUCKET}/data/images')
+  local = ImageFolder(str(tmp_path / 'images'), image_size=16, batch_size=4, num_classes=3)
+  remote = ImageFolder(f'gs://{BUCKET}/data/images', image_size=16, batch_size=4,
+                       num_classes=3)
+  remote.check()
+  assert remote.classes == local.classes and remote.num_examples == local.num_examples
+  for mine, theirs in zip(remote.batches(start_step=2), local.batches(start_step=2)):
+    np.testing.assert_array_equal(mine['image'], theirs['image'])  # through tf.data
+    np.testing.assert_array_equal(mine['label'], theirs['label'])
+    break
+
+  latents = f'gs://{BUCKET}/data/latents'
+  arrays = np.random.default_rng(0).normal(size=(3, 8, 4, 4)).astype(np.float32)
+  for i, array in enumerate(arrays):
+    extract_latents._save(latents, extract_latents.file_name(i), array)
+  assert extract_latents._existing(latents) == {extract_latents.file_name(i) for i in range(3)}
+  assert extract_latents.write_labels(latents, [[extract_latents.file_name(i), i % 2]
+                                                for i in range(3)]).startswith('gs://')
+  folder = LatentFolder(latents, image_size=32, batch_size=3, num_classes=2, num_eval=3)
+  folder.check()
+  batch = next(folder.eval_batches(3))
+  np.testing.assert_array_equal(batch['image'], arrays.transpose(0, 2, 3, 1))
+  assert batch['label'].tolist() == [0, 1, 0]
+
+  np.savez(tmp_path / 'weights.npz', w=np.arange(6, dtype=np.float32).reshape(2, 3))
+  upload(tmp_path, f'gs://{BUCKET}/files')
+  state_dict = checkpoint_io.read_state_dict(f'gs://{BUCKET}/files/weights.npz')
+  np.testing.assert_array_equal(state_dict['w'], np.arange(6).reshape(2, 3))
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    checkpoint_io.read_state_dict(f'gs://{BUCKET}/files/missing.npz')
+
+  fid.save_stats(f'gs://{BUCKET}/files/stats.npz', np.ones(3), np.eye(3), 10)
+  mu, sigma = fid.load_reference(f'gs://{BUCKET}/files/stats.npz')
+  np.testing.assert_array_equal(mu, np.ones(3))
+  np.testing.assert_array_equal(sigma, np.eye(3))
+
+
+def test_checkpoints_in_a_bucket_commit_atomically_and_fall_back(gcs):
+  import jax.numpy as jnp
+  from lib import checkpoint as ckpt
+
+  workdir = f'gs://{BUCKET}/unit/checkpoints'
+  folder = ckpt.directory(workdir)
+  manager = ckpt.Checkpointing().manager(workdir)
+  state = lambda step: {'step': jnp.int32(step), 'w': jnp.linspace(0.0, 1.0, 512) * step}
+  for step in (50, 60):
+    ckpt.save(manager, step, state(step), force=True)
+  manager.wait_until_finished()
+  manager.close()
+  (folder / '70' / 'default' / '_METADATA').write_text('{}')  # a save killed before its commit
+  assert ckpt.latest_step(workdir) == 60
+  data = sorted((folder / '60' / 'default' / name for name in
+                 paths.files_under(folder / '60' / 'default') if '/d/' in f'/{name}'),
+                key=lambda p: len(p.read_bytes()))[-1]
+  data.write_bytes(np.random.default_rng(0).bytes(len(data.read_bytes())))  # damaged
+  manager = ckpt.Checkpointing().manager(workdir)
+  step, restored = ckpt.restore(manager, ckpt.abstract(state(0)))
+  manager.close()
+  assert step == 50
+  np.testing.assert_array_equal(restored['w'], state(50)['w'])
+  aside = paths.resolve(workdir, 'w') / ckpt.SET_ASIDE / '60'
+  assert (aside / 'REASON.txt').read_text().strip() and not (folder / '60').exists()
+
+
 # ------------------------------------------------------------------------------- workdir
 def test_a_missing_bucket_is_refused_and_a_usable_one_left_as_it_was(gcs):
   with pytest.raises(errors.UserError, match=r"gs://no-such-bucket/x.*bucket "

@@ -37,9 +37,8 @@ def file_name(index: int) -> str:
 
 
 def _existing(out_dir) -> set[str]:
-  folder = paths.resolve(out_dir, '--out_dir')
-  return {(root / name).relative_to(folder).as_posix()
-          for root, _, names in folder.walk() for name in names if name.endswith('.npy')}
+  return {name for name in paths.files_under(paths.resolve(out_dir, '--out_dir'))
+          if name.endswith('.npy')}
 
 
 def _save(out_dir, name: str, array: np.ndarray) -> None:

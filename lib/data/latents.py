@@ -62,9 +62,7 @@ class LatentFolder:
     if not label_file.is_file():
       raise FileNotFoundError(f'{label_file} not found; expected {{"labels": [[relative_path, '
                               'label], ...]}} beside the .npy files')
-    files = sorted((root / name).relative_to(folder).as_posix()
-                   for root, _, names in folder.walk() for name in names
-                   if name.endswith('.npy'))
+    files = sorted(name for name in paths.files_under(folder) if name.endswith('.npy'))
     if not files:
       raise ValueError(f'no .npy files under data.data_dir={self.data_dir!r}')
     try:
