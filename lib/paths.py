@@ -106,8 +106,8 @@ class AppendLog:
   """A text file that grows by lines (`metrics.jsonl`), readable while it grows.
 
   Locally the file is opened for appending, line-buffered (`tail -f`-able). An object in a
-  bucket cannot be appended to, so there the lines so far are kept and the object rewritten
-  on each `flush` (one small object write per flush; a log of scalars stays small).
+  bucket cannot be appended to, so there the text so far is kept and the object rewritten
+  with each write (one small object write per logged step; a log of scalars stays small).
   """
 
   def __init__(self, path: epath.Path):
@@ -115,25 +115,20 @@ class AppendLog:
     self._url = is_url(path)
     if self._url:
       self._text = path.read_text() if path.exists() else ''
-      self._dirty = False
     else:
       self._file = open(path, 'a', buffering=1)
 
-  def write(self, line: str) -> None:
+  def write(self, text: str) -> None:
     if self._url:
-      self._text += line
-      self._dirty = True
+      self._text += text
+      self.path.write_text(self._text)
     else:
-      self._file.write(line)
+      self._file.write(text)
 
   def flush(self) -> None:
     if not self._url:
       self._file.flush()
-    elif self._dirty:
-      self.path.write_text(self._text)
-      self._dirty = False
 
   def close(self) -> None:
-    self.flush()
     if not self._url:
       self._file.close()

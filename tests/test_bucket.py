@@ -69,7 +69,7 @@ def test_files_in_a_bucket_are_written_whole_and_logs_grow(gcs):
   assert (folder / 'blob.bin').read_bytes() == b'\x00\x01'
   log = paths.AppendLog(folder / 'metrics.jsonl')
   log.write('1\n')
-  log.flush()
+  assert (folder / 'metrics.jsonl').read_text() == '1\n'  # readable as it grows
   log.write('2\n')
   log.close()
   reopened = paths.AppendLog(folder / 'metrics.jsonl')  # a resumed run keeps the rows
