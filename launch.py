@@ -26,9 +26,14 @@ import fiddle as fdl
 from fiddle import absl_flags  # registers --fdl_config(_file), --fdl_set, --fiddler, --fdl_tags_set
 from ml_collections import config_flags
 
-from lib import cli, legacy_files, review
+from lib import cli, legacy_files, paths, review
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples; a '
+                                'local path or gs://BUCKET/PATH (with --bucket: the run\'s name).')
+_BUCKET = flags.DEFINE_string('bucket', None, 'As diffuse_nnx: put the run in '
+                              'gs://BUCKET/PREFIX/NNN_WORKDIR (an existing NNN_WORKDIR folder is '
+                              'resumed; else NNN counts the run folders there).')
+_PREFIX = flags.DEFINE_string('prefix', 'diffuse_nnx', 'With --bucket: the folder of the runs.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do (eval: '
                            'the evaluation actions on a checkpoint, see --step).')
 _PRINT_CONFIG = flags.DEFINE_bool(
@@ -70,18 +75,30 @@ _ACCEPT_CONFIG_CHANGE = flags.DEFINE_bool(
     'launched one (the old config is kept as config.replaced_<time>.json).')
 
 
-def resolve_config() -> fdl.Buildable:
+def resolve_workdir():
+  """--workdir as a path (`lib.paths`), or with --bucket the diffuse_nnx run folder; None if
+  not given."""
+  from lib import workdir as workdirs
+
+  if _BUCKET.value:
+    if not _WORKDIR.value:
+      raise cli.UsageError('--bucket needs --workdir=NAME, the name of the run folder')
+    return workdirs.in_bucket(_BUCKET.value, _PREFIX.value, _WORKDIR.value)
+  return paths.resolve(_WORKDIR.value, '--workdir') if _WORKDIR.value else None
+
+
+def resolve_config(workdir=None) -> fdl.Buildable:
   """The preset named by --fdl_config (the saved config of --fdl_config_file, or the converted
   legacy --config) with every --fiddler, --fdl_tags_set and --fdl_set applied, each kind in
-  command-line order."""
+  command-line order; without a config flag, the config saved in `workdir`."""
   spec, saved = flags.FLAGS.fdl_config, flags.FLAGS.fdl_config_file
   legacy_config = _LEGACY_CONFIG.value
   if sum(map(bool, (spec, saved, legacy_config is not None))) > 1:
     raise cli.UsageError('give one of --fdl_config, --fdl_config_file and --config (a legacy '
                          'ml_collections config), not several')
-  if not spec and not saved and legacy_config is None and _WORKDIR.value and \
-      os.path.exists(os.path.join(_WORKDIR.value, 'config.json')):
-    saved = os.path.join(_WORKDIR.value, 'config.json')  # continue or sample a saved run
+  if not spec and not saved and legacy_config is None and workdir is not None and \
+      (workdir / 'config.json').exists():
+    saved = workdir / 'config.json'  # continue or sample a saved run
   if legacy_config is not None:
     from lib import legacy
 
@@ -110,8 +127,9 @@ def resolve_config() -> fdl.Buildable:
 def load_other(spec: str) -> tuple[fdl.Buildable, dict]:
   """--diff_against: a preset (FILE.py:PRESET) or a saved run's config, with its effective
   values (those a run saved, defaults included)."""
-  if os.path.exists(spec):
-    return review.load_config_file(spec), review.saved_values(spec)
+  if paths.is_url(spec) or os.path.exists(spec):
+    return (review.load_config_file(spec, '--diff_against'),
+            review.saved_values(spec, '--diff_against'))
   other = cli.load_preset(spec)
   return other, cli.effective_values(other)
 
@@ -144,16 +162,17 @@ BOOKKEEPING = ('checkpoint', 'writers', 'report', 'profile', 'visualize', 'evalu
                'log_every_steps', 'sharding', 'init_from')
 
 
-def check_saved_config(config: fdl.Buildable, workdir: str) -> Callable[[], None] | None:
+def check_saved_config(config: fdl.Buildable, workdir) -> Callable[[], None] | None:
   """Refuses to resume a workdir whose saved effective values (defaults included, so a class
   default changed in the code counts) differ in what the run computes, unless accepted;
   bookkeeping differences (BOOKKEEPING) are allowed and logged. Changes nothing: returns the
   function that keeps the old config aside (None if there is none to keep), which the run
   calls once its state is restored."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = workdir / 'config.json'
+  if not path.exists():
     return None
-  lines = review.values_diff_lines(review.saved_values(path), cli.effective_values(config))
+  lines = review.values_diff_lines(review.saved_values(path, '--workdir'),
+                                   cli.effective_values(config))
   if not lines:
     return None
   difference = '\n  '.join(lines)
@@ -165,11 +184,10 @@ def check_saved_config(config: fdl.Buildable, workdir: str) -> Callable[[], None
 
   def keep_old_config():
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    replaced = os.path.join(workdir, f'config.replaced_{stamp}.json')
-    os.replace(path, replaced)
-    if os.path.exists(os.path.join(workdir, cli.EFFECTIVE)):
-      os.replace(os.path.join(workdir, cli.EFFECTIVE),
-                 os.path.join(workdir, f'effective.replaced_{stamp}.json'))
+    replaced = workdir / f'config.replaced_{stamp}.json'
+    path.replace(replaced)
+    if (workdir / cli.EFFECTIVE).exists():
+      (workdir / cli.EFFECTIVE).replace(workdir / f'effective.replaced_{stamp}.json')
     logging.warning('Config changed on resume (old config kept as %s):\n  %s', replaced,
                     difference)
   return keep_old_config
@@ -243,16 +261,16 @@ def run_command() -> int:
   if _STEP.value is not None and _MODE.value == 'train':
     raise cli.UsageError(f'--step={_STEP.value} chooses the checkpoint of --mode=sample or '
                          '--mode=eval; training resumes from the newest checkpoint')
-  config = resolve_config()
+  workdir = resolve_workdir()
+  config = resolve_config(workdir)
   if _RENDER.value or _DIFF_AGAINST.value or _EXPORT_PYTHON.value:
     return review_config(config)
   experiment = cli.build(config)
   if _PRINT_CONFIG.value:
     print_config(config, experiment)
     return 0
-  if not _WORKDIR.value:
+  if workdir is None:
     raise cli.UsageError('--workdir is required to train, sample or evaluate')
-  workdir = _WORKDIR.value
   workdirs.check_usable(workdir)
   from lib import train
   import jax
@@ -283,6 +301,7 @@ def run_command() -> int:
         if keep_old_config is not None:
           keep_old_config()
         cli.write_config(config, workdir)
+        workdirs.record_launch(workdir, step)
 
     step = train.train(experiment, workdir, on_start)
   finally:

@@ -24,8 +24,6 @@ sharded, and the weights are odd, so changing any single bit changes it.
 """
 
 import json
-import os
-import shutil
 import time
 
 import jax
@@ -34,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from lib import errors
+from lib import errors, paths
 
 SET_ASIDE = 'checkpoints_set_aside'
 
@@ -58,7 +56,7 @@ class Checkpointing:
     self.keep_period = keep_period
     self.async_save = async_save
 
-  def manager(self, workdir: str, create: bool = True) -> ocp.CheckpointManager:
+  def manager(self, workdir, create: bool = True) -> ocp.CheckpointManager:
     """The orbax manager of `workdir/checkpoints` (`create=False`: readers such as sampling
     never create the folder)."""
     # Every `save_interval_steps` steps, or when JAX's preemption notice reaches every host;
@@ -72,8 +70,10 @@ class Checkpointing:
     return ocp.CheckpointManager(directory(workdir), options=options)
 
 
-def directory(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+def directory(workdir) -> paths.Path:
+  """`workdir/checkpoints` (local or in a bucket: orbax commits each step there by its own
+  protocol, a rename locally, a `commit_success.txt` marker on an object store)."""
+  return paths.resolve(workdir, '--workdir') / 'checkpoints'
 
 
 # ------------------------------------------------------------------------------- digests
@@ -145,10 +145,10 @@ def newest_note(manager: ocp.CheckpointManager) -> str:
 def _verify(manager: ocp.CheckpointManager, step: int, state) -> None:
   """Raises ValueError if `state` (restored from `step`) differs from what was saved."""
   digests, nonfinite = fingerprint(state)
-  metadata_file = os.path.join(os.fspath(manager.directory), str(step), '_CHECKPOINT_METADATA')
+  metadata_file = paths.Path(manager.directory) / str(step) / '_CHECKPOINT_METADATA'
   try:
-    with open(metadata_file) as f:
-      recorded = (json.load(f).get('custom_metadata') or {}).get('digests')
+    recorded = (json.loads(metadata_file.read_text()).get('custom_metadata') or
+                {}).get('digests')
   except (OSError, ValueError) as error:
     raise ValueError(f'cannot read {metadata_file}: {error}') from None
   if recorded is None:  # written before checkpoints carried digests
@@ -178,16 +178,13 @@ def _all_processes_agree(ok: bool) -> bool:
 def set_aside(manager: ocp.CheckpointManager, step: int, reason: str) -> str:
   """Moves checkpoint `step` out of the manager's folder into `checkpoints_set_aside/`
   (process 0; never deletes it) and returns its new path."""
-  source = os.path.join(os.fspath(manager.directory), str(step))
-  target_dir = os.path.join(os.path.dirname(os.fspath(manager.directory)), SET_ASIDE)
-  target = os.path.join(target_dir, str(step))
-  if os.path.exists(target):
-    target += time.strftime('.%Y%m%d-%H%M%S')
+  source = paths.Path(manager.directory) / str(step)
+  target = source.parent.parent / SET_ASIDE / str(step)
+  if target.exists():
+    target = target.parent / (target.name + time.strftime('.%Y%m%d-%H%M%S'))
   if jax.process_index() == 0:
-    os.makedirs(target_dir, exist_ok=True)
-    shutil.move(source, target)
-    with open(os.path.join(target, 'REASON.txt'), 'w') as f:
-      f.write(reason + '\n')
+    paths.move(source, target)
+    (target / 'REASON.txt').write_text(reason + '\n')
   from lib import distributed
   distributed.barrier(f'set aside {step}')
   manager.reload()
@@ -216,7 +213,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
       # A checkpointer of its own: a damaged step must not leave state in the manager.
       with ocp.StandardCheckpointer() as checkpointer:
         state = checkpointer.restore(
-            os.path.join(os.fspath(manager.directory), str(candidate), 'default'),
+            paths.Path(manager.directory) / str(candidate) / 'default',
             abstract_state)
       _verify(manager, candidate, state)
       reason = None
@@ -233,10 +230,10 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
                                '\n  '.join(problems))
 
 
-def latest_step(workdir: str) -> int | None:
+def latest_step(workdir) -> int | None:
   """Newest complete checkpoint step in `workdir`, without opening a manager."""
   folder = directory(workdir)
-  if not os.path.isdir(folder):
+  if not folder.is_dir():
     return None
   steps = ocp.utils.checkpoint_steps(folder)
   return max(steps) if steps else None

@@ -652,18 +652,16 @@ def effective_values(config: fdl.Buildable) -> dict[str, dict[str, str]]:
 EFFECTIVE = 'effective.json'  # beside config.json: the values the run used, defaults included
 
 
-def write_config(config: fdl.Buildable, workdir: str) -> None:
+def write_config(config: fdl.Buildable, workdir) -> None:
   """The resolved config as Fiddle JSON (reloadable; only what presets and flags set), as text
   with provenance and defaults, and its effective values (`effective_values`, compared when
   the run resumes), into `workdir/config.json`, `config.txt` and `effective.json`
-  (launch.py, lib.models.import_weights)."""
-  from lib import review  # review imports this module
+  (launch.py, lib.models.import_weights); each written atomically (`paths.write_atomic`)."""
+  from lib import paths, review  # review imports this module
 
-  os.makedirs(workdir, exist_ok=True)
+  folder = paths.resolve(workdir, '--workdir')
+  folder.mkdir(parents=True, exist_ok=True)
   for name, text in (('config.json', review.dump_config(config)),
                      ('config.txt', '\n'.join(flat_lines(config, with_source=True)) + '\n'),
                      (EFFECTIVE, json.dumps(effective_values(config), indent=1) + '\n')):
-    path = os.path.join(workdir, name)
-    with open(path + '.tmp', 'w') as f:  # renamed when complete: never read half-written
-      f.write(text)
-    os.replace(path + '.tmp', path)
+    paths.write_atomic(folder / name, text)

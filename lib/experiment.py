@@ -142,7 +142,8 @@ class Experiment:
   def check(self, training: bool = True) -> None:
     """Checks, before a run touches its workdir, what can be checked without compute: the
     data (readable, shaped as configured; `DataError` naming the file) and, when
-    `training`, that the visualisation and evaluation hooks can take this experiment."""
+    `training`, that the writers (a tracker's credentials), the visualisation and the
+    evaluation hooks can take this experiment."""
     try:
       self.data.check()
     except (OSError, ValueError) as e:
@@ -150,7 +151,7 @@ class Experiment:
         raise
       raise errors.DataError(str(e)) from e
     if training:
-      for hook in (self.profile, self.visualize, *self.evaluate):
+      for hook in (self.writers, self.profile, self.visualize, *self.evaluate):
         if hasattr(hook, 'check'):
           hook.check(self)
 

@@ -5,47 +5,71 @@ action bound to the running trainer (`run` is a `lib.train.Run`). CLU is importe
 only there, at training time: it pulls in TensorFlow, which the config path must not.
 """
 
+import io
 import json
-import os
 
 import numpy as np
 
-from lib import errors
+from lib import errors, paths
 
 
 class Writers:
-  """CLU metric writers: log lines, TensorBoard event files, and `metrics.jsonl`.
+  """CLU metric writers: log lines, TensorBoard event files, `metrics.jsonl`, and optionally
+  a Weights & Biases run (`lib.tracking`).
 
   Only process 0 writes; other processes get a logging-only writer at WARNING level.
+
+  Args:
+    wandb: also log to Weights & Biases (project `wandb_project`, entity `wandb_entity`,
+      run name `wandb_name`, default the workdir's name); `WANDB_MODE=offline` logs locally.
   """
 
-  def __init__(self, tensorboard: bool = True, jsonl: bool = True, asynchronous: bool = True):
+  def __init__(self, tensorboard: bool = True, jsonl: bool = True, asynchronous: bool = True,
+               wandb: bool = False, wandb_project: str = 'fiddlediff',
+               wandb_entity: str | None = None, wandb_name: str | None = None):
     self.tensorboard = tensorboard
     self.jsonl = jsonl
     self.asynchronous = asynchronous
+    self.wandb = wandb
+    self.wandb_project = wandb_project
+    self.wandb_entity = wandb_entity
+    self.wandb_name = wandb_name
 
-  def create(self, workdir: str, is_main: bool):
+  def check(self, experiment) -> None:
+    """Raises UserError, before the workdir is touched, if the tracker cannot log in."""
+    if self.wandb:
+      from lib import tracking
+      tracking.check_credentials()
+
+  def create(self, workdir, is_main: bool):
+    from lib import tf_devices
+    tf_devices.hide_accelerators()
     from clu import metric_writers
 
     if not is_main:
       return metric_writers.MultiWriter([])
+    folder = paths.resolve(workdir, '--workdir')
     writers = [metric_writers.LoggingWriter()]
-    if self.tensorboard:
-      writers.append(metric_writers.SummaryWriter(workdir))
+    if self.tensorboard:  # TensorFlow's own file system: a local path or a gs:// URL
+      writers.append(metric_writers.SummaryWriter(str(folder)))
     if self.jsonl:
-      writers.append(_jsonl_writer(os.path.join(workdir, 'metrics.jsonl')))
+      writers.append(_jsonl_writer(folder / 'metrics.jsonl'))
+    if self.wandb:
+      from lib import tracking
+      writers.append(tracking.writer(folder, self.wandb_project, self.wandb_entity,
+                                     self.wandb_name))
     writer = metric_writers.MultiWriter(writers)
     return metric_writers.AsyncWriter(writer) if self.asynchronous else writer
 
 
-def _jsonl_writer(path: str):
+def _jsonl_writer(path: paths.Path):
   """A CLU MetricWriter appending one JSON object per step of scalars."""
   from clu.metric_writers import interface
 
   class JsonlWriter(interface.MetricWriter):
 
     def __init__(self):
-      self._file = open(path, 'a', buffering=1)  # line-buffered: `tail -f`-able
+      self._file = paths.AppendLog(path)  # locally line-buffered: `tail -f`-able
 
     def write_scalars(self, step, scalars):
       record = {'step': int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
@@ -112,7 +136,7 @@ class Profile:
           self._end_session(profiler.stop())
 
     return Profile(
-        logdir=run.workdir, num_profile_steps=self.num_profile_steps,
+        logdir=str(run.workdir), num_profile_steps=self.num_profile_steps,
         first_profile=int(run.state['step']) + self.first_profile,
         every_steps=self.every_steps, every_secs=self.every_secs,
         profile_duration_ms=self.profile_duration_ms)
@@ -140,13 +164,15 @@ def image_grid(images: np.ndarray) -> np.ndarray:
   return grid
 
 
-def save_png(path: str, grid: np.ndarray, min_side: int = 256) -> None:
+def save_png(path: paths.Path, grid: np.ndarray, min_side: int = 256) -> None:
   """Writes a uint8 image, upscaled (nearest) so that small images stay visible."""
   from PIL import Image
 
   scale = max(1, int(np.ceil(min_side / max(grid.shape[:2]))))
+  png = io.BytesIO()
   Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                               Image.NEAREST).save(path)
+                               Image.NEAREST).save(png, format='PNG')
+  paths.write_atomic(paths.Path(path), png.getvalue())
 
 
 class SampleGrid:
@@ -196,9 +222,8 @@ class SampleGrid:
         samples = run.generate(labels, scale, seed=self.seed, params=params)
         if run.is_main:
           grid = image_grid(samples)
-          os.makedirs(os.path.join(run.workdir, 'samples'), exist_ok=True)
-          save_png(os.path.join(run.workdir, 'samples',
-                                f'step_{step:08d}_{prefix}cfg{scale:g}.png'), grid)
+          (run.workdir / 'samples').mkdir(parents=True, exist_ok=True)
+          save_png(run.workdir / 'samples' / f'step_{step:08d}_{prefix}cfg{scale:g}.png', grid)
           images[f'samples/{prefix}cfg{scale:g}'] = grid[None]
     run.writer.write_images(step, images)
 
@@ -207,9 +232,8 @@ class SampleGrid:
     rebuilt = run.reconstruct(originals)
     if run.is_main:
       grid = image_grid(np.concatenate([originals, rebuilt]))
-      os.makedirs(os.path.join(run.workdir, 'samples'), exist_ok=True)
-      save_png(os.path.join(run.workdir, 'samples', f'step_{step:08d}_reconstructions.png'),
-               grid)
+      (run.workdir / 'samples').mkdir(parents=True, exist_ok=True)
+      save_png(run.workdir / 'samples' / f'step_{step:08d}_reconstructions.png', grid)
       run.writer.write_images(step, {'samples/reconstructions': grid[None]})
 
   def check(self, experiment) -> None:

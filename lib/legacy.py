@@ -42,8 +42,6 @@ class LegacyConfigError(cli.UsageError):
 
 # diffuse_nnx fields that are accepted and dropped (dotted path -> why).
 IGNORED = {
-    'exp_name': 'names diffuse_nnx\'s wandb run; runs here log to the workdir',
-    'project_name': 'names diffuse_nnx\'s wandb project',
     'restore_step': 'dead in diffuse_nnx (0 is falsy; only standalone_eval reads it)',
     'data.num_train_samples': 'dead in diffuse_nnx (never read)',
     'data.num_workers': 'PyTorch loader workers; the tf.data pipeline sets its own parallelism',
@@ -88,6 +86,8 @@ REPA_RENAMES = {'repa_loss_weight': 'coefficient', 'repa_depth': 'depth',
                 'proj_dim': 'projector_dim'}
 CHECKPOINT_RENAMES = {'enable_async_checkpointing': 'async_save'}
 VISUALIZE_RENAMES = {'visualize_reconstruction': 'reconstructions'}
+# diffuse_nnx's wandb run name and project name the tracker run (off until writers.wandb=True).
+TRACKER_RENAMES = {'exp_name': 'wandb_name', 'project_name': 'wandb_project'}
 CLASS_RENAMES = {
     'lib.flow.edm.EDM': {'t_mu': 'p_mean', 't_sigma': 'p_std'},
     'lib.models.rae.RAE': {'pretrained_path': 'decoder_weights'},
@@ -324,6 +324,8 @@ def _services(fields, image_size: int, stat_dir: str | None) -> dict:
   services = common.run_services(save_every_steps=interval,
                                  log_every_steps=fields.pop('log_every_steps', 100))
   _apply(services['checkpoint'], options, 'checkpoint.options', CHECKPOINT_RENAMES)
+  tracker = {name: fields.pop(name) for name in TRACKER_RENAMES if name in fields}
+  _apply(services['writers'], tracker, '', TRACKER_RENAMES)  # switched on by writers.wandb
   evaluation = fields.pop('eval', {})
   services['visualize'] = _visualize(fields, evaluation.get('seed'))
   services['evaluate'] = []
@@ -469,12 +471,15 @@ def _convention(value, table: dict, dotted: str) -> str:
 
 def _pretrained_path(values: dict, path: str) -> None:
   """diffuse_nnx's `pretrained_path` is a file or a Hugging Face hub id; only files carry over
-  (this project reads weights from local files), a hub id is dropped with a warning."""
+  (this project reads weights from files, local or gs://), a hub id is dropped with a
+  warning."""
+  from lib import paths
+
   value = values.get('pretrained_path')
   if value is None:
     return
-  local = os.path.exists(value) or os.path.isabs(value) or value.startswith(('.', '~')) or \
-      bool(os.path.splitext(value)[1])
+  local = paths.is_url(value) or os.path.exists(value) or os.path.isabs(value) or \
+      value.startswith(('.', '~')) or bool(os.path.splitext(value)[1])
   if not local:
     del values['pretrained_path']
     logging.warning('%s.pretrained_path=%r is a Hugging Face hub id, not a local file; it is '

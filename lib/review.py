@@ -186,14 +186,17 @@ def _restore_locations(config: fdl.Buildable, locations: dict[str, list]) -> Non
       setattr(node, name, getattr(node, name))
 
 
-def load_config_file(path: str) -> fdl.Buildable:
-  """A config saved by a run (`WORKDIR/config.json`)."""
-  if os.path.isdir(path):
-    path = os.path.join(path, 'config.json')
-  if not os.path.isfile(path):
-    raise cli.UsageError(f'no config file {path!r}; a run saves its config as WORKDIR/config.json')
-  with open(path) as f:
-    text = f.read()
+def load_config_file(path, what: str = '--fdl_config_file') -> fdl.Buildable:
+  """A config saved by a run (`WORKDIR/config.json`, local or in a bucket)."""
+  from lib import paths
+
+  file = paths.resolve(path, what)
+  if file.is_dir():
+    file, path = file / 'config.json', f'{os.fspath(path).rstrip("/")}/config.json'
+  if not file.is_file():
+    raise cli.UsageError(f'no config file {os.fspath(path)!r}; a run saves its config as '
+                         'WORKDIR/config.json')
+  text = file.read_text()
   try:
     config = serialization.load_json(text, pyref_policy=ProjectImports())
   except serialization.PyrefPolicyError as e:
@@ -206,21 +209,22 @@ def load_config_file(path: str) -> fdl.Buildable:
   return config
 
 
-def saved_values(path: str) -> dict:
+def saved_values(path, what: str = '--diff_against') -> dict:
   """The effective values of a saved run (RUN_DIR or RUN_DIR/config.json): the
   `cli.EFFECTIVE` file it wrote beside its config, or for a run without one, those of its
   config.json under the defaults of the code as it is now."""
-  folder = path if os.path.isdir(path) else os.path.dirname(path)
-  effective = os.path.join(folder, cli.EFFECTIVE)
-  if (os.path.isdir(path) or os.path.basename(path) == 'config.json') and \
-      os.path.isfile(effective):
-    with open(effective) as f:
-      try:
-        return json.load(f)
-      except json.JSONDecodeError as e:
-        raise cli.UsageError(f'{effective} is not the JSON a run writes ({e}); delete it to '
-                             f'compare with {folder}/config.json instead') from None
-  return cli.effective_values(load_config_file(path))
+  from lib import paths
+
+  given = paths.resolve(path, what)
+  folder = given if given.is_dir() else given.parent
+  effective = folder / cli.EFFECTIVE
+  if (given.is_dir() or given.name == 'config.json') and effective.is_file():
+    try:
+      return json.loads(effective.read_text())
+    except json.JSONDecodeError as e:
+      raise cli.UsageError(f'{effective} is not the JSON a run writes ({e}); delete it to '
+                           f'compare with {folder}/config.json instead') from None
+  return cli.effective_values(load_config_file(path, what))
 
 
 def normalized(config: fdl.Buildable) -> fdl.Buildable:

@@ -12,7 +12,7 @@ is a function of k, so a run resumed from the checkpoint of step k continues exa
 as the uninterrupted run would have.
 """
 
-import os
+import io
 import re
 import signal
 import time
@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lib import checkpoint as ckpt
 from lib import errors
 from lib import hooks
+from lib import paths
 from lib.experiment import Experiment
 from lib.sharding import Sharding
 
@@ -36,9 +37,9 @@ from lib.sharding import Sharding
 class Run:
   """An `Experiment` bound to a workdir and to this process's devices."""
 
-  def __init__(self, experiment: Experiment, workdir: str):
+  def __init__(self, experiment: Experiment, workdir):
     self.experiment = exp = experiment
-    self.workdir = workdir
+    self.workdir = paths.resolve(workdir, '--workdir')
     self.is_main = jax.process_index() == 0
     self.total_steps = exp.total_steps
     self.num_classes = exp.data.num_classes
@@ -288,12 +289,14 @@ class Run:
     self.load_encoder()
     self.load_detector()
     manager = exp.checkpoint.manager(self.workdir)
-    self.writer = exp.writers.create(self.workdir, self.is_main)
+    self.writer = None
     actions = []
     try:
       step = self.restore_or_init(manager)
       if on_start is not None:
         on_start(step)
+      # Once the config is saved: a tracker run takes it from the workdir (lib.tracking).
+      self.writer = exp.writers.create(self.workdir, self.is_main)
       if self.is_main:
         logging.info('Network: %s parameters; training steps %d -> %d', f'{self.param_count:,}',
                      step, self.total_steps)
@@ -343,8 +346,9 @@ class Run:
           action.close()
       manager.wait_until_finished()
       manager.close()
-      self.writer.flush()
-      self.writer.close()
+      if self.writer is not None:
+        self.writer.flush()
+        self.writer.close()
 
   def _check_finite(self, step: int, metrics: dict, manager) -> None:
     """Stops the run (before anything of `step` is saved) if its loss or gradient norm is
@@ -397,14 +401,14 @@ def next_batch(batches, step: int) -> dict:
                            f'{cause.group(0) if cause else message.strip()[:500]}') from error
 
 
-def train(experiment: Experiment, workdir: str,
+def train(experiment: Experiment, workdir,
           on_start: Callable[[int], None] | None = None) -> int:
   """Trains `experiment` in `workdir` (see `Run.train`); returns the last step reached."""
-  os.makedirs(workdir, exist_ok=True)
+  paths.resolve(workdir, '--workdir').mkdir(parents=True, exist_ok=True)
   return Run(experiment, workdir).train(on_start)
 
 
-def sample(experiment: Experiment, workdir: str, num_samples: int,
+def sample(experiment: Experiment, workdir, num_samples: int,
            labels: list[int] | None = None, guidance_scale: float | None = None,
            seed: int = 0, step: int | None = None) -> str:
   """Samples the EMA weights of checkpoint `step` (default: the newest good one) in `workdir`
@@ -432,8 +436,10 @@ def sample(experiment: Experiment, workdir: str, num_samples: int,
     label_array = np.arange(num_samples, dtype=np.int32) % run.num_classes
   scale = experiment.sampler.guidance_scale if guidance_scale is None else guidance_scale
   images = run.generate(label_array, scale, seed=seed)
-  path = os.path.join(workdir, 'samples.npz')
-  np.savez(path, images=images, labels=label_array)
-  hooks.save_png(os.path.join(workdir, 'samples.png'), hooks.image_grid(images))
+  path = run.workdir / 'samples.npz'
+  archive = io.BytesIO()
+  np.savez(archive, images=images, labels=label_array)
+  paths.write_atomic(path, archive.getvalue())
+  hooks.save_png(run.workdir / 'samples.png', hooks.image_grid(images))
   logging.info('Wrote %d samples of step %d (guidance %g) to %s', num_samples, step, scale, path)
-  return path
+  return str(path)

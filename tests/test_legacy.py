@@ -36,6 +36,12 @@ DIFFUSE_NNX_DECODER_PATH = (
     "encoder.decoder_weights: None -> '/home/nm3607/model.pt'",
     'diffuse_nnx hard-codes its RAE decoder file (its `encoder.pretrained_path`, converted to '
     'decoder_weights); the native preset leaves weight files to the caller')
+# Every diffuse_nnx preset names its wandb run and project (`exp_name`, `project_name`).
+TRACKER_NAMES = [
+    ('writers.wandb_name: None (default of lib.hooks.Writers) -> ',
+     "diffuse_nnx's exp_name names the tracker run (used once writers.wandb=True)"),
+    ("writers.wandb_project: 'fiddlediff' (default of lib.hooks.Writers) -> ",
+     "diffuse_nnx's project_name names the tracker project")]
 
 SAMPLING_GUIDANCE = (
     'sampler.guidance_scale: 1.5 -> ',
@@ -50,22 +56,22 @@ REPA_GUIDANCE = [(
 SIZES = {'S': 's2', 'B': 'b2', 'L': 'l2', 'XL': 'xl2'}
 CASES = [  # (legacy file, options, native preset, allowed differences)
     *[('dit_imagenet', f'imagenet_256-{size}_2', f'experiments/dit.py:{preset}',
-       [SAMPLING_GUIDANCE]) for size, preset in SIZES.items()],
+       [SAMPLING_GUIDANCE] + TRACKER_NAMES) for size, preset in SIZES.items()],
     ('dit_imagenet', 'imagenet_64-B_2', 'experiments/dit.py:b2(image_size=64)',
-     [SAMPLING_GUIDANCE]),
+     [SAMPLING_GUIDANCE] + TRACKER_NAMES),
     *[('lightning_dit_imagenet', f'imagenet_256-{size}_2',
-       f'experiments/lightning_dit.py:{preset}', [SAMPLING_GUIDANCE])
+       f'experiments/lightning_dit.py:{preset}', [SAMPLING_GUIDANCE] + TRACKER_NAMES)
       for size, preset in SIZES.items()],
     *[('lightning_ddt_imagenet', f'imagenet_256-{size}_2',
-       f'experiments/lightning_ddt.py:{SIZES[size]}', [SAMPLING_GUIDANCE])
+       f'experiments/lightning_ddt.py:{SIZES[size]}', [SAMPLING_GUIDANCE] + TRACKER_NAMES)
       for size in ('S', 'XL')],
     *[('mf_imagenet', f'imagenet_256-{size}_2', f'experiments/meanflow.py:{preset}',
-       MEANFLOW_FID_AT_CFG_1) for size, preset in SIZES.items()],
+       MEANFLOW_FID_AT_CFG_1 + TRACKER_NAMES) for size, preset in SIZES.items()],
     *[('dit_imagenet_repa', f'imagenet_raw_256-{size}_2', f'experiments/dit_repa.py:{preset}',
-       REPA_GUIDANCE + ([REPA_PAPER_DEPTH] if size in ('L', 'XL') else []))
+       REPA_GUIDANCE + ([REPA_PAPER_DEPTH] if size in ('L', 'XL') else []) + TRACKER_NAMES)
       for size, preset in SIZES.items()],
     ('rae_imagenet', 'imagenet_raw_256-XL_1', 'experiments/rae.py:xl1',
-     [DIFFUSE_NNX_DECODER_PATH]),
+     [DIFFUSE_NNX_DECODER_PATH] + TRACKER_NAMES),
 ]
 
 

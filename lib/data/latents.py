@@ -16,12 +16,13 @@ is `lib.data.stream`'s, so it is deterministic and resumable.
 """
 
 import functools
+import io
 import json
-import os
 from typing import Iterator
 
 import numpy as np
 
+from lib import paths
 from lib.data import stream
 
 
@@ -88,28 +89,30 @@ class LatentFolder:
   @functools.cached_property
   def _index(self) -> tuple[list[str], np.ndarray]:
     """(sorted relative paths of the .npy files, (N,) int32 labels); raises on a bad folder."""
-    if not os.path.isdir(self.data_dir):
+    folder = self._folder
+    if not folder.is_dir():
       raise FileNotFoundError(f'data.data_dir={self.data_dir!r} is not a directory; expected a '
                               'folder of .npy latents with a dataset.json')
-    label_file = os.path.join(self.data_dir, 'dataset.json')
-    if not os.path.isfile(label_file):
+    label_file = folder / 'dataset.json'
+    if not label_file.is_file():
       raise FileNotFoundError(f'{label_file} not found; expected {{"labels": [[relative_path, '
                               'label], ...]}} beside the .npy files')
-    files = sorted(
-        os.path.relpath(os.path.join(root, name), self.data_dir).replace(os.sep, '/')
-        for root, _, names in os.walk(self.data_dir) for name in names if name.endswith('.npy'))
+    files = sorted(name for name in paths.files_under(folder) if name.endswith('.npy'))
     if not files:
       raise ValueError(f'no .npy files under data.data_dir={self.data_dir!r}')
-    with open(label_file, 'rb') as f:
-      labels = dataset_labels(label_file, f.read(), files, self.num_classes,
-                              f'.npy files under {self.data_dir}')
+    labels = dataset_labels(str(label_file), label_file.read_bytes(), files, self.num_classes,
+                            f'.npy files under {self.data_dir}')
     return files, labels
+
+  @functools.cached_property
+  def _folder(self) -> paths.Path:
+    return paths.resolve(self.data_dir, 'data.data_dir')
 
   def _load(self, name: str) -> np.ndarray:
     """One file as float32 (h, w, C), its shape checked."""
-    path = os.path.join(self.data_dir, name)
+    path = self._folder / name
     try:
-      array = np.load(path)
+      array = np.load(io.BytesIO(path.read_bytes()))
     except (OSError, ValueError) as e:
       raise ValueError(f'cannot read {path}: {e}') from None
     side = self.image_size // self.downsample_factor

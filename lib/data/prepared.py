@@ -11,16 +11,17 @@ sorted relative-path order, each needing one label. Batches go through `ImageFol
 pipeline, so the order, the per-process sharding, resumption at any step and the flips are the
 same; the images are already square at `image_size`, so the ADM center crop leaves them
 unchanged. A `.zip` is read member by member (one handle per reading thread), never unpacked.
+`data_dir` may be a local path or a gs:// URL (read through `lib.paths`).
 """
 
 import functools
 import io
-import os
 import threading
 import zipfile
 
 import numpy as np
 
+from lib import paths
 from lib.data import latents
 from lib.data.images import EXTENSIONS, ImageFolder
 
@@ -48,14 +49,21 @@ class PreparedImages(ImageFolder):
     self._archives = threading.local()
 
   @functools.cached_property
+  def _source(self) -> paths.Path:
+    return paths.resolve(self.data_dir, 'data.data_dir')
+
+  @functools.cached_property
   def is_zip(self) -> bool:
-    return os.path.isfile(self.data_dir) and zipfile.is_zipfile(self.data_dir)
+    if not self._source.is_file():
+      return False
+    with self._source.open('rb') as f:
+      return zipfile.is_zipfile(f)
 
   def _archive(self) -> zipfile.ZipFile:
     """This thread's handle on the archive (ZipFile handles are not shared across threads)."""
     archive = getattr(self._archives, 'handle', None)
     if archive is None:
-      archive = self._archives.handle = zipfile.ZipFile(self.data_dir)
+      archive = self._archives.handle = zipfile.ZipFile(self._source.open('rb'))
     return archive
 
   @functools.cached_property
@@ -67,11 +75,10 @@ class PreparedImages(ImageFolder):
       names = self._archive().namelist()
       label_file = f'{self.data_dir}/dataset.json'
       read_labels = lambda: self._archive().read('dataset.json')
-    elif os.path.isdir(self.data_dir):
-      names = [os.path.relpath(os.path.join(root, name), self.data_dir).replace(os.sep, '/')
-               for root, _, files in os.walk(self.data_dir) for name in files]
-      label_file = os.path.join(self.data_dir, 'dataset.json')
-      read_labels = lambda: self._read(label_file)
+    elif self._source.is_dir():
+      names = list(paths.files_under(self._source))
+      label_file = self._source / 'dataset.json'
+      read_labels = label_file.read_bytes
     else:
       raise FileNotFoundError(f'data.data_dir={self.data_dir!r} is neither a directory nor a '
                               f'.zip archive; {expected}')
@@ -80,36 +87,26 @@ class PreparedImages(ImageFolder):
     files = sorted(name for name in names if name.lower().endswith(EXTENSIONS))
     if not files:
       raise ValueError(f'no images (.png, .jpg) in data.data_dir={self.data_dir!r}; {expected}')
-    labels = latents.dataset_labels(label_file, read_labels(), files, self.num_classes,
+    labels = latents.dataset_labels(str(label_file), read_labels(), files, self.num_classes,
                                     f'images in {self.data_dir}')
-    paths = files if self.is_zip else [os.path.join(self.data_dir, name) for name in files]
-    return paths, labels, None
+    images = files if self.is_zip else [str(self._source / name) for name in files]
+    return images, labels, None
 
   def _read(self, path: str) -> bytes:
     if self.is_zip:
       return self._archive().read(path)
     return super()._read(path)
 
-  def _read_op(self, path):
-    if not self.is_zip:
-      return super()._read_op(path)
-    import tensorflow as tf
-
-    data = tf.numpy_function(lambda name: self._read(name.decode()), [path], tf.string,
-                             stateful=False)
-    data.set_shape(())
-    return data
-
   def check(self) -> None:
     """Raises FileNotFoundError / ValueError naming the dataset (or its dataset.json) and what
     was expected; the first image must be image_size x image_size."""
     from PIL import Image
 
-    paths, _, _ = self._index
-    with Image.open(io.BytesIO(self._read(paths[0]))) as image:
+    images, _, _ = self._index
+    with Image.open(io.BytesIO(self._read(images[0]))) as image:
       size = image.size
     if size != (self.image_size, self.image_size):
-      raise ValueError(f'{self.data_dir}: {paths[0]} is {size[0]}x{size[1]}, but data.image_size='
+      raise ValueError(f'{self.data_dir}: {images[0]} is {size[0]}x{size[1]}, but data.image_size='
                        f'{self.image_size}; a prepared dataset holds images at the training '
                        f'resolution (set data.image_size={size[0]} or prepare the data at '
                        f'{self.image_size})')

@@ -17,14 +17,12 @@ it stays balanced whenever it is a multiple of the number of classes.
 """
 
 import math
-import os
 from typing import Literal
 
 import numpy as np
 from absl import logging
 
-from lib import errors
-from lib import hooks
+from lib import errors, hooks, paths
 from lib.eval import fid as fid_lib
 
 
@@ -144,7 +142,7 @@ class FIDEvaluation:
           'evaluate: FIDEvaluation.reference_stats is not set; give an ADM reference batch '
           '(.npz with mu / sigma) or the output of `python -m lib.eval.fid '
           f'--stats_from=DATA_DIR --out=FILE.npz`{without}')
-    if not os.path.isfile(self.reference_stats):
+    if not paths.is_file(self.reference_stats, 'evaluate: FIDEvaluation.reference_stats'):
       raise errors.UserError(f'evaluate: FIDEvaluation.reference_stats='
                              f'{self.reference_stats!r} is not a file{without}')
 

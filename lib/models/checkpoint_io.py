@@ -19,6 +19,7 @@ and bf16 releases included); other dtypes are kept.
 
 import argparse
 import dataclasses
+import io
 import os
 import re
 
@@ -62,19 +63,26 @@ def unwrap(checkpoint: dict, path: str = '') -> dict:
 
 
 def _load_torch(path: str, mmap: bool = False) -> dict:
-  """The dict in a torch pickle; `mmap`: tensors memory-mapped, not read (zip-format files)."""
+  """The dict in a torch pickle, local or in a bucket; `mmap`: tensors of a local zip-format
+  file memory-mapped, not read."""
+  from lib import paths
+
   try:
     import torch
   except ImportError as error:
     raise ImportError(f'reading {path} (a torch pickle) needs torch: pip install torch, or '
                       'convert the file to .safetensors') from error
   with torch.serialization.safe_globals([argparse.Namespace]):
-    try:
-      checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
-    except RuntimeError:
-      if not mmap:
-        raise
-      checkpoint = torch.load(path, map_location='cpu', weights_only=True)  # legacy format
+    if paths.is_url(path):
+      data = paths.resolve(path, 'weights file').read_bytes()
+      checkpoint = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    else:
+      try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+      except RuntimeError:
+        if not mmap:
+          raise
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)  # legacy format
   if not isinstance(checkpoint, dict):
     raise ValueError(f'{path}: expected a state dict or a training checkpoint dict, got '
                      f'{type(checkpoint).__name__}')
@@ -95,21 +103,25 @@ def _read_torch(path: str) -> dict:
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """`{key: array}` (floating point as float32) from a `.safetensors`, `.npz` or torch pickle
-  (`.pt`, `.pth`, `.bin`, `.ckpt`) file; see the module docstring for torch checkpoints."""
+  (`.pt`, `.pth`, `.bin`, `.ckpt`) file, local or in a bucket; see the module docstring for
+  torch checkpoints."""
+  from lib import paths
+
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  file = paths.resolve(path, 'weights file')
+  if not file.is_file():
     raise FileNotFoundError(f'{path!r} does not exist')
-  if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-    state_dict = load_file(path)
-  elif path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as archive:
-      state_dict = {key: archive[key] for key in archive.files}
-  elif path.endswith(TORCH_SUFFIXES):
-    state_dict = _read_torch(path)
-  else:
+  if not path.endswith(SUFFIXES):
     raise ValueError(f'{path!r}: unknown weights file type; expected one of '
                      f'{", ".join(SUFFIXES)}')
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import load
+    state_dict = load(file.read_bytes())
+  elif path.endswith('.npz'):
+    with np.load(io.BytesIO(file.read_bytes()), allow_pickle=False) as archive:
+      state_dict = {key: archive[key] for key in archive.files}
+  else:
+    state_dict = _read_torch(path)
   if not state_dict:
     raise ValueError(f'{path}: no arrays found')
   return {_strip_prefixes(key): _float32(np.asarray(value)) for key, value in state_dict.items()}
@@ -126,17 +138,25 @@ class Contents:
 
 
 def read_contents(path: str) -> Contents:
-  """The `Contents` of a `.safetensors`, `.npz` or torch weights file."""
+  """The `Contents` of a `.safetensors`, `.npz` or torch weights file, local or in a bucket
+  (a bucket's file is read whole; a local one only in its header)."""
+  from lib import paths
+
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  file = paths.resolve(path, 'weights file')
+  if not file.is_file():
     raise FileNotFoundError(f'{path!r} does not exist')
   args = {}
   if path.endswith('.safetensors'):
-    from safetensors import safe_open
-    with safe_open(path, 'numpy') as f:
-      shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    if paths.is_url(path):
+      from safetensors.numpy import load
+      shapes = {key: value.shape for key, value in load(file.read_bytes()).items()}
+    else:
+      from safetensors import safe_open
+      with safe_open(path, 'numpy') as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
   elif path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as archive:
+    with file.open('rb') as f, np.load(f, allow_pickle=False) as archive:
       shapes = {key: archive[key].shape for key in archive.files}
   elif path.endswith(TORCH_SUFFIXES):
     checkpoint = _load_torch(path, mmap=True)

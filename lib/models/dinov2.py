@@ -44,7 +44,6 @@ NNX parameter paths follow the torch-hub names (`blocks/3/attn/qkv/kernel` is
 """
 
 import math
-import os
 import re
 from typing import Literal
 
@@ -53,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lib import nn
+from lib import nn, paths
 from lib.models import layers
 from lib.models.checkpoint_io import key_problems, read_state_dict
 
@@ -531,7 +530,7 @@ class DINOv2:
                        'e.g. `model.safetensors` of facebook/dinov2-base (or '
                        'facebook/dinov2-with-registers-base with registers=True), or the '
                        'torch-hub `dinov2_vitb14_pretrain.pth`')
-    if not os.path.isfile(self.weights_path):
+    if not paths.is_file(self.weights_path, 'DINOv2.weights_path'):
       raise FileNotFoundError(f'DINOv2.weights_path={self.weights_path!r} does not exist; '
                               'expected a DINOv2 `model.safetensors`, `pytorch_model.bin` or '
                               'torch-hub `.pth` file')

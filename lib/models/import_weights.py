@@ -55,6 +55,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from lib import paths
 from lib.models import ddt, dit, import_lightning, layers
 from lib.models.checkpoint_io import key_problems, read_state_dict
 from lib.models.lightning_ddt import LightningDDT
@@ -279,7 +280,7 @@ def import_file(path: str, experiment) -> nnx.State:
 
 
 # ------------------------------------------------------------------------------- command line
-def write_checkpoint(experiment, weights: nnx.State, workdir: str, step: int = 0) -> str:
+def write_checkpoint(experiment, weights: nnx.State, workdir, step: int = 0):
   """An orbax checkpoint of step `step` in `workdir` that `lib.train` restores: params and EMA
   from the imported `weights` (and their fixed arrays), a freshly initialised optimizer state.
   Returns the checkpoint folder."""
@@ -299,7 +300,7 @@ def write_checkpoint(experiment, weights: nnx.State, workdir: str, step: int = 0
     manager.wait_until_finished()
   finally:
     manager.close()
-  return os.path.join(str(manager.directory), str(step))
+  return manager.directory / str(step)
 
 
 def import_release(checkpoint: str, config: fdl.Buildable, workdir: str,
@@ -324,9 +325,9 @@ def import_release(checkpoint: str, config: fdl.Buildable, workdir: str,
   params = import_file(checkpoint, experiment)
   folder = write_checkpoint(experiment, params, workdir, step)
   cli.write_config(config, workdir)
-  with open(os.path.join(workdir, 'imported_from.json'), 'w') as f:
-    json.dump({'checkpoint': os.path.abspath(checkpoint), 'step': step,
-               'release': release.name, 'settings': changed}, f, indent=1)
+  paths.write_atomic(paths.resolve(workdir, '--workdir') / 'imported_from.json', json.dumps({
+      'checkpoint': os.fspath(paths.resolve(checkpoint, '--checkpoint')), 'step': step,
+      'release': release.name, 'settings': changed}, indent=1))
   return folder, [f'{release.name or checkpoint}: {line}' for line in changed]
 
 
@@ -362,7 +363,8 @@ def _main(argv) -> int:
     return 2
   for line in changed:
     print(f'release conventions of {line}')
-  print(f'wrote {folder} and {os.path.join(values.workdir, "config.json")}; sample with: '
+  print(f'wrote {folder} and {paths.resolve(values.workdir, "--workdir") / "config.json"}; '
+        'sample with: '
         f'python launch.py --workdir={values.workdir} --mode=sample')
   return 0
 
