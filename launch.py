@@ -12,22 +12,30 @@ with a Python literal; paths and types are checked before anything runs.
 """
 
 import logging as std_logging
+import math
 import os
 import sys
 import time
+import traceback
+from typing import Callable
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow (tf.data, CLU) start-up chatter
 
 from absl import app, flags, logging
 import fiddle as fdl
-from fiddle import absl_flags  # registers --fdl_config, --fdl_config_file and --fdl_set
+from fiddle import absl_flags  # registers --fdl_config(_file), --fdl_set, --fiddler, --fdl_tags_set
 from ml_collections import config_flags
 
-from lib import cli, review
+from lib import cli, legacy_files, paths, review
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples; a '
+                                'local path or gs://BUCKET/PATH (with --bucket: the run\'s name).')
+_BUCKET = flags.DEFINE_string('bucket', None, 'As diffuse_nnx: put the run in '
+                              'gs://BUCKET/PREFIX/NNN_WORKDIR (an existing NNN_WORKDIR folder is '
+                              'resumed; else NNN counts the run folders there).')
+_PREFIX = flags.DEFINE_string('prefix', 'diffuse_nnx', 'With --bucket: the folder of the runs.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do (eval: '
-                           'the evaluation actions on the newest checkpoint).')
+                           'the evaluation actions on a checkpoint, see --step).')
 _PRINT_CONFIG = flags.DEFINE_bool(
     'print_config', False, 'Print the resolved config and the parameter count, then exit.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 64, '--mode=sample: number of samples.')
@@ -36,8 +44,13 @@ _LABELS = flags.DEFINE_list('labels', None, '--mode=sample: class labels (defaul
 _GUIDANCE = flags.DEFINE_float('guidance_scale', None, '--mode=sample: guidance weight '
                                '(default: sampler.guidance_scale).')
 _SAMPLE_SEED = flags.DEFINE_integer('sample_seed', 0, '--mode=sample: seed of the noise.')
+_STEP = flags.DEFINE_integer('step', None, '--mode=sample and --mode=eval: the checkpoint step '
+                             '(default: the newest).')
 _PROVENANCE = flags.DEFINE_bool(
     'provenance', False, 'With --print_config: where each value was set (file:line or flag).')
+_HIDE_DEFAULTS = flags.DEFINE_bool(
+    'hide_defaults', False, 'With --print_config or --render: list only the values presets and '
+    'flags set, not the arguments left at their constructor defaults.')
 _RENDER = flags.DEFINE_string(
     'render', None, 'Draw the config graph to FILE.svg, .png, .dot or .html (a foldable tree), '
     'or with --diff_against the graph of the difference; then exit.')
@@ -53,28 +66,45 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
 _LEGACY_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'A legacy (seed-library) ml_collections config, PATH.py[:OPTIONS], with '
-    '--config.FIELD=VALUE overrides; converted by lib/legacy.py, then run like a preset.')
+    'config', None, 'A legacy (diffuse_nnx) ml_collections config, PATH.py[:OPTIONS], with '
+    '--config.FIELD=VALUE overrides; loaded with its project root importable (its '
+    '`configs` package), converted by lib/legacy.py, then run like a preset.')
+flags.FLAGS['config'].parser = legacy_files.FileParser()
 _ACCEPT_CONFIG_CHANGE = flags.DEFINE_bool(
     'accept_config_change', False, 'Resume a workdir although its saved config differs from the '
     'launched one (the old config is kept as config.replaced_<time>.json).')
 
 
-def resolve_config() -> fdl.Buildable:
+def resolve_workdir():
+  """--workdir as a path (`lib.paths`), or with --bucket the diffuse_nnx run folder; None if
+  not given."""
+  from lib import workdir as workdirs
+
+  if _BUCKET.value:
+    if not _WORKDIR.value:
+      raise cli.UsageError('--bucket needs --workdir=NAME, the name of the run folder')
+    return workdirs.in_bucket(_BUCKET.value, _PREFIX.value, _WORKDIR.value)
+  return paths.resolve(_WORKDIR.value, '--workdir') if _WORKDIR.value else None
+
+
+def resolve_config(workdir=None) -> fdl.Buildable:
   """The preset named by --fdl_config (the saved config of --fdl_config_file, or the converted
-  legacy --config) with every --fdl_set applied, in command-line order."""
+  legacy --config) with every --fiddler, --fdl_tags_set and --fdl_set applied, each kind in
+  command-line order; without a config flag, the config saved in `workdir`."""
   spec, saved = flags.FLAGS.fdl_config, flags.FLAGS.fdl_config_file
   legacy_config = _LEGACY_CONFIG.value
   if sum(map(bool, (spec, saved, legacy_config is not None))) > 1:
     raise cli.UsageError('give one of --fdl_config, --fdl_config_file and --config (a legacy '
                          'ml_collections config), not several')
-  if not spec and not saved and legacy_config is None and _WORKDIR.value and \
-      os.path.exists(os.path.join(_WORKDIR.value, 'config.json')):
-    saved = os.path.join(_WORKDIR.value, 'config.json')  # continue or sample a saved run
+  if not spec and not saved and legacy_config is None and workdir is not None and \
+      (workdir / 'config.json').exists():
+    saved = workdir / 'config.json'  # continue or sample a saved run
   if legacy_config is not None:
     from lib import legacy
 
-    config = legacy.convert(legacy_config)
+    flag = flags.FLAGS['config']
+    config = legacy.convert(legacy_config, legacy_files.source(
+        config_flags.get_config_filename(flag), config_flags.get_override_values(flag)))
   elif saved:
     config = review.load_config_file(os.fspath(saved))
   elif spec:
@@ -82,26 +112,37 @@ def resolve_config() -> fdl.Buildable:
   else:
     raise cli.UsageError('--fdl_config=PATH.py:PRESET (or --fdl_config_file=RUN/config.json) is '
                          'required; preset files: ' + ', '.join(cli.preset_files()))
+  for spec in flags.FLAGS.fiddler:  # Fiddle's order: fiddlers, tags, then --fdl_set
+    config = cli.apply_fiddler(config, spec)
+  for assignment in flags.FLAGS.fdl_tags_set:
+    cli.apply_tag_override(config, assignment)
   for assignment in flags.FLAGS.fdl_set:
     cli.apply_override(config, assignment)
+  if getattr(config, 'init_from', None):  # the released weights' conventions
+    from lib.models import releases
+    releases.apply_init_from(config)
   return config
 
 
-def load_other(spec: str) -> fdl.Buildable:
-  """--diff_against: a preset (FILE.py:PRESET) or a saved run's config."""
-  if os.path.exists(spec):
-    return review.load_config_file(spec)
-  return cli.load_preset(spec)
+def load_other(spec: str) -> tuple[fdl.Buildable, dict]:
+  """--diff_against: a preset (FILE.py:PRESET) or a saved run's config, with its effective
+  values (those a run saved, defaults included)."""
+  if paths.is_url(spec) or os.path.exists(spec):
+    return (review.load_config_file(spec, '--diff_against'),
+            review.saved_values(spec, '--diff_against'))
+  other = cli.load_preset(spec)
+  return other, cli.effective_values(other)
 
 
 def review_config(config: fdl.Buildable) -> int:
   """--render, --diff_against and --export_python: look at the graph without building it."""
-  other = load_other(_DIFF_AGAINST.value) if _DIFF_AGAINST.value else None
+  other, other_values = load_other(_DIFF_AGAINST.value) if _DIFF_AGAINST.value else (None, None)
   if other is not None and not _RENDER.value:
-    lines = review.diff_lines(other, config)
+    lines = review.values_diff_lines(other_values, cli.effective_values(config))
     print('\n'.join(lines) if lines else '# no difference')
   if _RENDER.value:
-    warning = review.render(config, _RENDER.value, old=other)
+    warning = review.render(config, _RENDER.value, old=other,
+                            defaults=not _HIDE_DEFAULTS.value)
     if warning:
       print(f'warning: {warning}', file=sys.stderr)
       return 1
@@ -115,41 +156,49 @@ def review_config(config: fdl.Buildable) -> int:
 
 
 # Differences under these paths change how a run is observed or laid out on devices, not
-# what it computes, so a resumed run may change them without --accept_config_change.
+# what it computes, so a resumed run may change them without --accept_config_change
+# (`init_from` is read only by a run's first start).
 BOOKKEEPING = ('checkpoint', 'writers', 'report', 'profile', 'visualize', 'evaluate',
-               'log_every_steps', 'sharding')
+               'log_every_steps', 'sharding', 'init_from')
 
 
-def check_saved_config(config: fdl.Buildable, workdir: str) -> None:
-  """Refuses to resume a workdir whose saved config differs in what the run computes,
-  unless accepted; bookkeeping differences (BOOKKEEPING) are allowed and logged."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    return
-  saved = review.load_config_file(path)
-  if saved == review.normalized(config):
-    return
-  lines = review.diff_lines(saved, config)
+def check_saved_config(config: fdl.Buildable, workdir) -> Callable[[], None] | None:
+  """Refuses to resume a workdir whose saved effective values (defaults included, so a class
+  default changed in the code counts) differ in what the run computes, unless accepted;
+  bookkeeping differences (BOOKKEEPING) are allowed and logged. Changes nothing: returns the
+  function that keeps the old config aside (None if there is none to keep), which the run
+  calls once its state is restored."""
+  path = workdir / 'config.json'
+  if not path.exists():
+    return None
+  lines = review.values_diff_lines(review.saved_values(path, '--workdir'),
+                                   cli.effective_values(config))
+  if not lines:
+    return None
   difference = '\n  '.join(lines)
   bookkeeping = all(cli.parse_path(line.split(':')[0])[0] in BOOKKEEPING for line in lines)
   if not bookkeeping and not _ACCEPT_CONFIG_CHANGE.value:
     raise cli.UsageError(f'{workdir} holds a run whose saved config differs from this one:\n  '
                          f'{difference}\nuse another --workdir, relaunch the saved config with '
                          f'--fdl_config_file={path}, or pass --accept_config_change')
-  import jax
 
-  if jax.process_index() == 0:
-    replaced = os.path.join(workdir, f'config.replaced_{time.strftime("%Y%m%d-%H%M%S")}.json')
-    os.replace(path, replaced)
+  def keep_old_config():
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    replaced = workdir / f'config.replaced_{stamp}.json'
+    path.replace(replaced)
+    if (workdir / cli.EFFECTIVE).exists():
+      (workdir / cli.EFFECTIVE).replace(workdir / f'effective.replaced_{stamp}.json')
     logging.warning('Config changed on resume (old config kept as %s):\n  %s', replaced,
                     difference)
+  return keep_old_config
 
 
 def print_config(config: fdl.Buildable, experiment) -> None:
   from flax import nnx
   import jax
 
-  print('\n'.join(cli.flat_lines(config, with_source=_PROVENANCE.value)))
+  print('\n'.join(cli.flat_lines(config, with_source=_PROVENANCE.value,
+                                 defaults=not _HIDE_DEFAULTS.value)))
   print(f'# derived: latent_shape = {experiment.latent_shape}; network.input_size = '
         f'{experiment.latent_shape[0]}, network.in_channels = {experiment.latent_shape[2]}, '
         f'network.num_classes = {experiment.data.num_classes}')
@@ -169,59 +218,117 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from lib import cpu_runtime, distributed
-  from lib.experiment import ConfigError
+  from lib import errors
+
+  try:
+    return run_command()
+  except errors.UserError as e:
+    return _report(e, 2)
+  except errors.NonFiniteError as e:
+    return _report(e, 1)
+
+
+def _report(error: Exception, status: int) -> int:
+  """One `error:` line (the traceback too with --verbosity=1 or FIDDLEDIFF_TRACEBACK=1)."""
+  if flags.FLAGS.verbosity >= 1 or os.environ.get('FIDDLEDIFF_TRACEBACK') not in (None, '', '0'):
+    traceback.print_exception(error)
+  # Our messages name the values; Fiddle's appended dump of the root's arguments is noise.
+  print(f'error: {str(error).split(chr(10) * 2 + "Fiddle context:")[0]}', file=sys.stderr)
+  return status
+
+
+def _sample_arguments(num_classes: int) -> tuple[list[int] | None, float | None]:
+  """--labels and --guidance_scale of --mode=sample, checked."""
+  if _NUM_SAMPLES.value < 1:
+    raise cli.UsageError(f'--num_samples={_NUM_SAMPLES.value}; expected a positive count')
+  labels = None
+  if _LABELS.value:
+    try:
+      labels = [int(label) for label in _LABELS.value]
+    except ValueError:
+      raise cli.UsageError(f'--labels={",".join(_LABELS.value)}: expected comma-separated '
+                           f'integer class labels in 0..{num_classes - 1}') from None
+  if _GUIDANCE.value is not None and not math.isfinite(_GUIDANCE.value):
+    raise cli.UsageError(f'--guidance_scale={_GUIDANCE.value}; expected a finite number '
+                         '(1: no guidance)')
+  return labels, _GUIDANCE.value
+
+
+def run_command() -> int:
+  from lib import cpu_runtime, distributed, workdir as workdirs
 
   cpu_runtime.run_inline()  # before any backend starts
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-
-  try:
-    config = resolve_config()
-    if _RENDER.value or _DIFF_AGAINST.value or _EXPORT_PYTHON.value:
-      return review_config(config)
-    experiment = fdl.build(config)
-    if _PRINT_CONFIG.value:
-      print_config(config, experiment)
-      return 0
-    if _WORKDIR.value and _MODE.value == 'train':
-      check_saved_config(config, _WORKDIR.value)
-  except (cli.UsageError, ConfigError) as e:
-    # Our messages name the values; Fiddle's appended dump of the root's arguments is noise.
-    print(f'error: {str(e).split(chr(10) * 2 + "Fiddle context:")[0]}', file=sys.stderr)
-    return 2
-  if not _WORKDIR.value:
-    print('error: --workdir is required to train or sample', file=sys.stderr)
-    return 2
+  if _STEP.value is not None and _MODE.value == 'train':
+    raise cli.UsageError(f'--step={_STEP.value} chooses the checkpoint of --mode=sample or '
+                         '--mode=eval; training resumes from the newest checkpoint')
+  workdir = resolve_workdir()
+  config = resolve_config(workdir)
+  if _RENDER.value or _DIFF_AGAINST.value or _EXPORT_PYTHON.value:
+    return review_config(config)
+  experiment = cli.build(config)
+  if _PRINT_CONFIG.value:
+    print_config(config, experiment)
+    return 0
+  if workdir is None:
+    raise cli.UsageError('--workdir is required to train, sample or evaluate')
+  workdirs.check_usable(workdir)
   from lib import train
   import jax
 
   cpu_runtime.keep_freed_memory()
   if _MODE.value == 'sample':
-    labels = [int(label) for label in _LABELS.value] if _LABELS.value else None
-    try:
-      train.sample(experiment, _WORKDIR.value, _NUM_SAMPLES.value, labels, _GUIDANCE.value,
-                   _SAMPLE_SEED.value)
-    except (FileNotFoundError, ValueError) as e:
-      print(f'error: {e}', file=sys.stderr)
-      return 2
+    labels, guidance = _sample_arguments(experiment.data.num_classes)
+    train.sample(experiment, workdir, _NUM_SAMPLES.value, labels, guidance,
+                 _SAMPLE_SEED.value, _STEP.value)
     return 0
   if _MODE.value == 'eval':
     from lib.eval import standalone
-    try:
-      standalone.evaluate(experiment, _WORKDIR.value)
-    except (FileNotFoundError, ValueError) as e:
-      print(f'error: {e}', file=sys.stderr)
-      return 2
+
+    experiment.check()
+    standalone.evaluate(experiment, workdir, _STEP.value)
     return 0
-  # Every process has compared the saved config (check_saved_config) before process 0
-  # replaces it.
-  distributed.barrier('config checked')
-  if jax.process_index() == 0:
-    cli.write_config(config, _WORKDIR.value)
-  step = train.train(experiment, _WORKDIR.value)
+  # Training: everything that can be checked is checked before the workdir is touched; the
+  # config is written (or replaced) only once the run's state is restored.
+  experiment.check()
+  lock = workdirs.WorkdirLock(workdir)
+  lock.acquire()
+  try:
+    keep_old_config = check_saved_config(config, workdir)
+
+    def on_start(step: int) -> None:
+      # Every process has compared the saved config before process 0 replaces it.
+      distributed.barrier('config checked')
+      if jax.process_index() == 0:
+        if keep_old_config is not None:
+          keep_old_config()
+        cli.write_config(config, workdir)
+        workdirs.record_launch(workdir, step)
+
+    step = train.train(experiment, workdir, on_start)
+  finally:
+    lock.release()
   logging.info('Stopped at step %d of %d.', step, experiment.total_steps)
   return 0
 
 
+def parse_flags(argv):
+  """Fiddle's flag parser; a legacy --config file that fails to load (it is run while the
+  flags are parsed) is one error message and exit 2, as a cli.UsageError in main is."""
+  try:
+    return absl_flags.flags_parser(argv)
+  except legacy_files.LegacyFileError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing field
+    overrides = [arg for arg in argv[1:] if arg.startswith('--config.')]
+    if not overrides:
+      raise
+    print(f'error: {" ".join(overrides)}: the legacy config has no field '
+          f'{str(e).strip(chr(34) + chr(39))!r} (--config.FIELD '
+          'overrides change existing fields, they cannot add any)', file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main, flags_parser=absl_flags.flags_parser)
+  app.run(main, flags_parser=parse_flags)

@@ -1,4 +1,5 @@
-"""Shared building blocks of the presets (the Fiddle counterpart of the seed's `common_specs.py`).
+"""Shared building blocks of the presets (the Fiddle counterpart of diffuse_nnx's
+`common_specs.py`).
 
 Each function returns a fresh, unbuilt Fiddle node; preset files combine them and
 override leaves. Nothing here allocates parameters, opens files or imports TensorFlow.
@@ -9,28 +10,60 @@ classes) are not set here: `lib.experiment.Experiment` derives them when it is b
 import fiddle as fdl
 
 from lib import checkpoint, ema, hooks, optim, sharding
-from lib.data import digits, images, latents
+from lib.data import digits, images, latents, prepared
 from lib.eval import actions as eval_actions
-from lib.experiment import Experiment
+from lib.experiment import ConfigError, Experiment
 from lib.flow import edm, meanflow, repa, samplers, sit
 from lib.models import ddt, dinov2, dit, encoders, lightning_ddt, lightning_dit, rae, sd_vae
 
 # ------------------------------------------------------------------------------- data
 IMAGENET_LATENT_DIRS = {
-    64: '/mnt/disks/data/prepared/imagenet_64',
     256: '/mnt/disks/data/imagenet_256',
     512: '/mnt/disks/data/prepared/imagenet_512',
 }
+IMAGENET_PREPARED_DIRS = {  # EDM2 dataset_tool.py output: uint8 PNGs and dataset.json
+    64: '/mnt/disks/data/prepared/imagenet_64',
+}
+PIXEL_SIZES = (64,)  # resolutions trained in pixel space (diffuse_nnx's `RGB` encoder presets)
+
+
+def _for_size(table: dict, image_size: int, what: str, remedy: str):
+  """`table[image_size]`, or a ConfigError naming the resolutions that have an entry."""
+  if image_size not in table:
+    raise ConfigError(f'image_size={image_size}: no {what} for this resolution (known: '
+                      f'{", ".join(map(str, sorted(table)))}); {remedy}')
+  return table[image_size]
 
 
 def imagenet_latents(image_size: int = 256, batch_size: int = 256,
                      data_dir: str | None = None) -> fdl.Config:
-  """Pre-extracted SD-VAE posteriors of ImageNet (the seed's `imagenet_<size>` data presets)."""
-  return fdl.Config(latents.LatentFolder, data_dir=data_dir or IMAGENET_LATENT_DIRS[image_size],
-                    image_size=image_size, batch_size=batch_size, num_classes=1000)
+  """Pre-extracted SD-VAE posteriors of ImageNet (diffuse_nnx's `imagenet_<size>` data presets)."""
+  data_dir = data_dir or _for_size(IMAGENET_LATENT_DIRS, image_size, 'ImageNet latent folder',
+                                  'give data_dir')
+  return fdl.Config(latents.LatentFolder, data_dir=data_dir, image_size=image_size,
+                    batch_size=batch_size, num_classes=1000)
 
 
-IMAGENET_RAW_DIRS = {  # the seed's imagenet_raw_<size>; images under <dir>/train/<wnid>/
+def imagenet_prepared(image_size: int = 64, batch_size: int = 256,
+                      data_dir: str | None = None) -> fdl.Config:
+  """ImageNet uint8 images prepared at `image_size` by EDM2's dataset_tool.py, a folder or
+  `.zip` (diffuse_nnx's `imagenet_64`)."""
+  data_dir = data_dir or _for_size(IMAGENET_PREPARED_DIRS, image_size,
+                                  'prepared ImageNet folder', 'give data_dir')
+  return fdl.Config(prepared.PreparedImages, data_dir=data_dir, image_size=image_size,
+                    batch_size=batch_size, num_classes=1000)
+
+
+def imagenet_data(image_size: int = 256, batch_size: int = 256,
+                  data_dir: str | None = None) -> fdl.Config:
+  """The ImageNet training data of `image_size` for `imagenet_encoder(image_size)`: prepared
+  images in pixel space (64), pre-extracted SD-VAE latents (256, 512)."""
+  imagenet_encoder(image_size)  # an unknown resolution fails here, naming the known ones
+  make = imagenet_prepared if image_size in PIXEL_SIZES else imagenet_latents
+  return make(image_size, batch_size=batch_size, data_dir=data_dir)
+
+
+IMAGENET_RAW_DIRS = {  # diffuse_nnx's imagenet_raw_<size>; images under <dir>/train/<wnid>/
     64: '/mnt/disks/raw_data/datasets/imagenet',
     256: '/mnt/disks/data',
     512: '/mnt/disks/raw_data/datasets/imagenet',
@@ -39,7 +72,7 @@ IMAGENET_RAW_DIRS = {  # the seed's imagenet_raw_<size>; images under <dir>/trai
 
 def imagenet_raw(image_size: int = 256, batch_size: int = 256,
                  data_dir: str | None = None) -> fdl.Config:
-  """ImageNet JPEGs, ADM center crop, random flips (the seed's `imagenet_raw_<size>`)."""
+  """ImageNet JPEGs, ADM center crop, random flips (diffuse_nnx's `imagenet_raw_<size>`)."""
   return fdl.Config(images.ImageFolder,
                     data_dir=data_dir or IMAGENET_RAW_DIRS.get(image_size, IMAGENET_RAW_DIRS[64]),
                     image_size=image_size, batch_size=batch_size, num_classes=1000)
@@ -51,21 +84,31 @@ def digits_data(batch_size: int = 128, image_size: int = 8) -> fdl.Config:
 
 
 # ------------------------------------------------------------------------------- encoders
-SD_VAE_STATS = {  # per resolution, as the seed's `_imagenet_encoder_presets`
+SD_VAE_STATS = {  # per resolution, as diffuse_nnx's `_imagenet_encoder_presets`
     256: dict(raw_mean=(0.865, -0.278, 0.216, 0.374), raw_std=(4.86, 5.32, 3.94, 3.99)),
     512: dict(raw_mean=(1.560, -0.695, 0.483, 0.729), raw_std=(5.27, 5.91, 4.21, 4.31)),
 }
 
 
 def sd_vae_encoder(image_size: int = 256, weights_path: str | None = None) -> fdl.Config:
-  """Stability SD-VAE (f8, 4 channels) with the seed's latent statistics for the resolution."""
-  return fdl.Config(sd_vae.StabilityVAE, weights_path=weights_path, final_std=0.5,
-                    **SD_VAE_STATS[image_size])
+  """Stability SD-VAE (f8, 4 channels) with diffuse_nnx's latent statistics for the resolution."""
+  stats = _for_size(SD_VAE_STATS, image_size, 'SD-VAE latent statistics',
+                   f'pixel space is used at {", ".join(map(str, PIXEL_SIZES))}; for another '
+                   'resolution add its per-channel raw_mean / raw_std to '
+                   'experiments/common.py SD_VAE_STATS')
+  return fdl.Config(sd_vae.StabilityVAE, weights_path=weights_path, final_std=0.5, **stats)
 
 
 def pixel_encoder() -> fdl.Config:
-  """Pixel space: uint8 <-> [-1, 1] (the seed's `RGB` encoder)."""
+  """Pixel space: uint8 <-> [-1, 1] (diffuse_nnx's `RGB` encoder)."""
   return fdl.Config(encoders.PixelEncoder)
+
+
+def imagenet_encoder(image_size: int = 256) -> fdl.Config:
+  """The encoder of ImageNet at `image_size`, as diffuse_nnx's `_imagenet_encoder_presets`:
+  pixel space at 64, the SD-VAE with the resolution's latent statistics at 256 and 512; any
+  other size is a ConfigError naming these."""
+  return pixel_encoder() if image_size in PIXEL_SIZES else sd_vae_encoder(image_size)
 
 
 def sd_vae_scaled_encoder(scaling_factor: float = 0.18215,
@@ -79,7 +122,7 @@ def sd_vae_scaled_encoder(scaling_factor: float = 0.18215,
 
 def rae_encoder(encoder_weights: str | None = None, decoder_weights: str | None = None,
                 stats_path: str | None = None) -> fdl.Config:
-  """RAE (the seed's `_imagenet_rae_encoder_presets`): DINOv2-B with registers at 224 ->
+  """RAE (diffuse_nnx's `_imagenet_rae_encoder_presets`): DINOv2-B with registers at 224 ->
   16x16x768 normalised latents, the released ViT-XL decoder back to 256x256 pixels. The three
   files are local copies of `facebook/dinov2-with-registers-base` `model.safetensors` and of
   nyu-visionx/RAE-collections `decoders/dinov2/wReg_base/ViTXL_n08/model.pt` and
@@ -90,7 +133,8 @@ def rae_encoder(encoder_weights: str | None = None, decoder_weights: str | None 
 
 # ------------------------------------------------------------------------------- networks
 def dit_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fdl.Partial:
-  """DiT of a published size (`S`, `B`, `L`, `XL`); sizes are the seed's `_dit_network_presets`."""
+  """DiT of a published size (`S`, `B`, `L`, `XL`); sizes are diffuse_nnx's
+  `_dit_network_presets`."""
   hidden_size, depth, num_heads = dit.SIZES[size]
   return fdl.Partial(dit.DiT, patch_size=patch_size, hidden_size=hidden_size, depth=depth,
                      num_heads=num_heads, mlp_ratio=4.0, class_dropout_prob=0.1,
@@ -98,9 +142,9 @@ def dit_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fdl.Partial:
 
 
 def lightning_dit_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fdl.Partial:
-  """LightningDiT of a seed network size (`S`, `B`, `L`, `XL` of `_dit_network_presets`) with the
-  seed's `lightning_dit_imagenet` switches: Gaussian-Fourier time embedding of width 512,
-  SwiGLU, RoPE, RMSNorm, 6-way adaLN, no qk-norm, no dropout."""
+  """LightningDiT of a diffuse_nnx network size (`S`, `B`, `L`, `XL` of `_dit_network_presets`)
+  with diffuse_nnx's `lightning_dit_imagenet` switches: Gaussian-Fourier time embedding of width
+  512, SwiGLU, RoPE, RMSNorm, 6-way adaLN, no qk-norm, no dropout."""
   hidden_size, depth, num_heads = dit.SIZES[size]
   return fdl.Partial(lightning_dit.LightningDiT, **{
       'patch_size': patch_size, 'hidden_size': hidden_size, 'depth': depth,
@@ -111,9 +155,9 @@ def lightning_dit_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fd
 
 
 def ddt_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fdl.Partial:
-  """LightningDDT (RAE DiT-DH) of a seed `_ddt_network_presets` size (`S`: encoder 384 x 12
+  """LightningDDT (RAE DiT-DH) of a diffuse_nnx `_ddt_network_presets` size (`S`: encoder 384 x 12
   blocks, 6 heads; `XL`: 1152 x 28, 16 heads; both with a 2-block, 2048-wide, 16-head decoder)
-  and the seed's `lightning_ddt_imagenet` switches (as `lightning_dit_network`)."""
+  and diffuse_nnx's `lightning_ddt_imagenet` switches (as `lightning_dit_network`)."""
   enc_hidden, enc_heads, enc_blocks, dec_hidden, dec_heads, dec_blocks = \
       lightning_ddt.SIZES[size]
   return fdl.Partial(lightning_ddt.LightningDDT, **{
@@ -144,7 +188,7 @@ def sit_interface(**kwargs) -> fdl.Config:
 
 
 def meanflow_interface(**kwargs) -> fdl.Config:
-  """MeanFlow with the seed's `mf_imagenet` values: logit-normal(-0.4, 1.0) times, 75% of each
+  """MeanFlow with diffuse_nnx's `mf_imagenet` values: logit-normal(-0.4, 1.0) times, 75% of each
   batch with r = t, condition drop 0.1, training-time guidance w = 0.2, k = 0.92 (effective
   scale 2.5) for t in [0, 0.75], adaptive weight eps 1.0, power 1.0."""
   return fdl.Config(meanflow.MeanFlow, **{
@@ -171,7 +215,7 @@ def dinov2_detector(image_size: int = 256, weights_path: str | None = None, size
 
 def repa_alignment(image_size: int = 256, depth: int = 8, coefficient: float = 0.5,
                    projector_dim: int = 2048, weights_path: str | None = None) -> fdl.Config:
-  """REPA (the seed's `repa` block): align the tokens of block `depth`, through a 2048-wide
+  """REPA (diffuse_nnx's `repa` block): align the tokens of block `depth`, through a 2048-wide
   projector, with DINOv2-B features of the clean image; loss weight 0.5."""
   return fdl.Config(repa.REPA, detector=dinov2_detector(image_size, weights_path), depth=depth,
                     coefficient=coefficient, projector_dim=projector_dim)
@@ -198,7 +242,7 @@ def euler_jump(num_steps: int = 1, **kwargs) -> fdl.Config:
 
 
 def euler_maruyama(num_steps: int = 250, **kwargs) -> fdl.Config:
-  """The seed's SDE sampler: 250 steps from t = 0.999, w(t) = t / (1 - t) ('linear_kl')."""
+  """diffuse_nnx's SDE sampler: 250 steps from t = 0.999, w(t) = t / (1 - t) ('linear_kl')."""
   return fdl.Config(samplers.EulerMaruyama, **{
       'num_steps': num_steps, 'diffusion': 'linear_kl', 'diffusion_norm': 1.0,
       'sampling_time_dist': 'uniform', 't_start': 0.999, 't_end': 0.0, **kwargs})
@@ -228,17 +272,19 @@ def fsdp(axis: str = 'data') -> fdl.Config:
 
 def run_services(save_every_steps: int = 50_000, max_to_keep: int = 8,
                  keep_period: int = 100_000, log_every_steps: int = 100) -> dict:
-  """Checkpointing, writers and progress reporting (the seed's `checkpoint` and logging)."""
+  """Checkpointing, writers, progress reporting (diffuse_nnx's `checkpoint` and logging) and a
+  trace of 5 steps early in every run (diffuse_nnx's; it costs under 1 % of the digits demo)."""
   return dict(
       checkpoint=fdl.Config(checkpoint.Checkpointing, save_interval_steps=save_every_steps,
                             max_to_keep=max_to_keep, keep_period=keep_period, async_save=False),
       writers=fdl.Config(hooks.Writers),
       report=fdl.Config(hooks.ReportProgress, every_steps=log_every_steps, every_secs=60.0),
+      profile=fdl.Config(hooks.Profile, num_profile_steps=5, first_profile=10),
       log_every_steps=log_every_steps)
 
 
 # ------------------------------------------------------------------------------- evaluation
-FID_STATS = {  # the seed's `stat_dir` reference statistics (EDM2 pickles; ADM .npz also work)
+FID_STATS = {  # diffuse_nnx's `stat_dir` reference statistics (EDM2 pickles; ADM .npz also work)
     64: '/mnt/disks/data/stats/imagenet_64.pkl',
     256: '/mnt/disks/data/stats/imagenet_256.pkl',
     512: '/mnt/disks/data/stats/imagenet_512.pkl',
@@ -248,7 +294,7 @@ INCEPTION_WEIGHTS = '/mnt/disks/data/stats/pt_inception-2015-12-05-6726825d.pth'
 
 def fid_evaluation(image_size: int = 256, inception_weights: str | None = None,
                    reference_stats: str | None = None, **kwargs) -> fdl.Config:
-  """Periodic FID / IS with the seed's `eval` schedule: cfg 1.0 FID-10K every 25k and FID-50K
+  """Periodic FID / IS with diffuse_nnx's `eval` schedule: cfg 1.0 FID-10K every 25k and FID-50K
   every 100k steps, cfg 1.5 FID-50K every 100k; class-balanced labels."""
   return fdl.Config(eval_actions.FIDEvaluation,
                     inception_weights=inception_weights or INCEPTION_WEIGHTS,
@@ -258,15 +304,22 @@ def fid_evaluation(image_size: int = 256, inception_weights: str | None = None,
                     eval_every_steps=((25_000, 100_000), (100_000,)), **kwargs)
 
 
+# Sampling guidance of SiT-family models on SD-VAE latents: SiT-XL/2's published best,
+# cfg 1.5 (FID 2.06 with the SDE sampler, 2.15 with the ODE; DiT-XL/2's best is 1.5 too), the
+# guided scale the FID evaluation measures. `launch.py --mode=sample` uses it by default.
+SIT_GUIDANCE = 1.5
+
+
 def experiment(**nodes) -> fdl.Config:
-  """The seed's `dit_imagenet.py` defaults around the given nodes (data, encoder, network, ...),
-  including its periodic FID evaluation at the data's image size."""
+  """diffuse_nnx's `dit_imagenet.py` defaults around the given nodes (data, encoder, network, ...),
+  including its periodic FID evaluation at the data's image size; sampling (Heun, 32 steps)
+  at the published best guidance `SIT_GUIDANCE`."""
   defaults = dict(
       evaluate=[fid_evaluation(nodes['data'].image_size)],
       interface=sit_interface(),
       optimizer=adamw(),
       ema=fdl.Config(ema.EMA, decay=0.9999),
-      sampler=heun(32),
+      sampler=heun(32, guidance_scale=SIT_GUIDANCE),
       visualize=fdl.Config(hooks.SampleGrid, every_steps=25_000, num_samples=64,
                            guidance_scales=(1.0, 2.0)),
       sharding=replicated(),

@@ -1,6 +1,6 @@
-"""MeanFlow presets: one-step generation with DiT backbones (the seed's `mf_imagenet.py`).
+"""MeanFlow presets: one-step generation with DiT backbones (diffuse_nnx's `mf_imagenet.py`).
 
-`s2`, `b2`, `l2`, `xl2`: ImageNet 256 SD-VAE latents (32x32x4), the seed's `dit_imagenet.py`
+`s2`, `b2`, `l2`, `xl2`: ImageNet 256 SD-VAE latents (32x32x4), diffuse_nnx's `dit_imagenet.py`
 defaults changed as `mf_imagenet`: the DiT takes the interval t - r (`take_dt=True`) and has
 no label dropout of its own (the MeanFlow interface drops conditions, 10%); MeanFlow
 interface (logit-normal(-0.4, 1.0), 75% r = t, training-time guidance 0.2 / mixture 0.92 on
@@ -20,20 +20,20 @@ from lib import hooks, optim
 
 def _network(size: str, patch_size: int) -> fdl.Partial:
   network = common.dit_network(size, patch_size, take_dt=True, take_gw=False)
-  network.class_dropout_prob = 0.0  # the seed's enable_dropout=False: dropped in the interface
+  network.class_dropout_prob = 0.0  # diffuse_nnx's enable_dropout=False: dropped in the interface
   return network
 
 
 def _imagenet(size: str, patch_size: int, image_size: int, data_dir: str | None) -> fdl.Config:
   config = common.experiment(
-      data=common.imagenet_latents(image_size, batch_size=256, data_dir=data_dir),
-      encoder=common.sd_vae_encoder(image_size),
+      data=common.imagenet_data(image_size, batch_size=256, data_dir=data_dir),
+      encoder=common.imagenet_encoder(image_size),
       network=_network(size, patch_size),
       interface=common.meanflow_interface(),
       optimizer=common.adamw(learning_rate=1e-4, b2=0.95),
       sampler=common.euler_jump(1))
   config.visualize.guidance_scales = (1.0,)
-  # Guidance is baked in by training: FID at cfg 1 only (the seed repeats it at cfg 1.5).
+  # Guidance is baked in by training: FID at cfg 1 only (diffuse_nnx repeats it at cfg 1.5).
   fid = config.evaluate[0]
   fid.all_guidance_scales = (1.0,)
   fid.all_eval_samples_nums = ((10_000, 50_000),)
@@ -57,7 +57,7 @@ def l2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
 
 
 def xl2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """MeanFlow DiT-XL/2 (the seed's `commands/mf_imagenet.sh`: `imagenet_256-XL_2`, batch 256)."""
+  """MeanFlow DiT-XL/2 (diffuse_nnx's `commands/mf_imagenet.sh`: `imagenet_256-XL_2`, batch 256)."""
   return _imagenet('XL', 2, image_size, data_dir)
 
 

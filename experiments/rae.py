@@ -1,4 +1,4 @@
-"""RAE presets: the seed's `rae_imagenet.py` (`imagenet_raw_256-{XL,S}_1`), diffusion in the
+"""RAE presets: diffuse_nnx's `rae_imagenet.py` (`imagenet_raw_256-{XL,S}_1`), diffusion in the
 latent space of a representation autoencoder (Zheng et al., arXiv 2510.11690).
 
 Raw ImageNet 256 images are encoded on the fly by the RAE (DINOv2-B with registers, final
@@ -7,11 +7,13 @@ decoded by its ViT-XL decoder. The backbone is LightningDDT (RAE's DiT-DH) with 
 1152-wide, 28-block condition encoder and a 2048-wide, 2-block velocity decoder. SiT flow
 matching with logit-normal times; the interface derives the training-time shift
 s = sqrt(16*16*768 / 4096) ~ 6.93 from the latents, the sampler uses the same shift
-(`t_shift_cur=196608`). AdamW lr 2e-4, b2 0.95; batch 1024; EMA 0.9995; Euler, 50 steps;
+(`t_shift_cur=196608`). AdamW lr 2e-4, b2 0.95; batch 1024; EMA 0.9995; Euler, 50 steps
+without guidance, as RAE's released CFG sampling config (`DiTDHXL-DINOv2-B.yaml`, cfg 1.0: FID
+1.51; its best, 1.13, guides with AutoGuidance from a DiT-DH-S model, which this project lacks);
 replicated state. The first sample grid of a run also shows reconstructions
 decode(encode(x)) of held-out images.
 
-The seed's `pretrained_ckpt` (a released DiT-DH checkpoint, left to the caller) is
+diffuse_nnx's `pretrained_ckpt` (a released DiT-DH checkpoint, left to the caller) is
 `init_from` here:
 
     python launch.py --fdl_config=experiments/rae.py:xl1 --workdir=runs/rae_xl1 \\

@@ -1,4 +1,4 @@
-"""Orbax checkpointing of the whole training state.
+"""Orbax checkpointing of the whole training state, verified on restore.
 
 A checkpoint `<workdir>/checkpoints/<step>` holds one pytree: the step, parameters,
 optimizer state, EMA state and the network's fixed arrays (which may come from released
@@ -6,18 +6,41 @@ weights, e.g. a fixed Fourier time basis). The data position and the random keys
 functions of (seed, step), so the step is all a resumed run needs to continue exactly.
 Orbax writes into a temporary folder and renames it when complete, so a run killed
 while saving leaves its previous checkpoints intact and never a half-written one.
+
+What is saved is checked twice:
+- `save` refuses a state with a non-finite floating-point value (`NonFiniteError`), so a
+  diverged run never rotates good checkpoints out with NaN ones.
+- Each checkpoint records a digest of every array in its step metadata (orbax's
+  `custom_metadata`); `restore` recomputes it, so a damaged file (even one flipped bit) is
+  detected. A checkpoint that cannot be read, fails its digest or holds non-finite values
+  is moved aside to `<workdir>/checkpoints_set_aside/<step>` (renamed, never deleted) with
+  a `REASON.txt`, and the next newest one is tried.
+
+The digest of an array is its position-weighted 32-bit sum,
+    sum_i  bits(x_i) * (2 i + 1)   mod 2^32,
+over the flattened array (`bits`: the raw float bits as an unsigned integer). Integer
+addition modulo 2^32 is associative, so the value does not depend on how the array is
+sharded, and the weights are odd, so changing any single bit changes it.
 """
 
-import os
+import json
+import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from lib import errors, paths
 
 # orbax (and tensorstore below it) is imported by the functions that use it, so that building
 # or printing a config, which constructs `Checkpointing`, does not pay for it.
 
+SET_ASIDE = 'checkpoints_set_aside'
+
 
 class Checkpointing:
-  """Checkpoint policy (the seed's `checkpoint.options`).
+  """Checkpoint policy (diffuse_nnx's `checkpoint.options`).
 
   Args:
     save_interval_steps: save every this many steps (and at the end of the run).
@@ -28,12 +51,16 @@ class Checkpointing:
 
   def __init__(self, save_interval_steps: int = 50_000, max_to_keep: int | None = 8,
                keep_period: int | None = 100_000, async_save: bool = False):
+    errors.check_positive(save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
+                          keep_period=keep_period)
     self.save_interval_steps = save_interval_steps
     self.max_to_keep = max_to_keep
     self.keep_period = keep_period
     self.async_save = async_save
 
-  def manager(self, workdir: str) -> 'ocp.CheckpointManager':
+  def manager(self, workdir, create: bool = True) -> 'ocp.CheckpointManager':
+    """The orbax manager of `workdir/checkpoints` (`create=False`: readers such as sampling
+    never create the folder)."""
     import orbax.checkpoint as ocp
 
     # Every `save_interval_steps` steps, or when JAX's preemption notice reaches every host;
@@ -43,37 +70,182 @@ class Checkpointing:
         ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=policy, max_to_keep=self.max_to_keep, keep_period=self.keep_period,
-        enable_async_checkpointing=self.async_save, create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                                 options=options)
+        enable_async_checkpointing=self.async_save, create=create)
+    return ocp.CheckpointManager(directory(workdir), options=options)
 
 
+def directory(workdir) -> paths.Path:
+  """`workdir/checkpoints` (local or in a bucket: orbax commits each step there by its own
+  protocol, a rename locally, a `commit_success.txt` marker on an object store)."""
+  return paths.resolve(workdir, '--workdir') / 'checkpoints'
+
+
+# ------------------------------------------------------------------------------- digests
+def _bits(x: jax.Array) -> jax.Array:
+  """The raw bits of `x` as uint32 (floats bit-cast, narrower types widened)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  width = x.dtype.itemsize
+  if jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.signedinteger):
+    x = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width])
+  return x.astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprint(tree):
+  """(per-leaf uint32 digests, per-leaf "all values finite")."""
+  def digest(x):
+    bits = _bits(x).reshape(-1)
+    weights = 2 * jnp.arange(bits.size, dtype=jnp.uint32) + 1
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+  def finite(x):
+    return jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else \
+        jnp.ones((), bool)
+
+  return jax.tree.map(digest, tree), jax.tree.map(finite, tree)
+
+
+def fingerprint(tree) -> tuple[dict[str, int], list[str]]:
+  """({array path: digest}, paths of arrays holding a non-finite value) of a pytree."""
+  digests, finite = jax.device_get(_fingerprint(tree))
+  paths = [jax.tree_util.keystr(path) for path, _ in
+           jax.tree_util.tree_flatten_with_path(digests)[0]]
+  return (dict(zip(paths, (int(d) for d in jax.tree.leaves(digests)))),
+          [p for p, ok in zip(paths, jax.tree.leaves(finite)) if not ok])
+
+
+def _describe(paths: list[str]) -> str:
+  return ', '.join(paths[:3]) + (f' and {len(paths) - 3} more' if len(paths) > 3 else '')
+
+
+# ------------------------------------------------------------------------------- save
 def save(manager: 'ocp.CheckpointManager', step: int, state, force: bool = False) -> bool:
-  """Saves `state` at `step` if the policy asks for it (or `force`)."""
+  """Saves `state` at `step`, with the digests of its arrays, if the policy asks for it (or
+  `force`). Raises `NonFiniteError` (and writes nothing) if any value is not finite."""
   import orbax.checkpoint as ocp
 
-  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  if not force and not manager.should_save(step):
+    return False
+  digests, nonfinite = fingerprint(state)
+  if nonfinite:
+    raise errors.NonFiniteError(
+        f'the state of step {step} holds non-finite values in {_describe(nonfinite)}; it was '
+        f'not saved{newest_note(manager)}')
+  return manager.save(step, args=ocp.args.StandardSave(state), force=True,
+                      custom_metadata={'digests': digests})
+
+
+def newest_note(manager: 'ocp.CheckpointManager') -> str:
+  """'; the newest checkpoint is step N in DIR' (or that there is none), for messages."""
+  manager.wait_until_finished()
+  step = manager.latest_step()
+  if step is None:
+    return f'; there is no checkpoint in {manager.directory}'
+  return f'; the newest checkpoint, step {step} in {manager.directory}, holds finite weights'
+
+
+# ------------------------------------------------------------------------------- restore
+def _verify(manager: 'ocp.CheckpointManager', step: int, state) -> None:
+  """Raises ValueError if `state` (restored from `step`) differs from what was saved."""
+  digests, nonfinite = fingerprint(state)
+  metadata_file = paths.Path(manager.directory) / str(step) / '_CHECKPOINT_METADATA'
+  try:
+    recorded = (json.loads(metadata_file.read_text()).get('custom_metadata') or
+                {}).get('digests')
+  except (OSError, ValueError) as error:
+    raise ValueError(f'cannot read {metadata_file}: {error}') from None
+  if recorded is None:  # written before checkpoints carried digests
+    logging.warning('Checkpoint %d records no digests (an earlier fiddlediff wrote it); it is '
+                    'checked for finite values only', step)
+    recorded = digests
+  changed = [path for path, digest in digests.items() if recorded.get(path) != digest]
+  if changed:
+    raise ValueError(f'content differs from what was saved in {_describe(changed)} (digest '
+                     f'mismatch: the files were damaged)')
+  if nonfinite:
+    raise ValueError(f'non-finite values in {_describe(nonfinite)}')
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0] if text else ""}'[:400]
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def set_aside(manager: 'ocp.CheckpointManager', step: int, reason: str) -> str:
+  """Moves checkpoint `step` out of the manager's folder into `checkpoints_set_aside/`
+  (process 0; never deletes it) and returns its new path."""
+  source = paths.Path(manager.directory) / str(step)
+  target = source.parent.parent / SET_ASIDE / str(step)
+  if target.exists():
+    target = target.parent / (target.name + time.strftime('.%Y%m%d-%H%M%S'))
+  if jax.process_index() == 0:
+    paths.move(source, target)
+    (target / 'REASON.txt').write_text(reason + '\n')
+  from lib import distributed
+  distributed.barrier(f'set aside {step}')
+  manager.reload()
+  return target
 
 
 def restore(manager: 'ocp.CheckpointManager', abstract_state, step: int | None = None):
-  """Restores the newest (or the given) step into the structure and shardings of
-  `abstract_state` (a pytree of `jax.ShapeDtypeStruct`). Returns (step, state)."""
+  """Restores the newest good checkpoint (or exactly `step`) into the structure and
+  shardings of `abstract_state` (a pytree of `jax.ShapeDtypeStruct`); returns (step, state).
+
+  A checkpoint that fails to load or to verify is set aside (see the module docstring) with
+  one log line naming it and why, and the next newest is tried. Raises `CheckpointError`
+  when none (or not `step`) is good, listing what was found."""
   import orbax.checkpoint as ocp
 
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint found in {manager.directory}')
-  return step, manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  steps = sorted(manager.all_steps(), reverse=True)
+  if step is not None:
+    if step not in steps:
+      raise errors.CheckpointError(
+          f'no checkpoint of step {step} in {manager.directory}; its checkpoints: '
+          f'{", ".join(map(str, sorted(steps))) or "none"} (choose one with --step=N)')
+    steps = [step]
+  if not steps:
+    raise errors.CheckpointError(f'no checkpoint found in {manager.directory}')
+  problems = []
+  for candidate in steps:
+    try:
+      # A checkpointer of its own: a damaged step must not leave state in the manager.
+      with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(
+            paths.Path(manager.directory) / str(candidate) / 'default',
+            abstract_state)
+      _verify(manager, candidate, state)
+      reason = None
+    except Exception as error:  # any damage: unreadable files, metadata, structure
+      reason = _first_line(error)
+    if _all_processes_agree(reason is None):
+      return candidate, state
+    reason = reason or 'another process could not restore it'
+    moved = set_aside(manager, candidate, reason)
+    logging.warning('Checkpoint %d is damaged (%s); moved it to %s and trying the previous one',
+                    candidate, reason, moved)
+    problems.append(f'step {candidate}: {reason} (moved to {moved})')
+  raise errors.CheckpointError(f'no usable checkpoint in {manager.directory}:\n  ' +
+                               '\n  '.join(problems))
 
 
-def latest_step(workdir: str) -> int | None:
+def latest_step(workdir) -> int | None:
   """Newest complete checkpoint step in `workdir`, without opening a manager."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    return None
   import orbax.checkpoint as ocp
 
-  steps = ocp.utils.checkpoint_steps(directory)
+  folder = directory(workdir)
+  if not folder.is_dir():
+    return None
+  steps = ocp.utils.checkpoint_steps(folder)
   return max(steps) if steps else None
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 
 class EMA:
-  """Constant-decay EMA (the seed's `ema`)."""
+  """Constant-decay EMA (diffuse_nnx's `ema`)."""
 
   def __init__(self, decay: float = 0.9999):
     if not 0.0 <= decay < 1.0:

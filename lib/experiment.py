@@ -24,6 +24,11 @@ from typing import Any, Callable
 
 from flax import nnx
 
+from lib import errors
+from lib.errors import ConfigError
+from lib import hooks
+from lib.sharding import Sharding
+
 
 def _default(fn: Callable, name: str):
   parameter = inspect.signature(fn).parameters.get(name)
@@ -31,8 +36,6 @@ def _default(fn: Callable, name: str):
       parameter.default
 
 
-class ConfigError(ValueError):
-  """An experiment whose values contradict each other."""
 
 
 @dataclasses.dataclass
@@ -50,7 +53,8 @@ class Experiment:
     checkpoint: orbax checkpoint policy.
     writers: CLU metric writers.
     report: progress reporting (a CLU periodic action).
-    profile: optional CLU profiler action.
+    profile: optional CLU profiler action (None: no trace; `--fdl_set=profile=Profile()`
+      creates one from the command line).
     visualize: optional sample-grid action.
     evaluate: evaluation actions.
     seed: seed of parameter initialisation and of every training random draw.
@@ -63,6 +67,10 @@ class Experiment:
       network's class (`lib.models.import_weights.IMPORTERS`); ignored when resuming.
     repa: optional representation alignment (`lib.flow.repa.REPA`): its projector is trained
       with the network and its loss added to the interface's; needs pixel data.
+    skip_nonfinite_updates: 0 (default): a step whose loss or gradient norm is not finite
+      stops the run before anything of it is saved. N > 0: such an update is skipped
+      (weights, optimizer state and EMA unchanged; the step and the data move on), counted
+      in `train/skipped_updates`, and the run stops after more than N in a row.
   """
   data: Any
   encoder: Any
@@ -74,17 +82,26 @@ class Experiment:
   checkpoint: Any
   writers: Any
   report: Any
-  profile: Any = None
-  visualize: Any = None
+  profile: hooks.Profile | None = None
+  visualize: hooks.SampleGrid | None = None
   evaluate: list = dataclasses.field(default_factory=list)
   seed: int = 0
   total_steps: int = 7_000_000
   log_every_steps: int = 100
   init_from: str | None = None
-  sharding: Any = None
+  sharding: Sharding | None = None
   repa: Any = None
+  skip_nonfinite_updates: int = 0
 
   def __post_init__(self):
+    for name in ('total_steps', 'log_every_steps'):
+      try:
+        errors.check_positive(**{name: getattr(self, name)})
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not self.skip_nonfinite_updates >= 0:
+      raise ConfigError(f'skip_nonfinite_updates={self.skip_nonfinite_updates!r}; expected 0 '
+                        '(stop at the first non-finite step) or a positive count')
     try:
       self.latent_shape = tuple(self.encoder.latent_shape(self.data.image_size,
                                                           self.data.channels))
@@ -119,9 +136,24 @@ class Experiment:
         import_weights.importer_for(self.network)
       except ValueError as e:
         raise ConfigError(f'init_from={self.init_from!r}: {e}') from None
-    if self.data.batch_size < 1 or self.total_steps < 1:
-      raise ConfigError(f'data.batch_size={self.data.batch_size} and total_steps='
-                        f'{self.total_steps} must be positive')
+    if not self.data.batch_size >= 1:
+      raise ConfigError(f'data.batch_size={self.data.batch_size!r}; expected a positive number')
+
+  def check(self, training: bool = True) -> None:
+    """Checks, before a run touches its workdir, what can be checked without compute: the
+    data (readable, shaped as configured; `DataError` naming the file) and, when
+    `training`, that the writers (a tracker's credentials), the visualisation and the
+    evaluation hooks can take this experiment."""
+    try:
+      self.data.check()
+    except (OSError, ValueError) as e:
+      if isinstance(e, errors.UserError):
+        raise
+      raise errors.DataError(str(e)) from e
+    if training:
+      for hook in (self.writers, self.profile, self.visualize, *self.evaluate):
+        if hasattr(hook, 'check'):
+          hook.check(self)
 
   def _check_repa(self, patch: int | None) -> None:
     from lib.flow import meanflow

@@ -1,4 +1,4 @@
-"""Converts a seed-library config (willisma/diffuse_nnx: an ml_collections `ConfigDict` that
+"""Converts a diffuse_nnx config (willisma/diffuse_nnx: an ml_collections `ConfigDict` that
 names components by `*_class` strings) into this project's experiment graph.
 
     config = legacy.convert(dit_imagenet.get_config('imagenet_256-XL_2'))  # fdl.Config(Experiment)
@@ -7,7 +7,7 @@ names components by `*_class` strings) into this project's experiment graph.
 Each `*_class` string is resolved in `lib.registry`. The node starts from the block of
 `experiments/common.py` that native presets build that class with (BLOCKS), then the legacy
 fields are translated to the class's argument names and value conventions and set where they
-change it; a class without a block starts bare and gets every field given. So a seed preset
+change it; a class without a block starts bare and gets every field given. So a diffuse_nnx preset
 converts to the native preset it mirrors, and the result prints, diffs, takes `--fdl_set`
 overrides and trains like any preset.
 
@@ -28,9 +28,11 @@ import typing
 
 import fiddle as fdl
 from absl import logging
+from fiddle import history
 
 from experiments import common
 from lib import cli, hooks, registry, sharding
+from lib.data import latents, prepared
 
 
 class LegacyConfigError(cli.UsageError):
@@ -38,41 +40,38 @@ class LegacyConfigError(cli.UsageError):
   and the alternatives."""
 
 
-# Seed fields that are accepted and dropped (dotted path -> why).
+# diffuse_nnx fields that are accepted and dropped (dotted path -> why).
 IGNORED = {
-    'exp_name': 'names the seed\'s wandb run; runs here log to the workdir',
-    'project_name': 'names the seed\'s wandb project',
-    'restore_step': 'dead in the seed (0 is falsy; only standalone_eval reads it)',
-    'data.num_train_samples': 'dead in the seed (never read)',
+    'restore_step': 'dead in diffuse_nnx (0 is falsy; only standalone_eval reads it)',
+    'data.num_train_samples': 'dead in diffuse_nnx (never read)',
     'data.num_workers': 'PyTorch loader workers; the tf.data pipeline sets its own parallelism',
     'data.seed_pt': 'seed of PyTorch loader workers; the data order here follows data.seed',
-    'network.attn_norm_layer': 'dead in the seed; with qk_norm, the norm here follows rms_norm',
-    'network.rope_init_theta': 'dead in the seed (its unused learned RotaryEmbedder)',
-    'network.rope_init_scale': 'dead in the seed (its unused learned RotaryEmbedder)',
-    'eval.save_samples_path': 'dead in the seed (a no-op)',
-    'eval.batch_size': 'the seed\'s per-device generation batch, a speed setting',
-    'eval.inception_batch_size': 'the seed\'s per-device Inception batch, a speed setting',
-    'sharding.rules': 'dead in the seed (never applied; the batch follows sharding.data_axis)',
-    'sharding.allow_split_physical_axes': 'dead in the seed (its trainer reads another key)',
+    'network.attn_norm_layer': 'dead in diffuse_nnx; with qk_norm, the norm here follows rms_norm',
+    'network.rope_init_theta': 'dead in diffuse_nnx (its unused learned RotaryEmbedder)',
+    'network.rope_init_scale': 'dead in diffuse_nnx (its unused learned RotaryEmbedder)',
+    'eval.save_samples_path': 'dead in diffuse_nnx (a no-op)',
+    'eval.batch_size': 'diffuse_nnx\'s per-device generation batch, a speed setting',
+    'eval.inception_batch_size': 'diffuse_nnx\'s per-device Inception batch, a speed setting',
+    'sharding.rules': 'dead in diffuse_nnx (never applied; the batch follows sharding.data_axis)',
+    'sharding.allow_split_physical_axes': 'dead in diffuse_nnx (its trainer reads another key)',
 }
 # ... and these only where the target class has no argument of that name.
 IGNORED_UNLESS_TAKEN = {
-    'interface.x_sigma': 'dead in the seed for sit and mean_flow (edm takes it)',
-    'interface.t_shift_base': 'dead in the seed for mean_flow and edm (no resolution shift)',
+    'interface.x_sigma': 'dead in diffuse_nnx for sit and mean_flow (edm takes it)',
+    'interface.t_shift_base': 'dead in diffuse_nnx for mean_flow and edm (no resolution shift)',
 }
 
-# Seed switches this project's classes lack: accepted only at the value the class always
+# diffuse_nnx switches this project's classes lack: accepted only at the value the class always
 # behaves as (field -> value).
 NEUTRAL = {
     'trainer': 'DiT_ImageNet', 'standalone_eval': False, 'pretrained_ckpt': '',
-    'on_load': False, 'detector': 'inception', 'dtype': 'float32',
+    'detector': 'inception', 'dtype': 'float32',
     'continuous_time_embed': False, 'qk_norm': False, 'take_dt': False, 'take_gw': False,
     'mlp_dropout': 0.0, 'attn_dropout': 0.0, 'attn_w_dropout': 0.0, 'attn_o_dropout': 0.0,
     'n_mu': 0.0, 'n_sigma': 1.0, 'weight_decay': 0.0, 'warmup_steps': 0, 'min_abs_lr': 0.0,
 }
 HINTS = {
     'standalone_eval': '; evaluate a checkpoint with launch.py --mode=eval --workdir=DIR',
-    'on_load': '; evaluate a checkpoint with launch.py --mode=eval --workdir=DIR',
     'pretrained_ckpt': '; start from released weights with --fdl_set=init_from=FILE',
 }
 FIXED = {'lib.flow.edm.EDM': {'train_time_dist_type': 'log_normal'}}  # per class, as NEUTRAL
@@ -87,13 +86,15 @@ REPA_RENAMES = {'repa_loss_weight': 'coefficient', 'repa_depth': 'depth',
                 'proj_dim': 'projector_dim'}
 CHECKPOINT_RENAMES = {'enable_async_checkpointing': 'async_save'}
 VISUALIZE_RENAMES = {'visualize_reconstruction': 'reconstructions'}
+# diffuse_nnx's wandb run name and project name the tracker run (off until writers.wandb=True).
+TRACKER_RENAMES = {'exp_name': 'wandb_name', 'project_name': 'wandb_project'}
 CLASS_RENAMES = {
     'lib.flow.edm.EDM': {'t_mu': 'p_mean', 't_sigma': 'p_std'},
     'lib.models.rae.RAE': {'pretrained_path': 'decoder_weights'},
     'lib.models.dinov2.DINOv2': {'pretrained_path': 'weights_path'},
 }
 
-# Seed value conventions (upper-cased, '_' removed, as the seed parses them) -> ours.
+# diffuse_nnx value conventions (upper-cased, '_' removed, as diffuse_nnx parses them) -> ours.
 TIME_DISTS = {'UNIFORM': 'uniform', 'LOGITNORMAL': 'logit_normal', 'LOGNORMAL': 'log_normal'}
 SAMPLING_TIME_DISTS = {'UNIFORM': 'uniform', 'EXP': 'karras'}
 
@@ -102,6 +103,7 @@ SAMPLING_TIME_DISTS = {'UNIFORM': 'uniform', 'EXP': 'karras'}
 BLOCKS = {
     'lib.data.latents.LatentFolder': 'imagenet_latents',
     'lib.data.images.ImageFolder': 'imagenet_raw',
+    'lib.data.prepared.PreparedImages': 'imagenet_prepared',
     'lib.data.digits.Digits': 'digits_data',
     'lib.models.encoders.PixelEncoder': 'pixel_encoder',
     'lib.models.sd_vae.StabilityVAE': 'sd_vae_encoder',
@@ -120,6 +122,7 @@ BLOCKS = {
     'lib.flow.samplers.Heun': 'heun',
     'lib.flow.samplers.EulerMaruyama': 'euler_maruyama',
 }
+EDM2_LAYOUT = (latents.LatentFolder, prepared.PreparedImages)  # data.latent_dataset=True
 SIZED_BLOCKS = ('repa_alignment', 'dinov2_detector')
 PARTIAL_KINDS = ('network', 'optimizer', 'schedule')  # called later with rngs / total_steps
 
@@ -133,8 +136,17 @@ TOP_LEVEL = (
     'checkpoint', 'visualize', 'eval', 'sharding')
 
 
-def convert(legacy) -> fdl.Config:
-  """The experiment graph of a legacy `ConfigDict` (or nested dict)."""
+def convert(legacy, source: str | None = None) -> fdl.Config:
+  """The experiment graph of a legacy `ConfigDict` (or nested dict). `source` (the --config
+  flag, `legacy_files.source`) is recorded as where every value was set (Fiddle's history), so
+  `--print_config --provenance` and a run's config.txt name the user's file."""
+  if source is None:
+    return _graph(legacy)
+  with history.custom_location(lambda: history.Location(source, 0, None)):
+    return _graph(legacy)
+
+
+def _graph(legacy) -> fdl.Config:
   fields = _plain(legacy)
   data, built_data, stat_dir = _data(fields)
   encoder, built_encoder = _encoder(fields, built_data)
@@ -157,13 +169,18 @@ def _data(fields):
   values = fields.pop('data', {})
   latent = values.pop('latent_dataset', None)
   stat_dir = values.pop('stat_dir', None)
-  name = fields.pop('data_class', None) or ('latents' if latent else 'images')
+  # diffuse_nnx's latent_dataset reads an EDM2 dataset folder: latents, or with the RGB
+  # encoder uint8 images (its imagenet_64).
+  pixels = fields.get('encoder_class') == 'RGB'
+  name = fields.pop('data_class', None) or (
+      ('prepared' if pixels else 'latents') if latent else 'images')
   node, minimal = _node('data', name, 'data_class')
   _apply(node, values, 'data', minimal=minimal)
   built = fdl.build(node)
-  if latent is not None and latent != (built.kind == 'posterior'):
+  if latent is not None and latent != isinstance(built, EDM2_LAYOUT):
     raise LegacyConfigError(f'data.latent_dataset={latent} contradicts data_class={name!r}, '
-                            f'which yields {built.kind}')
+                            f'which {"does not read" if latent else "reads"} an EDM2 dataset '
+                            f'folder')
   return node, built, stat_dir
 
 
@@ -195,7 +212,7 @@ def _network(fields, data, encoder):
   for name, value in derived.items():
     if name in values and values[name] == value:
       del values[name]
-  if not values.pop('enable_dropout', True):  # the seed's switch for label dropout
+  if not values.pop('enable_dropout', True):  # diffuse_nnx's switch for label dropout
     values['class_dropout_prob'] = 0.0
   _apply(node, values, 'network', minimal=minimal)
   _apply(node, {'dtype': fields.pop('dtype')} if 'dtype' in fields else {}, '', minimal=minimal)
@@ -218,7 +235,7 @@ def _optimizer(fields, batch_size: int):
       'schedule', fields.pop('learning_rate_schedule', 'constant'), 'learning_rate_schedule')
   values = {name: fields.pop(name) for name in ('warmup_steps', 'min_abs_lr', 'lr_ref_batches')
             if name in fields}
-  if 'lr_rampup_Mimg' in fields:  # the seed's edm2 ramp-up in images -> optimizer steps
+  if 'lr_rampup_Mimg' in fields:  # diffuse_nnx's edm2 ramp-up in images -> optimizer steps
     values['lr_rampup_Mimg'] = round(fields.pop('lr_rampup_Mimg') * 1e6 / batch_size)
   _apply(schedule, values, '', SCHEDULE_RENAMES, minimal=schedule_minimal)
   top = {'learning_rate': fields.pop('learning_rate')} if 'learning_rate' in fields else {}
@@ -282,7 +299,7 @@ def _sharding(fields):
 
 
 def _tactic(tactic, path: str) -> fdl.Config:
-  """The seed's sharding tactics: 'replicate' and 'fsdp(axis="a")' / 'fsdp(axis="a,b")'."""
+  """diffuse_nnx's sharding tactics: 'replicate' and 'fsdp(axis="a")' / 'fsdp(axis="a,b")'."""
   if isinstance(tactic, str) and tactic.strip() == 'replicate':
     return fdl.Config(sharding.Replicate)
   match = re.fullmatch(r'\s*fsdp\s*(\(\s*(axis\s*=\s*["\']([^"\']*)["\'])?\s*\))?\s*', tactic) \
@@ -302,11 +319,13 @@ def _services(fields, image_size: int, stat_dir: str | None) -> dict:
   _rest(checkpoint, 'checkpoint', 'checkpoint', ('options',))
   save_every = fields.pop('save_every_steps', None)
   interval = options.pop('save_interval_steps', save_every or 50_000)
-  if save_every:  # the seed saves where its trainer and orbax's interval agree
+  if save_every:  # diffuse_nnx saves where its trainer and orbax's interval agree
     interval = math.lcm(interval, save_every)
   services = common.run_services(save_every_steps=interval,
                                  log_every_steps=fields.pop('log_every_steps', 100))
   _apply(services['checkpoint'], options, 'checkpoint.options', CHECKPOINT_RENAMES)
+  tracker = {name: fields.pop(name) for name in TRACKER_RENAMES if name in fields}
+  _apply(services['writers'], tracker, '', TRACKER_RENAMES)  # switched on by writers.wandb
   evaluation = fields.pop('eval', {})
   services['visualize'] = _visualize(fields, evaluation.get('seed'))
   services['evaluate'] = []
@@ -324,7 +343,7 @@ def _visualize(fields, seed: int | None):
   every_steps = fields.pop('visualize_every_steps', 25_000)
   if not values.pop('on', False):
     return None
-  scale = values.pop('guidance_scale', 1.0)  # the seed draws cfg 1 and, above 1, this scale
+  scale = values.pop('guidance_scale', 1.0)  # diffuse_nnx draws cfg 1 and, above 1, this scale
   node = fdl.Config(hooks.SampleGrid, every_steps=every_steps,
                     num_samples=values.pop('num_samples', 64),
                     guidance_scales=(1.0, scale) if scale > 1.0 else (1.0,))
@@ -441,7 +460,8 @@ def _check_choice(target, argument: str, value, dotted: str) -> None:
 
 
 def _convention(value, table: dict, dotted: str) -> str:
-  """A seed enum string (case and '_' free, as the seed parses it) in this project's terms."""
+  """A diffuse_nnx enum string (case and '_' free, as diffuse_nnx parses it) in this project's
+  terms."""
   key = str(value).replace('_', '').upper()
   if key not in table:
     raise LegacyConfigError(f'{dotted}={value!r}: expected one of '
@@ -450,13 +470,16 @@ def _convention(value, table: dict, dotted: str) -> str:
 
 
 def _pretrained_path(values: dict, path: str) -> None:
-  """The seed's `pretrained_path` is a file or a Hugging Face hub id; only files carry over
-  (this project reads weights from local files), a hub id is dropped with a warning."""
+  """diffuse_nnx's `pretrained_path` is a file or a Hugging Face hub id; only files carry over
+  (this project reads weights from files, local or gs://), a hub id is dropped with a
+  warning."""
+  from lib import paths
+
   value = values.get('pretrained_path')
   if value is None:
     return
-  local = os.path.exists(value) or os.path.isabs(value) or value.startswith(('.', '~')) or \
-      bool(os.path.splitext(value)[1])
+  local = paths.is_url(value) or os.path.exists(value) or os.path.isabs(value) or \
+      value.startswith(('.', '~')) or bool(os.path.splitext(value)[1])
   if not local:
     del values['pretrained_path']
     logging.warning('%s.pretrained_path=%r is a Hugging Face hub id, not a local file; it is '

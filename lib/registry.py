@@ -1,4 +1,4 @@
-"""Names of components, for configs that name them by string: the seed library's `*_class`
+"""Names of components, for configs that name them by string: diffuse_nnx's `*_class`
 fields (`network_class='dit'`), which `lib/legacy.py` turns into experiment graphs.
 
     registry.resolve('network', 'dit')              -> lib.models.dit.DiT
@@ -13,13 +13,14 @@ importing the registry imports no model code and never fails because a module is
 import importlib
 from typing import Any
 
-# kind -> name -> target. The seed's names (its `utils/initialize.py` registries), plus
-# `data` (this project's data sources; the seed chose between two by `data.latent_dataset`)
-# and `schedule` (the seed's `learning_rate_schedule` strings).
+# kind -> name -> target. diffuse_nnx's names (its `utils/initialize.py` registries), plus
+# `data` (this project's data sources; diffuse_nnx chose between two by `data.latent_dataset`)
+# and `schedule` (diffuse_nnx's `learning_rate_schedule` strings).
 _TARGETS: dict[str, dict[str, Any]] = {
     'data': {
         'latents': 'lib.data.latents:LatentFolder',
         'images': 'lib.data.images:ImageFolder',
+        'prepared': 'lib.data.prepared:PreparedImages',
         'digits': 'lib.data.digits:Digits',
     },
     'encoder': {

@@ -1,4 +1,4 @@
-"""Device meshes and partition rules (the seed's `sharding` block), as nodes of the graph.
+"""Device meshes and partition rules (diffuse_nnx's `sharding` block), as nodes of the graph.
 
     sharding=fdl.Config(Sharding,
         mesh=(('data', -1),),                                  # axis sizes; -1 = the rest

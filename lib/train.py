@@ -12,9 +12,11 @@ is a function of k, so a run resumed from the checkpoint of step k continues exa
 as the uninterrupted run would have.
 """
 
-import os
+import io
+import re
 import signal
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lib import checkpoint as ckpt
+from lib import errors
 from lib import hooks
+from lib import paths
 from lib.experiment import Experiment
 from lib.sharding import Sharding
 
@@ -33,9 +37,9 @@ from lib.sharding import Sharding
 class Run:
   """An `Experiment` bound to a workdir and to this process's devices."""
 
-  def __init__(self, experiment: Experiment, workdir: str):
+  def __init__(self, experiment: Experiment, workdir):
     self.experiment = exp = experiment
-    self.workdir = workdir
+    self.workdir = paths.resolve(workdir, '--workdir')
     self.is_main = jax.process_index() == 0
     self.total_steps = exp.total_steps
     self.num_classes = exp.data.num_classes
@@ -160,13 +164,23 @@ class Run:
     updates, opt_state = self.optimizer.tx.update(grads, state['opt_state'], trained)
     trained = optax.apply_updates(trained, updates)
     params = trained if self.repa is None else trained['network']
-    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+    grad_norm = optax.tree.norm(grads)
+    metrics = {'loss': loss, 'grad_norm': grad_norm,
                'learning_rate': self.optimizer.schedule(state['step']), **aux}
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
                  'ema': exp.ema.update(state['ema'], params, state['step']),
                  'buffers': state['buffers']}
     if self.repa is not None:
       new_state['projector'] = trained['projector']
+    if exp.skip_nonfinite_updates:
+      # Keep the weights, optimizer state and EMA of a step whose loss, gradient or new
+      # weights are not finite; the step counter (and so the data) moves on.
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & \
+          jnp.isfinite(optax.tree.norm(trained))
+      new_state = {k: v if k == 'step' else jax.tree.map(
+          lambda new, old: jnp.where(finite, new, old), v, state[k])
+                   for k, v in new_state.items()}
+      metrics['skipped'] = 1 - finite.astype(jnp.int32)
     return new_state, metrics
 
   def _sample(self, params, buffers, encoder_state, labels, indices, seed, guidance_scale):
@@ -235,15 +249,18 @@ class Run:
 
   # ----------------------------------------------------------------------------- loop
   def restore_or_init(self, manager):
-    """Newest checkpoint in the workdir if there is one, else a fresh state (or the imported
-    weights of `init_from`)."""
-    if manager.latest_step() is not None:
+    """Newest good checkpoint in the workdir if there is one (damaged ones are set aside,
+    `lib.checkpoint.restore`), else a fresh state (or the imported weights of `init_from`)."""
+    if manager.all_steps():
       step = self.restore(manager)
       logging.info('Resumed from the checkpoint of step %d in %s', step, self.workdir)
       return step
     if self.experiment.init_from:
       from lib.models import import_weights
 
+      if not os.path.isfile(self.experiment.init_from):
+        raise errors.UserError(f'init_from={self.experiment.init_from!r} is not a file; give '
+                               'the released checkpoint (.pt / .safetensors) to start from')
       self.state = self.imported_state(
           import_weights.import_file(self.experiment.init_from, self.experiment))
       logging.info('Starting from the weights of %s (params and EMA)', self.experiment.init_from)
@@ -251,48 +268,71 @@ class Run:
       self.state = self.initial_state()
     return 0
 
-  def train(self) -> int:
+  def train(self, on_start: Callable[[int], None] | None = None) -> int:
     """Trains to `total_steps`, or until a SIGTERM (preemption), after which it saves a
-    checkpoint and returns. Returns the last step reached."""
+    checkpoint and returns. `on_start(step)` is called once the state is restored (or
+    initialised), before the first step. Returns the last step reached.
+
+    Raises `NonFiniteError` on the first step whose loss or gradient norm is not finite
+    (or, with `skip_nonfinite_updates=N`, after N such updates in a row), before any state
+    from it is saved."""
     preempted = []
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(time.time()))
     try:
-      return self._train(preempted)
+      return self._train(preempted, on_start)
     finally:
       signal.signal(signal.SIGTERM, previous_handler)
 
-  def _train(self, preempted: list) -> int:
+  def _train(self, preempted: list, on_start) -> int:
     exp = self.experiment
     exp.data.check()
     self.load_encoder()
     self.load_detector()
     manager = exp.checkpoint.manager(self.workdir)
-    self.writer = exp.writers.create(self.workdir, self.is_main)
+    self.writer = None
+    actions = []
     try:
       step = self.restore_or_init(manager)
+      if on_start is not None:
+        on_start(step)
+      # Once the config is saved: a tracker run takes it from the workdir (lib.tracking).
+      self.writer = exp.writers.create(self.workdir, self.is_main)
       if self.is_main:
         logging.info('Network: %s parameters; training steps %d -> %d', f'{self.param_count:,}',
                      step, self.total_steps)
-      actions = [exp.report.action(self)]
+      actions.append(exp.report.action(self))
       actions += [hook.action(self) for hook in (exp.profile, exp.visualize) if hook is not None]
       actions += [hook.action(self) for hook in exp.evaluate]
       batches = exp.data.batches(step, jax.process_index(), jax.process_count())
-      pending = []
+      pending = []  # metrics since the last log step
+      unchecked = None  # (step, metrics) dispatched but not yet checked for finiteness
+      self._skipped_in_a_row = 0
       while step < self.total_steps and not preempted:
         batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-                 for k, v in next(batches).items()}
+                 for k, v in next_batch(batches, step).items()}
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           self.state, metrics = self._train_step(self.state, self.encoder_state, batch,
                                                  self.detector_state)
+        if unchecked is not None:  # the previous step has finished by now, or nearly
+          self._check_finite(*unchecked, manager)
         step += 1
+        unchecked = (step, metrics)
         pending.append(metrics)
         if step % exp.log_every_steps == 0 or step == self.total_steps:
+          self._check_finite(*unchecked, manager)
+          unchecked = None
           self._write_metrics(step, pending)
           pending = []
-        if ckpt.save(manager, step, self.state, force=step == self.total_steps):
+        if step == self.total_steps or manager.should_save(step):
+          if unchecked is not None:
+            self._check_finite(*unchecked, manager)
+            unchecked = None
+          ckpt.save(manager, step, self.state, force=True)
           self.writer.flush()  # the metrics log never lags behind the newest checkpoint
         for action in actions:
           action(step)
+      if unchecked is not None:
+        self._check_finite(*unchecked, manager)
       if preempted and manager.latest_step() != step:
         logging.warning('SIGTERM: saving the checkpoint of step %d before exiting', step)
         ckpt.save(manager, step, self.state, force=True)
@@ -301,50 +341,105 @@ class Run:
         exp.visualize.draw(self, step)  # the final grid, when the schedule missed it
       return step
     finally:
+      for action in actions:
+        if hasattr(action, 'close'):
+          action.close()
       manager.wait_until_finished()
       manager.close()
-      self.writer.flush()
-      self.writer.close()
+      if self.writer is not None:
+        self.writer.flush()
+        self.writer.close()
+
+  def _check_finite(self, step: int, metrics: dict, manager) -> None:
+    """Stops the run (before anything of `step` is saved) if its loss or gradient norm is
+    not finite; with `skip_nonfinite_updates`, counts skipped updates instead."""
+    if self.experiment.skip_nonfinite_updates:
+      if int(metrics['skipped']):
+        self._skipped_in_a_row += 1
+        logging.warning('Step %d: non-finite loss or gradient; update skipped (%d in a row)',
+                        step, self._skipped_in_a_row)
+        if self._skipped_in_a_row <= self.experiment.skip_nonfinite_updates:
+          return
+      else:
+        self._skipped_in_a_row = 0
+        return
+    loss, grad_norm = (float(v) for v in jax.device_get((metrics['loss'],
+                                                         metrics['grad_norm'])))
+    if np.isfinite(loss) and np.isfinite(grad_norm) and not self._skipped_in_a_row:
+      return
+    skipped = (f' after {self._skipped_in_a_row} skipped updates in a row (more than '
+               f'skip_nonfinite_updates={self.experiment.skip_nonfinite_updates})'
+               if self._skipped_in_a_row else '')
+    raise errors.NonFiniteError(
+        f'step {step}: training loss {loss}, gradient norm {grad_norm}{skipped}; stopped '
+        f'before saving any state of this step{ckpt.newest_note(manager)}. Lower '
+        f'optimizer.learning_rate, clip gradients (optimizer.grad_clip_norm) or set '
+        f'skip_nonfinite_updates=N to skip such updates')
 
   def _write_metrics(self, step: int, pending: list) -> None:
     values = jax.device_get(pending)
+    if 'skipped' in values[0]:  # means over the applied updates; the count of the others
+      skipped = sum(int(v.pop('skipped')) for v in values)
+      values = [v for v in values if np.isfinite(v['loss'])] or values
     means = {f'train/{k}': float(np.mean([v[k] for v in values])) for k in values[0]}
-    if not np.isfinite(means['train/loss']):
-      raise FloatingPointError(f'training loss is {means["train/loss"]} at step {step}; the last '
-                               f'checkpoint in {self.workdir} is untouched')
+    if self.experiment.skip_nonfinite_updates:
+      means['train/skipped_updates'] = float(skipped)
     self.writer.write_scalars(step, means)
 
 
-def train(experiment: Experiment, workdir: str) -> int:
-  os.makedirs(workdir, exist_ok=True)
-  return Run(experiment, workdir).train()
+def next_batch(batches, step: int) -> dict:
+  """The next batch of a data iterator; a read or decode failure becomes a `DataError`
+  naming the step (and the file, which the data sources put in their messages)."""
+  try:
+    return next(batches)
+  except StopIteration:
+    raise
+  except Exception as error:  # tf.errors.OpError and others, raised inside tf.data
+    message = str(getattr(error, 'message', '') or error)
+    cause = re.search(r'\b\w+(?:Error|Exception): [^\n]+', message)  # the reader's own
+    raise errors.DataError(f'reading the batch of step {step + 1} failed: '
+                           f'{cause.group(0) if cause else message.strip()[:500]}') from error
 
 
-def sample(experiment: Experiment, workdir: str, num_samples: int,
+def train(experiment: Experiment, workdir,
+          on_start: Callable[[int], None] | None = None) -> int:
+  """Trains `experiment` in `workdir` (see `Run.train`); returns the last step reached."""
+  paths.resolve(workdir, '--workdir').mkdir(parents=True, exist_ok=True)
+  return Run(experiment, workdir).train(on_start)
+
+
+def sample(experiment: Experiment, workdir, num_samples: int,
            labels: list[int] | None = None, guidance_scale: float | None = None,
-           seed: int = 0) -> str:
-  """Samples the EMA weights of the newest checkpoint in `workdir` into `samples.npz`
-  (`images` uint8 NHWC, `labels` int32) and `samples.png`. Returns the npz path."""
-  run = Run(experiment, workdir)
-  manager = experiment.checkpoint.manager(workdir)
-  if manager.latest_step() is None:
-    raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}; train '
-                            f'first (--mode=train) or point --workdir at a trained run')
-  run.load_encoder()
-  step = run.restore(manager)
-  manager.close()
+           seed: int = 0, step: int | None = None) -> str:
+  """Samples the EMA weights of checkpoint `step` (default: the newest good one) in `workdir`
+  into `samples.npz` (`images` uint8 NHWC, `labels` int32) and `samples.png`. Returns the npz
+  path."""
+  num_classes = experiment.data.num_classes
   if labels:
-    bad = [label for label in labels if not 0 <= label < run.num_classes]
+    bad = [label for label in labels if not 0 <= label < num_classes]
     if bad:
-      raise ValueError(f'--labels {bad} outside the {run.num_classes} classes 0..'
-                       f'{run.num_classes - 1}')
+      raise errors.UserError(f'--labels {bad} outside the {num_classes} classes 0..'
+                             f'{num_classes - 1}')
+  if ckpt.latest_step(workdir) is None:
+    raise errors.CheckpointError(f'no checkpoint in {ckpt.directory(workdir)}; train first '
+                                 f'(--mode=train) or point --workdir at a trained run')
+  run = Run(experiment, workdir)
+  manager = experiment.checkpoint.manager(workdir, create=False)
+  run.load_encoder()
+  try:
+    step = run.restore(manager, step)
+  finally:
+    manager.close()
+  if labels:
     label_array = np.resize(np.asarray(labels, np.int32), num_samples)
   else:
     label_array = np.arange(num_samples, dtype=np.int32) % run.num_classes
   scale = experiment.sampler.guidance_scale if guidance_scale is None else guidance_scale
   images = run.generate(label_array, scale, seed=seed)
-  path = os.path.join(workdir, 'samples.npz')
-  np.savez(path, images=images, labels=label_array)
-  hooks.save_png(os.path.join(workdir, 'samples.png'), hooks.image_grid(images))
+  path = run.workdir / 'samples.npz'
+  archive = io.BytesIO()
+  np.savez(archive, images=images, labels=label_array)
+  paths.write_atomic(path, archive.getvalue())
+  hooks.save_png(run.workdir / 'samples.png', hooks.image_grid(images))
   logging.info('Wrote %d samples of step %d (guidance %g) to %s', num_samples, step, scale, path)
-  return path
+  return str(path)

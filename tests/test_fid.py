@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from lib import errors
 from lib.eval import actions, fid
 
 
@@ -184,13 +185,13 @@ def test_fid_action_fails_at_start_without_its_files(tmp_path):
   run = FakeRun()
   with pytest.raises(ValueError, match='inception_weights is not set'):
     actions.FIDEvaluation().action(run)
-  with pytest.raises(FileNotFoundError, match=r'FIDEvaluation.inception_weights=.*nope.pth.*'
+  with pytest.raises(errors.UserError, match=r'FIDEvaluation.inception_weights=.*nope.pth.*'
                      'does not exist.*pt_inception-2015-12-05'):
     actions.FIDEvaluation(inception_weights=str(tmp_path / 'nope.pth')).action(run)
   (tmp_path / 'w.pth').write_bytes(b'')
   with pytest.raises(ValueError, match='reference_stats is not set'):
     actions.FIDEvaluation(inception_weights=str(tmp_path / 'w.pth')).action(run)
-  with pytest.raises(FileNotFoundError, match='missing.npz'):
+  with pytest.raises(errors.UserError, match='missing.npz'):
     actions.FIDEvaluation(inception_weights=str(tmp_path / 'w.pth'),
                           reference_stats=str(tmp_path / 'missing.npz')).action(run)
 

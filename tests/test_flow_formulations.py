@@ -9,7 +9,7 @@ import pytest
 
 from lib import checkpoint as ckpt
 from lib import cli, ema
-from lib.flow import conventions, edm, meanflow, samplers, sit
+from lib.flow import conventions, ddpm, edm, meanflow, samplers, sit
 from lib.flow.sit import mean_flat
 from tests.test_flow import MEAN, STD, GaussianField
 
@@ -139,6 +139,80 @@ def test_edm_heun_on_the_karras_grid_maps_noise_to_data():
     errors.append(float(jnp.abs(out - exact).max()))
   assert errors[1] < 0.01 and errors[0] / errors[1] > 3.5, errors  # second order
   assert abs(float(out.mean()) - MEAN) < 0.05 and abs(float(out.std()) - STD) < 0.05
+
+
+# ------------------------------------------------------------------------------- DDPM
+def ddpm_coefficients(interface, t):
+  """(a, s) of x_t = a x + s eps at times t, from the interface's schedule."""
+  log_alpha_bar, _ = interface.log_alpha_bar_at(jnp.asarray(t, jnp.float32))
+  return _col(jnp.exp(0.5 * log_alpha_bar)), _col(jnp.sqrt(-jnp.expm1(log_alpha_bar)))
+
+
+class DDPMGaussian:
+  """The exact noise prediction for x ~ N(MEAN + y, STD^2), fed DiT's step tau = 999 t:
+  E[eps | x_t] = s (x_t - a m) / (a^2 STD^2 + s^2)."""
+  num_classes = 4
+
+  def __init__(self, interface):
+    self.interface = interface
+
+  def __call__(self, x, tau, y, rngs=None):
+    a, s = ddpm_coefficients(self.interface, tau / (self.interface.num_steps - 1))
+    m = class_mean(y)
+    return s * (x - a * m) / (a ** 2 * STD ** 2 + s ** 2)
+
+
+def test_ddpm_schedule_is_dits():
+  interface = ddpm.DDPM()
+  betas = np.linspace(1e-4, 0.02, 1000)
+  np.testing.assert_allclose(interface.log_alpha_bar, np.cumsum(np.log(1 - betas)), rtol=1e-12)
+  # exact at every step k = 999 t, log-linear in between, slope of the step interval
+  log_value, slope = interface.log_alpha_bar_at(jnp.array([0.0, 500 / 999, 1.0, 500.5 / 999]))
+  table = interface.log_alpha_bar
+  np.testing.assert_allclose(log_value, [table[0], table[500], table[999],
+                                         (table[500] + table[501]) / 2], rtol=1e-5)
+  np.testing.assert_allclose(slope, 999 * np.log(1 - betas[[1, 501, 999, 501]]), rtol=1e-4)
+  with pytest.raises(ValueError, match='interface.num_steps=1'):
+    ddpm.DDPM(num_steps=1)
+
+
+def test_ddpm_heun_with_the_exact_noise_maps_noise_to_data():
+  interface = ddpm.DDPM()
+  z = jax.random.normal(jax.random.key(12), (256, 2, 2, 1))
+  labels = jnp.zeros(256, jnp.int32)
+  # the probability-flow ODE keeps (x_t - a m) / sigma_t fixed, sigma_t^2 = a^2 STD^2 + s^2
+  (a1, s1), (a0, s0) = ddpm_coefficients(interface, 1.0), ddpm_coefficients(interface, 0.0)
+  standard = (z - a1 * MEAN) / jnp.sqrt(a1 ** 2 * STD ** 2 + s1 ** 2)
+  exact = a0 * MEAN + jnp.sqrt(a0 ** 2 * STD ** 2 + s0 ** 2) * standard
+  out = samplers.Heun(64)(interface, DDPMGaussian(interface), z, labels)
+  np.testing.assert_allclose(out, exact, atol=2e-3)
+  assert abs(float(out.mean()) - MEAN) < 0.05 and abs(float(out.std()) - STD) < 0.05
+  # score = -eps / s, the Gaussian's -(x_t - a m) / sigma_t^2
+  x_t = jax.random.normal(jax.random.key(13), (4, 1, 1, 1))
+  t = jnp.full((4,), 0.4)
+  a, s = ddpm_coefficients(interface, t)
+  np.testing.assert_allclose(interface.score(DDPMGaussian(interface), x_t, t,
+                                             jnp.zeros(4, jnp.int32)),
+                             -(x_t - a * MEAN) / (a ** 2 * STD ** 2 + s ** 2), rtol=1e-4)
+
+
+def test_ddpm_loss_is_zero_for_the_exact_noise():
+  interface = ddpm.DDPM()
+  x = MEAN + STD * jax.random.normal(jax.random.key(14), (8, 2, 2, 1))
+
+  class PointMass:
+    """eps = (x_k - a_k x) / s_k for the data point x of each sample."""
+
+    def __call__(self, x_t, tau, y, rngs=None):
+      a, s = ddpm_coefficients(interface, tau / 999)
+      return (x_t - a * x) / s
+
+  loss, aux = interface.loss(PointMass(), x, jnp.zeros(8, jnp.int32), jax.random.key(15))
+  assert loss.shape == (8,) and aux == {}
+  np.testing.assert_allclose(loss, 0.0, atol=1e-4)
+  wrong, _ = interface.loss(lambda x, t, y, rngs=None: jnp.zeros_like(x), x,
+                            jnp.zeros(8, jnp.int32), jax.random.key(15))
+  assert float(wrong.mean()) > 0.5
 
 
 # ------------------------------------------------------------------------------- SDE sampler

@@ -1,10 +1,9 @@
-"""Legacy compatibility: seed-library configs (ml_collections, `*_class` strings) convert to the
+"""Legacy compatibility: diffuse_nnx configs (ml_collections, `*_class` strings) convert to the
 native presets' graphs, train with user-registered classes, fail with useful messages, and run
 through launch.py --config."""
 
 import copy
 import importlib
-import inspect
 import json
 import os
 import subprocess
@@ -20,41 +19,59 @@ from flax import nnx
 from lib import cli, legacy, nn, registry, review
 from tests.legacy_configs import dit_imagenet, dit_imagenet_repa
 
-# Differences between a converted seed preset and its native preset that are intended
+# Differences between a converted diffuse_nnx preset and its native preset that are intended
 # (`path: native -> converted` line prefix, reason).
 MEANFLOW_FID_AT_CFG_1 = [(
     f'evaluate[0].{field}: {native} -> ',
     'MeanFlow bakes guidance in by training, so the native preset evaluates FID at cfg 1 only; '
-    'the seed repeats the same samples at cfg 1.5 (seed-library.md section 10, item 8)')
+    'diffuse_nnx repeats the same samples at cfg 1.5')
     for field, native in (('all_guidance_scales', '(1.0,)'),
                           ('all_eval_samples_nums', '((10000, 50000),)'),
                           ('eval_every_steps', '((25000, 100000),)'))]
 REPA_PAPER_DEPTH = (
     'repa.depth: 8 -> 4',
-    'the seed aligns block 4 at every size; the native L and XL presets align block 8, the '
+    'diffuse_nnx aligns block 4 at every size; the native L and XL presets align block 8, the '
     'REPA paper\'s value (experiments/dit_repa.py)')
-SEED_DECODER_PATH = (
+DIFFUSE_NNX_DECODER_PATH = (
     "encoder.decoder_weights: None -> '/home/nm3607/model.pt'",
-    'the seed hard-codes its RAE decoder file (its `encoder.pretrained_path`, converted to '
+    'diffuse_nnx hard-codes its RAE decoder file (its `encoder.pretrained_path`, converted to '
     'decoder_weights); the native preset leaves weight files to the caller')
+# Every diffuse_nnx preset names its wandb run and project (`exp_name`, `project_name`).
+TRACKER_NAMES = [
+    ('writers.wandb_name: None (default of lib.hooks.Writers) -> ',
+     "diffuse_nnx's exp_name names the tracker run (used once writers.wandb=True)"),
+    ("writers.wandb_project: 'fiddlediff' (default of lib.hooks.Writers) -> ",
+     "diffuse_nnx's project_name names the tracker project")]
+
+SAMPLING_GUIDANCE = (
+    'sampler.guidance_scale: 1.5 -> ',
+    "diffuse_nnx's sampler has no guidance of its own (its evaluation lists scales); the native "
+    "presets sample at the family's published best, SiT-XL/2's cfg 1.5 (common.SIT_GUIDANCE)")
+REPA_GUIDANCE = [(
+    f'sampler.{field}: {native} -> ',
+    "diffuse_nnx's sampler has no guidance of its own; the native REPA presets sample at REPA's "
+    'published best, cfg 1.8 for t <= 0.7') for field, native in (
+        ('guidance_scale', '1.8'), ('guidance_interval', '(0.0, 0.7)'))]
 
 SIZES = {'S': 's2', 'B': 'b2', 'L': 'l2', 'XL': 'xl2'}
 CASES = [  # (legacy file, options, native preset, allowed differences)
     *[('dit_imagenet', f'imagenet_256-{size}_2', f'experiments/dit.py:{preset}',
-       []) for size, preset in SIZES.items()],
+       [SAMPLING_GUIDANCE] + TRACKER_NAMES) for size, preset in SIZES.items()],
+    ('dit_imagenet', 'imagenet_64-B_2', 'experiments/dit.py:b2(image_size=64)',
+     [SAMPLING_GUIDANCE] + TRACKER_NAMES),
     *[('lightning_dit_imagenet', f'imagenet_256-{size}_2',
-       f'experiments/lightning_dit.py:{preset}', [])
+       f'experiments/lightning_dit.py:{preset}', [SAMPLING_GUIDANCE] + TRACKER_NAMES)
       for size, preset in SIZES.items()],
     *[('lightning_ddt_imagenet', f'imagenet_256-{size}_2',
-       f'experiments/lightning_ddt.py:{SIZES[size]}', [])
+       f'experiments/lightning_ddt.py:{SIZES[size]}', [SAMPLING_GUIDANCE] + TRACKER_NAMES)
       for size in ('S', 'XL')],
     *[('mf_imagenet', f'imagenet_256-{size}_2', f'experiments/meanflow.py:{preset}',
-       MEANFLOW_FID_AT_CFG_1) for size, preset in SIZES.items()],
+       MEANFLOW_FID_AT_CFG_1 + TRACKER_NAMES) for size, preset in SIZES.items()],
     *[('dit_imagenet_repa', f'imagenet_raw_256-{size}_2', f'experiments/dit_repa.py:{preset}',
-       [REPA_PAPER_DEPTH] if size in ('L', 'XL') else [])
+       REPA_GUIDANCE + ([REPA_PAPER_DEPTH] if size in ('L', 'XL') else []) + TRACKER_NAMES)
       for size, preset in SIZES.items()],
     ('rae_imagenet', 'imagenet_raw_256-XL_1', 'experiments/rae.py:xl1',
-     [SEED_DECODER_PATH]),
+     [DIFFUSE_NNX_DECODER_PATH] + TRACKER_NAMES),
 ]
 
 
@@ -62,36 +79,15 @@ def legacy_config(name: str, options: str) -> ml_collections.ConfigDict:
   return importlib.import_module(f'tests.legacy_configs.{name}').get_config(options)
 
 
-def without_defaults(config: fdl.Buildable) -> fdl.Buildable:
-  """A copy without the arguments set to their defaults, which Fiddle's equality ignores too
-  (a native preset may state `take_gw=False`, the converter leaves it at the default)."""
-  config = copy.deepcopy(config)
-
-  def strip(node):
-    if isinstance(node, fdl.Buildable):
-      parameters = inspect.signature(fdl.get_callable(node)).parameters
-      for name, value in list(node.__arguments__.items()):
-        strip(value)
-        default = parameters[name].default if name in parameters else inspect.Parameter.empty
-        if not isinstance(value, fdl.Buildable) and default is not inspect.Parameter.empty \
-            and value == default:
-          delattr(node, name)
-    elif isinstance(node, (list, tuple)):
-      for value in node:
-        strip(value)
-
-  strip(config)
-  return config
-
-
 @pytest.mark.parametrize('name,options,native,allowed', CASES,
                          ids=[f'{case[0]}:{case[1]}' for case in CASES])
-def test_seed_preset_converts_to_its_native_preset(name, options, native, allowed):
+def test_diffuse_nnx_preset_converts_to_its_native_preset(name, options, native, allowed):
   if not os.path.exists(os.path.join(cli.REPO_ROOT, native.split(':')[0])):
     pytest.skip(f'{native.split(":")[0]} is not written yet')
   converted = legacy.convert(legacy_config(name, options))
-  lines = review.diff_lines(without_defaults(cli.load_preset(native)),
-                            without_defaults(converted))
+  # Effective values: a native preset that states `take_gw=False` and a converted config that
+  # leaves it at the default do not differ.
+  lines = review.diff_lines(cli.load_preset(native), converted)
   unexplained = [line for line in lines if not any(line.startswith(p) for p, _ in allowed)]
   assert not unexplained, '\n'.join(unexplained)
   assert all(any(line.startswith(p) for line in lines) for p, _ in allowed), lines
@@ -125,11 +121,14 @@ class TinyDenoiser(nn.Module):
     return self.outputs(nnx.silu(self.inputs(flat) + self.labels(y))).reshape(x.shape)
 
 
-registry.register('network', 'tiny_denoiser', TinyDenoiser)
+@pytest.fixture
+def restored_registry(monkeypatch):
+  """The registry as it was before the test, whatever the test registers."""
+  monkeypatch.setattr(registry, '_TARGETS', copy.deepcopy(registry._TARGETS))
 
 
 def tiny_legacy_config() -> ml_collections.ConfigDict:
-  """A legacy config in the seed's layout naming the registered network, on the digits."""
+  """A legacy config in diffuse_nnx's layout naming the registered network, on the digits."""
   return ml_collections.ConfigDict(dict(
       trainer='DiT_ImageNet', seed=0, dtype='float32', total_steps=4, log_every_steps=1,
       save_every_steps=1000, visualize_every_steps=1000,
@@ -148,9 +147,10 @@ def tiny_legacy_config() -> ml_collections.ConfigDict:
       sharding=dict(mesh=[('data', -1)], data_axis='data', strategy=[('.*', 'replicate')])))
 
 
-def test_registered_network_trains_through_the_normal_trainer(tmp_path):
+def test_registered_network_trains_through_the_normal_trainer(tmp_path, restored_registry):
   from lib import train
 
+  registry.register('network', 'tiny_denoiser', TinyDenoiser)
   config = legacy.convert(tiny_legacy_config())
   assert config.network.__arguments__ == {'hidden_size': 16}  # derived sizes left to Experiment
   assert fdl.get_callable(config.optimizer.schedule).__name__ == 'cosine'
@@ -160,7 +160,7 @@ def test_registered_network_trains_through_the_normal_trainer(tmp_path):
   assert len(losses) == 4 and np.all(np.isfinite(losses)), losses
 
 
-def test_registry_imports_lazily_and_refuses_a_taken_name():
+def test_registry_imports_lazily_and_refuses_a_taken_name(restored_registry):
   code = ('import sys; from lib import registry\n'
           'assert registry.resolve("ema", "ema").__name__ == "EMA"\n'
           'assert not [m for m in sys.modules if m.startswith("lib.models")], "model imported"\n')
@@ -169,6 +169,7 @@ def test_registry_imports_lazily_and_refuses_a_taken_name():
                                                    'lib.models.dit:DiT'):
     registry.register('network', 'dit', TinyDenoiser)
   assert registry.register('network', 'tiny_denoiser', TinyDenoiser) is TinyDenoiser
+  assert registry.register('network', 'tiny_denoiser', TinyDenoiser) is TinyDenoiser  # again
 
   @registry.register('ema', 'frozen')
   class Frozen:
@@ -180,7 +181,7 @@ def test_registry_imports_lazily_and_refuses_a_taken_name():
 # ------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize('field,value,message', [
     ('network_class', 'ditt', "network_class='ditt': unknown network 'ditt'; registered network "
-                              "names: dit, lightning_ddt, lightning_dit"),
+                              "names: dit, lightning_ddt, lightning_dit \\("),
     ('sampler_class', 'rk4', "sampler_class='rk4': unknown sampler 'rk4'; registered sampler "
                              "names: euler, euler-maruyama, euler_jump, heun"),
     ('network.dpeth', 4, "network.dpeth: unexpected field 'dpeth' for DiT; accepted fields: "

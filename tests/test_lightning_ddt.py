@@ -182,7 +182,7 @@ def test_patch_two_and_bfloat16():
 # ------------------------------------------------------------------------------------- counts
 # Exact counts of RAE's torch `DiTwDDTHead` (a4d18c4), counted here by instantiating it on
 # torch's meta device (timm's PatchEmbed stubbed as a Conv2d): parameters() = trainable +
-# frozen pos_embed + the fixed Fourier W (256). The seed's analytic numbers (838.38M, S 196.36M)
+# frozen pos_embed + the fixed Fourier W (256). diffuse_nnx's analytic numbers (838.38M, S 196.36M)
 # are trainable + W. Our Params are the trainable ones (pos_embed and W are buffers).
 @pytest.mark.parametrize('size_args,params,torch_total', [
     (dict(), 838_380_628, 838_675_796),                                             # DiT-DH-XL
@@ -204,7 +204,7 @@ def test_reference_module_counts_like_rae_xl():
 
 
 def test_seed_sd_vae_presets_counts():
-  """The seed's `imagenet_256-XL_2` / `-S_2` DDT on 32x32x4 SD-VAE latents (patch 2)."""
+  """diffuse_nnx's `imagenet_256-XL_2` / `-S_2` DDT on 32x32x4 SD-VAE latents (patch 2)."""
   for size_args, expected in [(dict(), 834_433_380),
                               (dict(encoder_hidden_size=384, encoder_num_heads=6,
                                     num_encoder_blocks=12), 192_987_492)]:

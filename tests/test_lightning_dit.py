@@ -286,7 +286,7 @@ def count_params(module) -> int:
 CONFIGS = {
     # the released LightningDiT-XL configuration (sinusoidal time embedding)
     'release': dict(),
-    # the seed presets' switches, plus qk-norm (RMSNorm), 4-way adaLN and a learnt-sigma head
+    # diffuse_nnx's presets' switches, plus qk-norm (RMSNorm), 4-way adaLN and a learnt-sigma head
     'continuous_qknorm_noshift_sigma': dict(continuous_time_embed=True, freq_embed_size=64,
                                             qk_norm=True, adaln_shift=False, learn_sigma=True),
     # plain parts: GELU MLP, LayerNorm (qk LayerNorm with affine), no RoPE
@@ -410,12 +410,12 @@ def test_meanflow_embedders_are_fresh_and_may_be_missing():
 @pytest.mark.parametrize('kwargs,params,torch_total', [
     # hustvl LightningDiT-XL/1 on VA-VAE f16d32 latents (16x16x32): 675.26M (anchors, §3b)
     (dict(input_size=16, in_channels=32, patch_size=1), 674_961_824, 675_256_736),
-    # the seed's LightningDiT-XL/2 (Fourier time embedding 512, SwiGLU, RMSNorm) on SD-VAE
-    # 32x32x4 = RAE `lightningDiT.py` XL/2 (trainable 675_219_856); the seed's analytic 675.22M
+    # diffuse_nnx's LightningDiT-XL/2 (Fourier time embedding 512, SwiGLU, RMSNorm) on SD-VAE
+    # 32x32x4 = RAE `lightningDiT.py` XL/2 (trainable 675_219_856); diffuse_nnx's analytic 675.22M
     # also counts its fixed Fourier W (256) as a Param
     (dict(input_size=32, in_channels=4, patch_size=2, continuous_time_embed=True,
           freq_embed_size=512), 675_219_856, 675_515_024),
-    # the seed's LightningDiT-B/2 (130.53M) = RAE `lightningDiT.py` B/2
+    # diffuse_nnx's LightningDiT-B/2 (130.53M) = RAE `lightningDiT.py` B/2
     (dict(input_size=32, in_channels=4, patch_size=2, hidden_size=768, depth=12, num_heads=12,
           continuous_time_embed=True, freq_embed_size=512), 130_531_600, 130_728_464),
 ])

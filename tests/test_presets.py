@@ -66,3 +66,27 @@ def test_config_paths_import_nothing_heavy_and_allocate_nothing():
           'assert not heavy, f"imported {heavy}"\n'
           'import jax; assert not jax.live_arrays(), jax.live_arrays()\n')
   subprocess.run([sys.executable, '-c', code], check=True, cwd=cli.REPO_ROOT)
+
+
+def test_presets_sample_at_their_best_guidance():
+  """`--mode=sample` uses `sampler.guidance_scale`: the digits demo's is the guided scale its
+  evaluation and grids measure; the ImageNet presets' are their families' published best."""
+  from experiments import dit
+  from lib.eval import actions
+
+  config = cli.load_preset('experiments/dit.py:digits')
+  quality, = [node for node in config.evaluate
+              if fdl.get_callable(node) is actions.DigitsQuality]
+  assert config.sampler.guidance_scale == dit.DIGITS_GUIDANCE == 3.0
+  assert quality.guidance_scales == config.visualize.guidance_scales == (1.0, 3.0)
+  expected = {  # preset file -> (guidance, interval)
+      'dit.py': (1.5, None), 'lightning_dit.py': (1.5, None), 'lightning_ddt.py': (1.5, None),
+      'dit_repa.py': (1.8, (0.0, 0.7)), 'ddt.py': (2.0, (0.0, 0.7)), 'meanflow.py': (1.0, None),
+      'rae.py': (1.0, None)}
+  for path, name in PRESETS:
+    if name == 'digits':
+      continue
+    sampler = fdl.build(cli.load_preset(f'{path}:{name}').sampler)
+    got = (sampler.guidance_scale, sampler.guidance_interval)
+    want = expected.get(path.split('/')[-1], 'a new preset file: add its best guidance here')
+    assert got == want, (path, name, got)

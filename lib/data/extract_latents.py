@@ -19,14 +19,15 @@ several JAX processes, process p writes the files j with j % process_count == p;
 spread over this process's local devices when it divides evenly.
 """
 
+import io
 import json
-import os
 import time
 from concurrent import futures
 
 import numpy as np
 from absl import app, flags, logging
 
+from lib import paths
 from lib.data.images import ImageFolder
 
 
@@ -35,32 +36,24 @@ def file_name(index: int) -> str:
   return f'{index // 1000:05d}/img{index:08d}.npy'
 
 
-def _existing(out_dir: str) -> set[str]:
-  found = set()
-  for root, _, names in os.walk(out_dir):
-    for name in names:
-      if name.endswith('.npy'):
-        found.add(os.path.relpath(os.path.join(root, name), out_dir).replace(os.sep, '/'))
-  return found
+def _existing(out_dir) -> set[str]:
+  return {name for name in paths.files_under(paths.resolve(out_dir, '--out_dir'))
+          if name.endswith('.npy')}
 
 
-def _save(out_dir: str, name: str, array: np.ndarray) -> None:
-  path = os.path.join(out_dir, name)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  temporary = f'{path}.{os.getpid()}.tmp'
-  with open(temporary, 'wb') as f:
-    np.save(f, array)
-  os.replace(temporary, path)
+def _save(out_dir, name: str, array: np.ndarray) -> None:
+  path = paths.resolve(out_dir, '--out_dir') / name
+  path.parent.mkdir(parents=True, exist_ok=True)
+  data = io.BytesIO()
+  np.save(data, array)
+  paths.write_atomic(path, data.getvalue())
 
 
-def write_labels(out_dir: str, labels: list[list]) -> str:
+def write_labels(out_dir, labels: list[list]) -> str:
   """Writes `dataset.json` atomically; returns its path."""
-  path = os.path.join(out_dir, 'dataset.json')
-  temporary = f'{path}.{os.getpid()}.tmp'
-  with open(temporary, 'w') as f:
-    json.dump({'labels': labels}, f)
-  os.replace(temporary, path)
-  return path
+  path = paths.resolve(out_dir, '--out_dir') / 'dataset.json'
+  paths.write_atomic(path, json.dumps({'labels': labels}))
+  return str(path)
 
 
 def _encoder_fn(vae, batch_size: int):
@@ -109,7 +102,7 @@ def extract(data_dir: str, out_dir: str, image_size: int, vae, batch_size: int =
   examples = [(i, False) for i in range(count)] + \
       ([(i, True) for i in range(count)] if flip else [])
   names = [file_name(j) for j in range(len(examples))]
-  os.makedirs(out_dir, exist_ok=True)
+  paths.resolve(out_dir, '--out_dir').mkdir(parents=True, exist_ok=True)
   existing = _existing(out_dir)
   todo = [j for j, name in enumerate(names) if name not in existing]
   mine = [j for j in todo if j % process_count == process_index]

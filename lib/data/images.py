@@ -12,16 +12,16 @@ deterministic, sharded per JAX process and resumable at any step, exactly like t
 in-memory sources.
 
 Preprocessing (`center_crop`) reproduces ADM's `center_crop_arr` (also used by DiT, SiT,
-REPA and the seed library): halve the image with a BOX filter while its short side is at
+REPA and diffuse_nnx): halve the image with a BOX filter while its short side is at
 least twice `image_size`, resize it with BICUBIC so that the short side is `image_size`
 (the long side rounded), and cut the central `image_size` square. It runs in PIL, not in
 TensorFlow ops: TF's bicubic kernel and JPEG decoder differ from PIL's in the last bits,
 and PIL is what the published pipelines (and their FID reference statistics) used. tf.data
 calls it through `tf.numpy_function` from parallel map threads; PIL releases the GIL while
-decoding and resampling, so the threads do run in parallel. Files are read with
-`tf.io.read_file`, so `data_dir` may be any filesystem TensorFlow reads (gs://...).
+decoding and resampling, so the threads do run in parallel. Folders are listed and files
+read through `lib.paths` (etils epath), so `data_dir` may be a local folder or a gs:// URL.
 
-Random horizontal flips (`random_flip`, on by default; the seed library had none) are a
+Random horizontal flips (`random_flip`, on by default; diffuse_nnx had none) are a
 function of (seed, position of the example in the global stream), not of a stateful RNG,
 so a resumed run flips exactly the images the uninterrupted run would have flipped.
 
@@ -31,12 +31,12 @@ or a config is built.
 
 import functools
 import io
-import os
 from typing import Iterator, Sequence
 
 import numpy as np
 from absl import logging
 
+from lib import paths
 from lib.data import stream
 
 EXTENSIONS = ('.jpeg', '.jpg', '.png')
@@ -119,39 +119,40 @@ class ImageFolder:
 
   # --------------------------------------------------------------------------- index
   @property
-  def root(self) -> str:
-    return os.path.join(self.data_dir, self.split) if self.split else self.data_dir
+  def root(self) -> paths.Path:
+    folder = paths.resolve(self.data_dir, 'data.data_dir')
+    return folder / self.split if self.split else folder
 
   @functools.cached_property
   def _index(self) -> tuple[list[str], np.ndarray, list[str]]:
     """(paths of all images, (N,) int32 labels, sorted class names); raises on a bad tree."""
     root = self.root
-    expected = (f'expected an ImageNet-style tree {os.path.join(self.data_dir, self.split)}'
+    expected = (f'expected an ImageNet-style tree {self.data_dir.rstrip("/")}/{self.split}'
                 '/<class>/*.JPEG (also .jpg, .png)')
-    if not os.path.isdir(self.data_dir):
+    if not paths.resolve(self.data_dir, 'data.data_dir').is_dir():
       raise FileNotFoundError(f'data.data_dir={self.data_dir!r} is not a directory; {expected}')
-    if not os.path.isdir(root):
-      raise FileNotFoundError(f'{root!r} (data.data_dir / data.split={self.split!r}) is not a '
-                              f'directory; {expected}')
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not root.is_dir():
+      raise FileNotFoundError(f'{str(root)!r} (data.data_dir / data.split={self.split!r}) is '
+                              f'not a directory; {expected}')
+    classes = sorted(next(root.walk())[1])  # one listing per folder, local or in a bucket
     if not classes:
-      raise ValueError(f'no class folders in {root!r}; {expected}')
+      raise ValueError(f'no class folders in {str(root)!r}; {expected}')
     if len(classes) > self.num_classes:
-      raise ValueError(f'{root!r} has {len(classes)} class folders, more than '
+      raise ValueError(f'{str(root)!r} has {len(classes)} class folders, more than '
                        f'data.num_classes={self.num_classes}')
     if len(classes) < self.num_classes:
       logging.warning('%s has %d class folders for data.num_classes=%d; ids follow the sorted '
                       'folder names', root, len(classes), self.num_classes)
-    paths, labels = [], []
+    images, labels = [], []
     for label, name in enumerate(classes):
-      folder = os.path.join(root, name)
-      files = sorted(entry.name for entry in os.scandir(folder)
-                     if entry.is_file() and entry.name.lower().endswith(EXTENSIONS))
+      folder = root / name
+      files = sorted(file for file in next(folder.walk())[2]
+                     if file.lower().endswith(EXTENSIONS))
       if not files:
-        raise ValueError(f'class folder {folder!r} holds no images; {expected}')
-      paths.extend(os.path.join(folder, file) for file in files)
+        raise ValueError(f'class folder {str(folder)!r} holds no images; {expected}')
+      images.extend(str(folder / file) for file in files)
       labels.extend([label] * len(files))
-    return paths, np.asarray(labels, np.int32), classes
+    return images, np.asarray(labels, np.int32), classes
 
   @property
   def num_examples(self) -> int:
@@ -171,8 +172,8 @@ class ImageFolder:
 
   # --------------------------------------------------------------------------- loading
   def _read(self, path: str) -> bytes:
-    with open(path, 'rb') as f:
-      return f.read()
+    """The encoded bytes of the image `path` (an entry of `_index`)."""
+    return paths.Path(path).read_bytes()
 
   def load(self, indices: Sequence[int], flips: Sequence[bool] | None = None,
            num_threads: int = 8) -> np.ndarray:
@@ -180,14 +181,14 @@ class ImageFolder:
     decoders): for tools and tests; training reads through `batches`."""
     from concurrent import futures
 
-    paths, _, _ = self._index
+    files, _, _ = self._index
     flips = [False] * len(indices) if flips is None else list(flips)
 
     def one(i, flip):
       try:
-        return decode_and_crop(self._read(paths[i]), self.image_size, bool(flip))
+        return decode_and_crop(self._read(files[i]), self.image_size, bool(flip))
       except Exception as error:
-        raise ValueError(f'cannot decode {paths[i]}: {error}') from error
+        raise ValueError(f'cannot decode {files[i]}: {error}') from error
 
     if len(indices) <= 1:
       return np.stack([one(i, f) for i, f in zip(indices, flips)]) if len(indices) else \
@@ -201,24 +202,27 @@ class ImageFolder:
   def _dataset(self, examples: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int,
                drop_remainder: bool):
     """tf.data over (indices, flips) chunks yielded by `examples`, batched to `batch_size`."""
+    from lib import tf_devices
+    tf_devices.hide_accelerators()
     import tensorflow as tf
 
-    try:
-      tf.config.set_visible_devices([], 'GPU')  # TF must not take accelerator memory
-    except RuntimeError:  # TensorFlow was initialised earlier (CLU); keep its devices
-      pass
-    paths, labels, _ = self._index
-    paths = np.asarray(paths)
+    files, labels, _ = self._index
+    files = np.asarray(files)
     image_size = self.image_size
 
     def chunks():
       for index, flip in examples:
-        yield paths[index], labels[index], np.asarray(flip, bool)
+        yield files[index], labels[index], np.asarray(flip, bool)
+
+    def decode(path, flip):
+      path = path.decode()
+      try:
+        return decode_and_crop(self._read(path), image_size, bool(flip))
+      except Exception as error:  # tf.data reports it without the file otherwise
+        raise ValueError(f'cannot decode {path}: {error}') from None
 
     def load(path, label, flip):
-      data = tf.io.read_file(path)
-      image = tf.numpy_function(lambda d, f: decode_and_crop(d, image_size, bool(f)),
-                                [data, flip], tf.uint8, stateful=False)
+      image = tf.numpy_function(decode, [path, flip], tf.uint8, stateful=False)
       image.set_shape((image_size, image_size, 3))
       return {'image': image, 'label': label}
 

@@ -1,4 +1,4 @@
-"""Pre-extracted VAE latents on disk, in the EDM2 / seed layout.
+"""Pre-extracted VAE latents on disk, in the EDM2 / diffuse_nnx layout.
 
     data_dir/
       dataset.json          {"labels": [["00000/img00000000.npy", 207], ...]}
@@ -16,13 +16,49 @@ is `lib.data.stream`'s, so it is deterministic and resumable.
 """
 
 import functools
+import io
 import json
-import os
 from typing import Iterator
 
 import numpy as np
 
+from lib import paths
 from lib.data import stream
+
+
+LABELS_FORMAT = ('{"labels": [[relative_path, int_label], ...]}, as EDM2\'s dataset_tool.py '
+                 'writes')
+
+
+def dataset_labels(label_file: str, text: bytes, files: list[str], num_classes: int,
+                   what: str) -> np.ndarray:
+  """(N,) int32 labels of `files` (relative '/'-separated paths, in order) from the contents
+  of an EDM2 `dataset.json`; every file needs exactly one label in [0, num_classes). Errors
+  name `label_file` and what it should hold; `what` names the files (`.npy files under D`)."""
+  try:
+    entries = json.loads(text)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f'{label_file} is not valid JSON ({e}); expected {LABELS_FORMAT}') from None
+  entries = entries.get('labels', ()) if isinstance(entries, dict) else ()
+  if entries is None:
+    raise ValueError(f'{label_file} has "labels": null (an unconditional dataset); class-'
+                     f'conditional training needs {LABELS_FORMAT}')
+  if not isinstance(entries, list) or not all(
+      isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+      and isinstance(entry[1], int) for entry in entries):
+    raise ValueError(f'{label_file}: expected {LABELS_FORMAT}')
+  labels = dict(entries)
+  if len(labels) != len(files) or set(labels) != set(files):
+    unlabelled = sorted(set(files) - set(labels))[:3]
+    missing = sorted(set(labels) - set(files))[:3]
+    raise ValueError(f'{label_file} has {len(labels)} labels for {len(files)} {what} '
+                     f'(unlabelled files e.g. {unlabelled}, labels without a file e.g. '
+                     f'{missing})')
+  values = np.array([labels[name] for name in files], np.int64)
+  if values.min() < 0 or values.max() >= num_classes:
+    raise ValueError(f'{label_file}: labels span [{values.min()}, {values.max()}], outside '
+                     f'[0, data.num_classes={num_classes})')
+  return values.astype(np.int32)
 
 
 class LatentFolder:
@@ -53,42 +89,32 @@ class LatentFolder:
   @functools.cached_property
   def _index(self) -> tuple[list[str], np.ndarray]:
     """(sorted relative paths of the .npy files, (N,) int32 labels); raises on a bad folder."""
-    if not os.path.isdir(self.data_dir):
+    folder = self._folder
+    if not folder.is_dir():
       raise FileNotFoundError(f'data.data_dir={self.data_dir!r} is not a directory; expected a '
                               'folder of .npy latents with a dataset.json')
-    label_file = os.path.join(self.data_dir, 'dataset.json')
-    if not os.path.isfile(label_file):
+    label_file = folder / 'dataset.json'
+    if not label_file.is_file():
       raise FileNotFoundError(f'{label_file} not found; expected {{"labels": [[relative_path, '
                               'label], ...]}} beside the .npy files')
-    files = sorted(
-        os.path.relpath(os.path.join(root, name), self.data_dir).replace(os.sep, '/')
-        for root, _, names in os.walk(self.data_dir) for name in names if name.endswith('.npy'))
+    files = sorted(name for name in paths.files_under(folder) if name.endswith('.npy'))
     if not files:
       raise ValueError(f'no .npy files under data.data_dir={self.data_dir!r}')
-    with open(label_file) as f:
-      entries = json.load(f)
-    entries = entries.get('labels') if isinstance(entries, dict) else None
-    if not isinstance(entries, list) or not all(
-        isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], int)
-        for entry in entries):
-      raise ValueError(f'{label_file}: expected {{"labels": [[relative_path, int_label], ...]}}')
-    labels = dict(entries)
-    if len(labels) != len(files) or set(labels) != set(files):
-      unlabelled = sorted(set(files) - set(labels))[:3]
-      missing = sorted(set(labels) - set(files))[:3]
-      raise ValueError(f'{label_file} has {len(labels)} labels for {len(files)} .npy files '
-                       f'under {self.data_dir} (unlabelled files e.g. {unlabelled}, labels '
-                       f'without a file e.g. {missing})')
-    values = np.array([labels[name] for name in files], np.int64)
-    if values.min() < 0 or values.max() >= self.num_classes:
-      raise ValueError(f'{label_file}: labels span [{values.min()}, {values.max()}], outside '
-                       f'[0, data.num_classes={self.num_classes})')
-    return files, values.astype(np.int32)
+    labels = dataset_labels(str(label_file), label_file.read_bytes(), files, self.num_classes,
+                            f'.npy files under {self.data_dir}')
+    return files, labels
+
+  @functools.cached_property
+  def _folder(self) -> paths.Path:
+    return paths.resolve(self.data_dir, 'data.data_dir')
 
   def _load(self, name: str) -> np.ndarray:
     """One file as float32 (h, w, C), its shape checked."""
-    path = os.path.join(self.data_dir, name)
-    array = np.load(path)
+    path = self._folder / name
+    try:
+      array = np.load(io.BytesIO(path.read_bytes()))
+    except (OSError, ValueError) as e:
+      raise ValueError(f'cannot read {path}: {e}') from None
     side = self.image_size // self.downsample_factor
     if array.ndim != 3 or array.shape[1:] != (side, side):
       raise ValueError(f'{path} has shape {array.shape}; expected (C, {side}, {side}) latents '

@@ -11,7 +11,7 @@ with fixed noise (`seed`), so successive evaluations are comparable. Labels are
 class-balanced by default: label k of n is k mod num_classes, so n = 50,000 gives exactly 50
 images per ImageNet class (the "equal labels" protocol of RAE / Internal Guidance, about 0.1
 FID lower than uniformly random labels at ~1-2 FID); `labels='uniform'` draws them uniformly at
-random from `seed` instead (the seed library's and ADM's protocol). A smaller size evaluated at
+random from `seed` instead (diffuse_nnx's and ADM's protocol). A smaller size evaluated at
 the same step is the prefix of the larger one (FID-10K is the first 10,000 of the 50,000), so
 it stays balanced whenever it is a multiple of the number of classes.
 """
@@ -22,14 +22,8 @@ from typing import Literal
 import numpy as np
 from absl import logging
 
+from lib import errors, hooks, paths
 from lib.eval import fid as fid_lib
-
-
-def _callback(every_steps: int, fn):
-  from clu import periodic_actions
-
-  return periodic_actions.PeriodicCallback(
-      every_steps=every_steps, callback_fn=lambda step, t: fn(step), pass_step_and_time=True)
 
 
 def eval_labels(num_samples: int, num_classes: int, kind: str = 'balanced',
@@ -50,11 +44,11 @@ def _size_name(n: int) -> str:
 class FIDEvaluation:
   """FID (and Inception Score) of EMA samples against reference statistics, periodically.
 
-  The three schedule tuples align (as the seed's `eval` config): guidance scale
+  The three schedule tuples align (as diffuse_nnx's `eval` config): guidance scale
   `all_guidance_scales[i]` is evaluated on `all_eval_samples_nums[i][j]` samples every
-  `eval_every_steps[i][j]` steps. The defaults (the seed's) give FID-10K at cfg 1.0 every 25k
+  `eval_every_steps[i][j]` steps. The defaults (diffuse_nnx's) give FID-10K at cfg 1.0 every 25k
   steps, FID-50K at cfg 1.0 and 1.5 every 100k. Scalars: `FID-10K (cfg=1.0)`,
-  `IS-10K (cfg=1.0)` (the seed's names).
+  `IS-10K (cfg=1.0)` (diffuse_nnx's names).
 
   Args:
     inception_weights: local pytorch-fid `pt_inception-2015-12-05-6726825d.pth`.
@@ -70,6 +64,8 @@ class FIDEvaluation:
       trace from symmetric eigendecompositions, several times faster; see
       `lib.eval.fid.frechet_distance`).
     seed: seed of the noise (and of uniform labels).
+    on_load: also evaluate the whole schedule on the loaded weights before training continues
+      (diffuse_nnx's `eval.on_load`; `lib.hooks.evaluate_on_load`).
   """
 
   def __init__(self, inception_weights: str | None = None, reference_stats: str | None = None,
@@ -79,7 +75,8 @@ class FIDEvaluation:
                labels: Literal['balanced', 'uniform'] = 'balanced',
                samples_per_call: int = 1000, generate_batch_size: int = 256,
                inception_batch_size: int = 200, inception_score: bool = True,
-               fid_method: Literal['sqrtm', 'eigh'] = 'sqrtm', seed: int = 42):
+               fid_method: Literal['sqrtm', 'eigh'] = 'sqrtm', seed: int = 42,
+               on_load: bool = False):
     self.inception_weights = inception_weights
     self.reference_stats = reference_stats
     self.all_guidance_scales = tuple(all_guidance_scales)
@@ -92,6 +89,7 @@ class FIDEvaluation:
     self.inception_score = inception_score
     self.fid_method = fid_method
     self.seed = seed
+    self.on_load = on_load
     if not len(self.all_guidance_scales) == len(self.all_eval_samples_nums) == \
         len(self.eval_every_steps):
       raise ValueError(
@@ -128,10 +126,9 @@ class FIDEvaluation:
             zip(self.all_guidance_scales, self.all_eval_samples_nums)]
 
   # --------------------------------------------------------------------------- computing
-  def prepare(self, run) -> None:
-    """Checks and loads the Inception weights and the reference statistics (once)."""
-    if getattr(self, '_detector', None) is not None:
-      return
+  def check(self, experiment=None) -> None:
+    """Raises UserError if the Inception weights or the reference statistics are missing
+    (before a run touches its workdir)."""
     from lib.eval import inception
 
     without = ' (or train without FID: --fdl_set=evaluate=[])'
@@ -139,11 +136,23 @@ class FIDEvaluation:
       inception.check_weights(self.inception_weights,
                               'evaluate: FIDEvaluation.inception_weights')
     except (FileNotFoundError, ValueError) as e:
-      raise type(e)(f'{e}{without}') from None
+      raise errors.UserError(f'{e}{without}') from None
     if not self.reference_stats:
-      raise ValueError('evaluate: FIDEvaluation.reference_stats is not set; give an ADM '
-                       'reference batch (.npz with mu / sigma) or the output of `python -m '
-                       f'lib.eval.fid --stats_from=DATA_DIR --out=FILE.npz`{without}')
+      raise errors.UserError(
+          'evaluate: FIDEvaluation.reference_stats is not set; give an ADM reference batch '
+          '(.npz with mu / sigma) or the output of `python -m lib.eval.fid '
+          f'--stats_from=DATA_DIR --out=FILE.npz`{without}')
+    if not paths.is_file(self.reference_stats, 'evaluate: FIDEvaluation.reference_stats'):
+      raise errors.UserError(f'evaluate: FIDEvaluation.reference_stats='
+                             f'{self.reference_stats!r} is not a file{without}')
+
+  def prepare(self, run) -> None:
+    """Checks and loads the Inception weights and the reference statistics (once)."""
+    if getattr(self, '_detector', None) is not None:
+      return
+    from lib.eval import inception
+
+    self.check()
     self._reference = fid_lib.load_reference(self.reference_stats)
     if len(self._reference[0]) != inception.FEATURES:
       raise ValueError(f'{self.reference_stats}: statistics of {len(self._reference[0])}-d '
@@ -192,7 +201,10 @@ class FIDEvaluation:
 
   def action(self, run):
     self.prepare(run)  # a missing file fails at the start of training
-    return _callback(self.every_steps, lambda step: self.evaluate(run, step, self.due(step)))
+    if self.on_load:  # the whole schedule, as diffuse_nnx's eval.on_load
+      hooks.evaluate_on_load(run, lambda step: self.evaluate(run, step))
+    return hooks.every(self.every_steps,
+                           lambda step: self.evaluate(run, step, self.due(step)))
 
 
 class DigitsQuality:
@@ -213,16 +225,28 @@ class DigitsQuality:
     guidance_scales: classifier-free guidance weights to evaluate.
     seed: seed of the noise.
     weights: classifier weights (.npz; None: the committed `digits_classifier.npz`).
+    on_load: also evaluate the loaded weights before training continues
+      (`lib.hooks.evaluate_on_load`).
   """
 
   def __init__(self, every_steps: int = 500, num_samples: int = 512,
                guidance_scales: tuple[float, ...] = (1.0,), seed: int = 123,
-               weights: str | None = None):
+               weights: str | None = None, on_load: bool = False):
+    errors.check_positive(every_steps=every_steps, num_samples=num_samples)
     self.every_steps = every_steps
     self.num_samples = num_samples
     self.guidance_scales = tuple(guidance_scales)
     self.seed = seed
     self.weights = weights
+    self.on_load = on_load
+
+  def check(self, experiment) -> None:
+    """Raises UserError unless the data are 10-class greyscale digits."""
+    data = experiment.data
+    if data.num_classes != 10 or data.channels != 1:
+      raise errors.UserError(
+          f'evaluate: DigitsQuality evaluates 10-class greyscale digits; the data has '
+          f'{data.num_classes} classes and {data.channels} channels (remove it from evaluate)')
 
   def prepare(self, run) -> None:
     """Loads the classifier and the held-out statistics of the run's data (once)."""
@@ -232,10 +256,8 @@ class DigitsQuality:
     from flax import nnx
     from lib.eval import digits_classifier
 
+    self.check(run.experiment)
     data = run.experiment.data
-    if data.num_classes != 10 or data.channels != 1:
-      raise ValueError(f'DigitsQuality evaluates 10-class greyscale digits; the data has '
-                       f'{data.num_classes} classes and {data.channels} channels')
     graphdef, state = nnx.split(digits_classifier.load(self.weights))
     apply = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     self._classify = lambda images: tuple(np.asarray(a) for a in apply(state, images))
@@ -266,4 +288,6 @@ class DigitsQuality:
 
   def action(self, run):
     self.prepare(run)
-    return _callback(self.every_steps, lambda step: self.evaluate(run, step))
+    if self.on_load:
+      hooks.evaluate_on_load(run, lambda step: self.evaluate(run, step))
+    return hooks.every(self.every_steps, lambda step: self.evaluate(run, step))

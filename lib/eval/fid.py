@@ -24,12 +24,14 @@ Reference statistics: ADM's reference batches (`VIRTUAL_imagenet256_labeled.npz`
         --inception_weights=pt_inception-2015-12-05-6726825d.pth
 """
 
-import os
+import io
 import pickle
 import warnings
 
 import numpy as np
 from absl import app, flags, logging
+
+from lib import paths
 
 IS_SPLIT_SIZE = 5000
 
@@ -167,17 +169,19 @@ class _NumpyOnly(pickle.Unpickler):
 
 
 def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """(mu, sigma) float64 from an ADM / our `.npz` (`mu`, `sigma`) or an EDM2 `.pkl`."""
-  if not os.path.isfile(path):
+  """(mu, sigma) float64 from an ADM / our `.npz` (`mu`, `sigma`) or an EDM2 `.pkl`, local or in
+  a bucket."""
+  file = paths.resolve(path, 'reference statistics')
+  if not file.is_file():
     raise FileNotFoundError(f'reference statistics {path!r} do not exist; expected an .npz with '
                             '`mu` and `sigma` (ADM reference batch, or `python -m lib.eval.fid '
                             '--stats_from=DATA_DIR --out=FILE.npz`)')
+  data = io.BytesIO(file.read_bytes())
   if path.endswith('.pkl'):
-    with open(path, 'rb') as f:
-      stats = _NumpyOnly(f).load()
+    stats = _NumpyOnly(data).load()
     stats = stats.get('fid', stats) if isinstance(stats, dict) else stats
   else:
-    with np.load(path, allow_pickle=False) as archive:
+    with np.load(data, allow_pickle=False) as archive:
       stats = {key: archive[key] for key in ('mu', 'sigma') if key in archive.files}
   if not isinstance(stats, dict) or 'mu' not in stats or 'sigma' not in stats:
     raise ValueError(f'{path}: expected `mu` and `sigma` (for a .pkl, under the key `fid`)')
@@ -188,9 +192,9 @@ def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, count: int) -> None:
-  temporary = f'{path}.{os.getpid()}.tmp.npz'
-  np.savez(temporary, mu=mu, sigma=sigma, count=np.int64(count))
-  os.replace(temporary, path)
+  archive = io.BytesIO()
+  np.savez(archive, mu=mu, sigma=sigma, count=np.int64(count))
+  paths.write_atomic(paths.resolve(path, '--out'), archive.getvalue())
 
 
 def folder_stats(data_dir: str, inception_weights: str, image_size: int = 256,
@@ -265,7 +269,7 @@ def main(argv):
   from lib.eval import inception
 
   reference = load_reference(FLAGS.reference)
-  with np.load(FLAGS.samples) as archive:
+  with np.load(io.BytesIO(paths.resolve(FLAGS.samples, '--samples').read_bytes())) as archive:
     images = archive['images']
   pool, logits = inception.Detector(FLAGS.inception_weights, FLAGS.batch_size)(images)
   stats = FeatureStats()

@@ -28,14 +28,13 @@ rename plus a layout transpose.
 """
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lib import nn
+from lib import nn, paths
 from lib.models.checkpoint_io import key_problems, read_state_dict
 
 WEIGHTS_FILE = 'pt_inception-2015-12-05-6726825d.pth'
@@ -312,7 +311,7 @@ def check_weights(path: str | None, field: str = 'inception_weights') -> None:
   if not path:
     raise ValueError(f'{field} is not set: set it to a local copy of pytorch-fid\'s '
                      f'{WEIGHTS_FILE} (the FID Inception-v3 weights)')
-  if not os.path.isfile(path):
+  if not paths.is_file(path, field):
     raise FileNotFoundError(f'{field}={path!r} does not exist; expected pytorch-fid\'s '
                             f'{WEIGHTS_FILE} (the FID Inception-v3 weights)')
 

@@ -1,7 +1,8 @@
-"""Evaluation of a finished (or paused) run: every evaluation action on the newest checkpoint.
+"""Evaluation of a finished (or paused) run: every evaluation action on a checkpoint.
 
-    python launch.py --workdir=runs/xl2 --mode=eval        # the saved config of the run
-    evaluate(experiment, workdir)                           # the same, from Python
+    python launch.py --workdir=runs/xl2 --mode=eval        # the saved config, newest checkpoint
+    python launch.py --workdir=runs/xl2 --mode=eval --step=100000
+    evaluate(experiment, workdir, step=None)                # the same, from Python
 
 Runs `evaluate(run, step)` of each node of `experiment.evaluate` that has one (FID actions
 evaluate every guidance scale and sample count of their schedule, not only those due at that
@@ -9,10 +10,11 @@ step), with the EMA weights of the checkpoint, and writes the scalars at the che
 through the run's writers (log, TensorBoard, `metrics.jsonl`).
 """
 
-import os
-
 import jax
 from absl import logging
+
+from lib import checkpoint as ckpt
+from lib import errors
 
 
 def evaluate(experiment, workdir: str, step: int | None = None) -> dict[str, float]:
@@ -21,21 +23,18 @@ def evaluate(experiment, workdir: str, step: int | None = None) -> dict[str, flo
 
   actions = [hook for hook in experiment.evaluate if hasattr(hook, 'evaluate')]
   if not actions:
-    raise ValueError('the experiment has no evaluation actions (`evaluate` is empty); add e.g. '
-                     'fdl.Config(lib.eval.actions.FIDEvaluation, ...) to it')
+    raise errors.UserError('the experiment has no evaluation actions (`evaluate` is empty); '
+                           'add e.g. fdl.Config(lib.eval.actions.FIDEvaluation, ...) to it')
+  if ckpt.latest_step(workdir) is None:
+    raise errors.CheckpointError(f'no checkpoint in {ckpt.directory(workdir)}; train first '
+                                 '(--mode=train) or point --workdir at a trained run')
   run = train.Run(experiment, workdir)
-  manager = experiment.checkpoint.manager(workdir)
+  manager = experiment.checkpoint.manager(workdir, create=False)
   try:
-    if manager.latest_step() is None:
-      raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}; train '
-                              'first (--mode=train) or point --workdir at a trained run')
     for hook in actions:  # missing weights / statistics fail before anything is restored
       prepare = getattr(hook, 'prepare', None)
       if prepare is not None:
         prepare(run)
-    if step is not None and step not in manager.all_steps():
-      raise FileNotFoundError(f'no checkpoint of step {step} in {workdir}; there are '
-                              f'{sorted(manager.all_steps())}')
     run.load_encoder()
     step = run.restore(manager, step)
   finally:

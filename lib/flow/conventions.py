@@ -1,6 +1,6 @@
 """Time conventions of velocity networks, and the adapter between them.
 
-Ours (the seed, REPA, RAE, MeanFlow): **t = 0 is data, t = 1 is noise**,
+Ours (diffuse_nnx, REPA, RAE, MeanFlow): **t = 0 is data, t = 1 is noise**,
 x_t = (1 - t) x + t n, velocity v = dx_t/dt = n - x.
 
 SiT, LightningDiT and DDT releases use the reverse: s = 1 is data, s = 0 is noise,
@@ -11,7 +11,8 @@ feeding it s = 1 - t and negating its output:
     v(x, t, y) = -v'(x, 1 - t, y)
 
 `ReversedTime(network)` does exactly that. An interval input `dt` (MeanFlow's t - r, a
-length) is passed through unchanged.
+length) is passed through unchanged. `interface.network_time` selects it; importing released
+weights sets it to the release's convention (`lib.models.releases`).
 """
 
 from typing import Literal

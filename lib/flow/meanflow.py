@@ -17,7 +17,7 @@ where v_g is the guided velocity (also the z-tangent, as the official code).
 Training draws, per sample:
   * t, r from the training distribution (logit-normal(-0.4, 1.0)), then t = max, r = min;
     exactly int(B * fm_portion) samples, chosen at random (a random permutation, not the
-    first rows as in the official/seed code, whose choice depends on the batch order), get
+    first rows as in the official/diffuse_nnx code, whose choice depends on the batch order), get
     r = t (plain flow matching).
   * training-time guidance, for guidance_t_min <= t <= guidance_t_max:
         v_g = w v + (1 - w - k) v_uncond + k v_cond         (w = guidance_scale, k = mixture)
@@ -27,7 +27,7 @@ Training draws, per sample:
   * condition dropout: each sample independently (Bernoulli(cond_drop_ratio)) gets the null
     label and v_g = v.
 Loss per sample: L = sum_{H,W,C} (u - u_tgt)^2, adaptively weighted
-L / stop_grad((L + norm_eps)^norm_power). No resolution shift of t (as the seed).
+L / stop_grad((L + norm_eps)^norm_power). No resolution shift of t (as diffuse_nnx).
 """
 
 from typing import Literal
@@ -48,7 +48,7 @@ def _sum_flat(x: jax.Array) -> jax.Array:
 
 
 class MeanFlow(SiT):
-  """MeanFlow interface (defaults: the seed's `mf_imagenet` preset).
+  """MeanFlow interface (defaults: diffuse_nnx's `mf_imagenet` preset).
 
   Args:
     time_dist, t_mu, t_sigma: distribution of t and r (both drawn, then sorted).

@@ -15,7 +15,7 @@ network but is neither averaged by the EMA nor used for sampling. The network's 
 line up with the detector's: (H/p)(W/p) = (resolution/14)^2, e.g. 32x32 SD-VAE latents of
 256x256 images with p = 2 against DINOv2 at 224: 256 = 256.
 
-The paper aligns block 8 of SiT-L/XL and block 4 of SiT-B; the seed's preset uses 4 for all.
+The paper aligns block 8 of SiT-L/XL and block 4 of SiT-B; diffuse_nnx's preset uses 4 for all.
 """
 
 import jax
@@ -75,7 +75,7 @@ class _HiddenCapture:
 
 
 class REPA:
-  """The alignment loss added to a flow interface's loss (the seed's `repa` block).
+  """The alignment loss added to a flow interface's loss (diffuse_nnx's `repa` block).
 
   Args:
     detector: frozen feature network with `load()`, `features(state, images) -> (B, N, F)`,

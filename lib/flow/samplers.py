@@ -23,7 +23,7 @@ Time grids (`sampling_time_dist`):
     t <- s t / (1 + (s - 1) t), s = sqrt(t_shift_cur / t_shift_base).
   * 'karras' (EDM): sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) -
     sigma_max^(1/rho)))^rho for i < N = num_steps, then a final 0: num_steps intervals in all
-    (the seed's grid had one more).
+    (diffuse_nnx's grid had one more).
 
 The loop over grid intervals is one `lax.scan` for every sampler, so each compiles once.
 Subclasses define `step(drift, x, t, t_next, key, last)`, where `last` is a traced bool, true
@@ -206,9 +206,9 @@ class EulerMaruyama(Sampler):
 
   and the last step returns x_mean only (no noise). Any w(t) >= 0 keeps the marginals of the
   probability-flow ODE (w = 0 is Euler). The diffusion coefficient w(t), t = 1 noise
-  (the seed's options, `diffusion_norm` = c):
+  (diffuse_nnx's options, `diffusion_norm` = c):
     'linear_kl' (default): c (t^2 / (1 - t) + t) = c t / (1 - t); infinite at t = 1, so the
-                grid starts at t_start = 0.999 by default (as the seed's REPA preset)
+                grid starts at t_start = 0.999 by default (as diffuse_nnx's REPA preset)
     'constant': c;   'linear': c t;   'cos': (c cos(pi t) + 1)^2 / 4;
     'concave': (c sin(pi t) + 1)^2 / 4.
   Guidance mixes the whole SDE drift (v and score together) on every step, the last

@@ -1,6 +1,6 @@
 """SiT: flow matching with a linear interpolant (Ma et al., arXiv 2401.08740).
 
-Time convention (the seed's, also REPA/RAE/MeanFlow): **t = 0 is data, t = 1 is noise**.
+Time convention (diffuse_nnx's, also REPA/RAE/MeanFlow): **t = 0 is data, t = 1 is noise**.
 
     n   ~ N(n_mu, n_sigma^2)
     x_t = (1 - t) x + t n                                   (linear interpolant)

@@ -18,6 +18,8 @@ and bf16 releases included); other dtypes are kept.
 """
 
 import argparse
+import dataclasses
+import io
 import os
 import re
 
@@ -60,18 +62,37 @@ def unwrap(checkpoint: dict, path: str = '') -> dict:
                    f'{type(checkpoint).__name__}')
 
 
-def _read_torch(path: str) -> dict:
+def _load_torch(path: str, mmap: bool = False) -> dict:
+  """The dict in a torch pickle, local or in a bucket; `mmap`: tensors of a local zip-format
+  file memory-mapped, not read."""
+  from lib import paths
+
   try:
     import torch
   except ImportError as error:
     raise ImportError(f'reading {path} (a torch pickle) needs torch: pip install torch, or '
                       'convert the file to .safetensors') from error
   with torch.serialization.safe_globals([argparse.Namespace]):
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    if paths.is_url(path):
+      data = paths.resolve(path, 'weights file').read_bytes()
+      checkpoint = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    else:
+      try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+      except RuntimeError:
+        if not mmap:
+          raise
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)  # legacy format
   if not isinstance(checkpoint, dict):
     raise ValueError(f'{path}: expected a state dict or a training checkpoint dict, got '
                      f'{type(checkpoint).__name__}')
-  state_dict = unwrap(checkpoint, path)
+  return checkpoint
+
+
+def _read_torch(path: str) -> dict:
+  import torch
+
+  state_dict = unwrap(_load_torch(path), path)
   out = {}
   for key, value in state_dict.items():
     if isinstance(value, torch.Tensor):
@@ -82,24 +103,71 @@ def _read_torch(path: str) -> dict:
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """`{key: array}` (floating point as float32) from a `.safetensors`, `.npz` or torch pickle
-  (`.pt`, `.pth`, `.bin`, `.ckpt`) file; see the module docstring for torch checkpoints."""
+  (`.pt`, `.pth`, `.bin`, `.ckpt`) file, local or in a bucket; see the module docstring for
+  torch checkpoints."""
+  from lib import paths
+
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  file = paths.resolve(path, 'weights file')
+  if not file.is_file():
     raise FileNotFoundError(f'{path!r} does not exist')
-  if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-    state_dict = load_file(path)
-  elif path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as archive:
-      state_dict = {key: archive[key] for key in archive.files}
-  elif path.endswith(TORCH_SUFFIXES):
-    state_dict = _read_torch(path)
-  else:
+  if not path.endswith(SUFFIXES):
     raise ValueError(f'{path!r}: unknown weights file type; expected one of '
                      f'{", ".join(SUFFIXES)}')
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import load
+    state_dict = load(file.read_bytes())
+  elif path.endswith('.npz'):
+    with np.load(io.BytesIO(file.read_bytes()), allow_pickle=False) as archive:
+      state_dict = {key: archive[key] for key in archive.files}
+  else:
+    state_dict = _read_torch(path)
   if not state_dict:
     raise ValueError(f'{path}: no arrays found')
   return {_strip_prefixes(key): _float32(np.asarray(value)) for key, value in state_dict.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Contents:
+  """What a weights file holds, read without loading its arrays (torch pickles are
+  memory-mapped): its state dict's keys and shapes (prefixes stripped, as `read_state_dict`),
+  and the training arguments saved with it (`vars(checkpoint['args'])` of a DiT / SiT / REPA
+  `train.py` checkpoint; empty for a bare state dict)."""
+  shapes: dict[str, tuple[int, ...]]
+  args: dict
+
+
+def read_contents(path: str) -> Contents:
+  """The `Contents` of a `.safetensors`, `.npz` or torch weights file, local or in a bucket
+  (a bucket's file is read whole; a local one only in its header)."""
+  from lib import paths
+
+  path = os.fspath(path)
+  file = paths.resolve(path, 'weights file')
+  if not file.is_file():
+    raise FileNotFoundError(f'{path!r} does not exist')
+  args = {}
+  if path.endswith('.safetensors'):
+    if paths.is_url(path):
+      from safetensors.numpy import load
+      shapes = {key: value.shape for key, value in load(file.read_bytes()).items()}
+    else:
+      from safetensors import safe_open
+      with safe_open(path, 'numpy') as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+  elif path.endswith('.npz'):
+    with file.open('rb') as f, np.load(f, allow_pickle=False) as archive:
+      shapes = {key: archive[key].shape for key in archive.files}
+  elif path.endswith(TORCH_SUFFIXES):
+    checkpoint = _load_torch(path, mmap=True)
+    if isinstance(checkpoint.get('args'), argparse.Namespace):
+      args = dict(vars(checkpoint['args']))
+    shapes = {key: tuple(value.shape) for key, value in unwrap(checkpoint, path).items()
+              if hasattr(value, 'shape')}
+  else:
+    raise ValueError(f'{path!r}: unknown weights file type; expected one of '
+                     f'{", ".join(SUFFIXES)}')
+  return Contents({_strip_prefixes(key): tuple(shape) for key, shape in shapes.items()}, args)
 
 
 def _ranges(indices: list[int]) -> str:

@@ -26,7 +26,7 @@ exist and they do not agree at 224x224 (rel. ~0.5% on B/14 patch features, see t
   * torch-hub official code: ViT-*/14 without registers use `scale_factor=(g + 0.1) / 37`
     (`interpolate_offset=0.1`, sampling step 37 / (g + 0.1) instead of 37 / g), no antialias;
     the `*_reg` models use `size=` with antialias, i.e. the same as HF.
-  * REPA / the seed's DINO detector: the table is resampled once, before use, to 16x16 with
+  * REPA / diffuse_nnx's DINO detector: the table is resampled once, before use, to 16x16 with
     timm's `resample_abs_pos_embed` (bicubic, antialias) so that nothing is interpolated at run
     time: `resample_pos_embed` + a model built with `pos_grid=16`.
 Resampling uses `resize_matrix`, which reproduces torch's `F.interpolate(mode='bicubic',
@@ -44,7 +44,6 @@ NNX parameter paths follow the torch-hub names (`blocks/3/attn/qkv/kernel` is
 """
 
 import math
-import os
 import re
 from typing import Literal
 
@@ -53,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lib import nn
+from lib import nn, paths
 from lib.models import layers
 from lib.models.checkpoint_io import key_problems, read_state_dict
 
@@ -466,7 +465,7 @@ class DINOv2:
       resample), 'hub' (torch-hub official code), 'resampled' (REPA: resampled once at load with
       antialias to the resolution's grid).
     final_norm_affine: keep the final LayerNorm's scale and bias (RAE: False).
-    antialias: antialiased image resize (REPA, RAE and the seed: False).
+    antialias: antialiased image resize (REPA, RAE and diffuse_nnx: False).
     dtype: compute dtype name ('float32', 'bfloat16').
 
   `load() -> state`, `features(state, images, return_cls=False)` are pure functions of the
@@ -531,7 +530,7 @@ class DINOv2:
                        'e.g. `model.safetensors` of facebook/dinov2-base (or '
                        'facebook/dinov2-with-registers-base with registers=True), or the '
                        'torch-hub `dinov2_vitb14_pretrain.pth`')
-    if not os.path.isfile(self.weights_path):
+    if not paths.is_file(self.weights_path, 'DINOv2.weights_path'):
       raise FileNotFoundError(f'DINOv2.weights_path={self.weights_path!r} does not exist; '
                               'expected a DINOv2 `model.safetensors`, `pytorch_model.bin` or '
                               'torch-hub `.pth` file')

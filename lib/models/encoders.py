@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 
 class PixelEncoder:
-  """Pixel space (the seed's 'RGB' encoder): uint8 [0, 255] <-> float [-1, 1].
+  """Pixel space (diffuse_nnx's 'RGB' encoder): uint8 [0, 255] <-> float [-1, 1].
 
   `latent_channels` is the image's own channel count (3 for RGB, 1 for greyscale).
   """

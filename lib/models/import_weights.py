@@ -3,13 +3,17 @@
     params = import_dit(read_state_dict('SiT-XL-2-256x256.pt'), abstract_params)
 
     python -m lib.models.import_weights --checkpoint=SiT-XL-2-256x256.pt \
-        --fdl_config=experiments/dit.py:xl2 --fdl_set=network.learn_sigma=True --workdir=runs/sit
+        --fdl_config=experiments/dit.py:xl2 --workdir=runs/sit
     python launch.py --workdir=runs/sit --mode=sample
 
-The command writes an orbax checkpoint (the imported weights as both `params` and `ema`, a
-fresh optimizer state, step 0 or `--step`) and `config.json` / `config.txt` into the workdir,
-which `launch.py --mode=sample` (or `--mode=train`, to fine-tune) then uses like any run.
-`Experiment.init_from` instead starts a new run from a released file (see `lib/train.py`).
+The command first sets the release's conventions in the config (`lib.models.releases`: for
+this file SiT's time, t = 1 at the data, its 0.18215 latent scaling and its learned-sigma
+head), then writes an orbax checkpoint (the imported weights as both `params` and `ema`, a
+fresh optimizer state, step 0 or `--step`) and `config.json` / `config.txt` /
+`effective.json` into the workdir, which `launch.py --mode=sample` (or `--mode=train`, to
+fine-tune) then uses like any run.
+`Experiment.init_from` instead starts a new run from a released file (see `lib/train.py`;
+`launch.py` sets the same conventions).
 
 facebookresearch/DiT layout (`models.py`; also the SiT and REPA releases), and where each key
 lands in `lib.models.dit.DiT`:
@@ -25,8 +29,9 @@ lands in `lib.models.dit.DiT`:
     final_layer.adaLN_modulation.1.{w,b}       final_layer/adaLN_modulation/...
     pos_embed  (1, N, D)                       checked against the fixed sin-cos table, not imported
 
-Released heads are 2C wide when trained with a learned sigma (DiT, SiT); import them into
-`network.learn_sigma=True` (the network returns the first C channels). REPA checkpoints carry
+Released heads are 2C wide when trained with a learned sigma (DiT, SiT); they import into
+`network.learn_sigma=True` (the network returns the first C channels), which the release
+conventions set. REPA checkpoints carry
 the alignment projectors (`projectors.*`, training only): they are skipped with a log line.
 Every other key must match exactly; otherwise the error names each missing, unexpected and
 mis-shaped key and compares the checkpoint's inferred architecture with the network's.
@@ -50,6 +55,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from lib import paths
 from lib.models import ddt, dit, import_lightning, layers
 from lib.models.checkpoint_io import key_problems, read_state_dict
 from lib.models.lightning_ddt import LightningDDT
@@ -261,7 +267,11 @@ def importer_for(network) -> Callable[..., nnx.State]:
 
 
 def import_file(path: str, experiment) -> nnx.State:
-  """The network parameters of `experiment` (an `Experiment`) from a released weights file."""
+  """The network parameters of `experiment` (an `Experiment`) from a released weights file,
+  after checking that the experiment follows the release's conventions (`releases.check`)."""
+  from lib.models import releases  # (releases looks importers' classes up here)
+
+  releases.check(experiment, path)
   importer = importer_for(experiment.network)
   params = importer(read_state_dict(path), nnx.eval_shape(experiment.make_network))
   logging.info('Imported %s parameters from %s',
@@ -270,7 +280,7 @@ def import_file(path: str, experiment) -> nnx.State:
 
 
 # ------------------------------------------------------------------------------- command line
-def write_checkpoint(experiment, weights: nnx.State, workdir: str, step: int = 0) -> str:
+def write_checkpoint(experiment, weights: nnx.State, workdir, step: int = 0):
   """An orbax checkpoint of step `step` in `workdir` that `lib.train` restores: params and EMA
   from the imported `weights` (and their fixed arrays), a freshly initialised optimizer state.
   Returns the checkpoint folder."""
@@ -290,12 +300,39 @@ def write_checkpoint(experiment, weights: nnx.State, workdir: str, step: int = 0
     manager.wait_until_finished()
   finally:
     manager.close()
-  return os.path.join(str(manager.directory), str(step))
+  return manager.directory / str(step)
+
+
+def import_release(checkpoint: str, config: fdl.Buildable, workdir: str,
+                   step: int = 0) -> tuple[str, list[str]]:
+  """Makes `workdir` a run of the released weights `checkpoint`: sets the release's conventions
+  in `config` (`lib.models.releases.apply`, provenance `--checkpoint=FILE`), builds it, and
+  writes the imported weights as the checkpoint of `step`, `config.json` / `config.txt` and
+  `imported_from.json` (file, step, release, settings changed). Returns the checkpoint folder
+  and one line per setting changed ('willisma/SiT: interface.network_time = ...').
+
+  Raises:
+    ConfigError, ValueError, FileNotFoundError, FileExistsError: nothing was written.
+  """
+  from lib import cli
+  from lib.models import releases
+
+  release, changed = releases.apply(config, checkpoint, f'--checkpoint={checkpoint}')
+  experiment = fdl.build(config)
+  if experiment.init_from:
+    raise cli.UsageError(f'init_from={experiment.init_from!r} is set; the imported --checkpoint '
+                         'already gives the weights: drop the init_from override')
+  params = import_file(checkpoint, experiment)
+  folder = write_checkpoint(experiment, params, workdir, step)
+  cli.write_config(config, workdir)
+  paths.write_atomic(paths.resolve(workdir, '--workdir') / 'imported_from.json', json.dumps({
+      'checkpoint': os.fspath(paths.resolve(checkpoint, '--checkpoint')), 'step': step,
+      'release': release.name, 'settings': changed}, indent=1))
+  return folder, [f'{release.name or checkpoint}: {line}' for line in changed]
 
 
 def _main(argv) -> int:
   from absl import flags
-  import fiddle as fdl
 
   from lib import cli
   from lib.experiment import ConfigError
@@ -320,19 +357,14 @@ def _main(argv) -> int:
                            'go into); preset files: ' + ', '.join(cli.preset_files()))
     for assignment in values.fdl_set:
       cli.apply_override(config, assignment)
-    experiment = fdl.build(config)
-    if experiment.init_from:
-      raise cli.UsageError(f'init_from={experiment.init_from!r} is set; the imported --checkpoint '
-                           'already gives the weights: drop the init_from override')
-    params = import_file(values.checkpoint, experiment)
-    folder = write_checkpoint(experiment, params, values.workdir, values.step)
+    folder, changed = import_release(values.checkpoint, config, values.workdir, values.step)
   except (cli.UsageError, ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f'error: {str(e).split(chr(10) * 2 + "Fiddle context:")[0]}', file=sys.stderr)
     return 2
-  cli.write_config(config, values.workdir)
-  with open(os.path.join(values.workdir, 'imported_from.json'), 'w') as f:
-    json.dump({'checkpoint': os.path.abspath(values.checkpoint), 'step': values.step}, f)
-  print(f'wrote {folder} and {os.path.join(values.workdir, "config.json")}; sample with: '
+  for line in changed:
+    print(f'release conventions of {line}')
+  print(f'wrote {folder} and {paths.resolve(values.workdir, "--workdir") / "config.json"}; '
+        'sample with: '
         f'python launch.py --workdir={values.workdir} --mode=sample')
   return 0
 

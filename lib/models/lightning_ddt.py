@@ -1,6 +1,6 @@
 """LightningDDT: the RAE "DiT-DH" (DiT with a wide DDT head; Zheng et al., "Diffusion
 Transformers with Representation Autoencoders", arXiv 2510.11690; bytetriper/RAE
-`src/stage2/models/DDT.py::DiTwDDTHead`), as the seed's `lightning_ddt_nnx.py` ports it.
+`src/stage2/models/DDT.py::DiTwDDTHead`), as diffuse_nnx's `lightning_ddt_nnx.py` ports it.
 
     t = t_emb(t) (+ dt_emb, gw_emb)          Gaussian-Fourier features, width D_enc
     c = silu(t + y_emb(y))                   (B, D_enc); each adaLN applies SiLU again
@@ -31,7 +31,7 @@ from lib import nn
 from lib.models import layers
 from lib.models.lightning_dit import LightningDiTBlock, LightningFinalLayer, time_embedder
 
-# Sizes of the seed's `_ddt_network_presets` (RAE DiT-DH-S / -XL):
+# Sizes of diffuse_nnx's `_ddt_network_presets` (RAE DiT-DH-S / -XL):
 # (encoder_hidden_size, encoder_num_heads, num_encoder_blocks,
 #  decoder_hidden_size, decoder_num_heads, num_decoder_blocks)
 SIZES = {'S': (384, 6, 12, 2048, 16, 2), 'XL': (1152, 16, 28, 2048, 16, 2)}

@@ -43,7 +43,6 @@ Released files:
 """
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +50,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from lib import nn
+from lib import nn, paths
 from lib.models import dinov2, layers
 from lib.models.checkpoint_io import key_problems, read_state_dict
 from lib.models.import_weights import from_torch, torch_shape
@@ -306,7 +305,7 @@ _HF_SIZE_NAMES = {'S': 'small', 'B': 'base', 'L': 'large', 'g': 'giant'}
 def _require_file(name: str, path: str | None, expected: str) -> None:
   if path is None:
     raise ValueError(f'encoder.{name} is not set: set it to {expected}')
-  if not os.path.isfile(path):
+  if not paths.is_file(path, f'encoder.{name}'):
     raise FileNotFoundError(f'encoder.{name}={path!r} does not exist; expected {expected}')
 
 

@@ -18,7 +18,6 @@ Parameter paths mirror the diffusers key names one to one (`encoder.down_blocks.
 is a rename plus a layout transpose (conv OIHW -> HWIO, linear (out, in) -> (in, out)).
 """
 
-import os
 from typing import Sequence
 
 import jax
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lib import nn
+from lib import nn, paths
 from lib.models import layers
 from lib.models.checkpoint_io import key_problems, read_state_dict
 
@@ -346,7 +345,7 @@ class StabilityVAE:
       raise ValueError('encoder.weights_path is not set: set it to a local diffusers '
                        'AutoencoderKL weights file, `diffusion_pytorch_model.safetensors` (or '
                        '.bin), e.g. from stabilityai/sd-vae-ft-mse')
-    if not os.path.isfile(self.weights_path):
+    if not paths.is_file(self.weights_path, 'encoder.weights_path'):
       raise FileNotFoundError(f'encoder.weights_path={self.weights_path!r} does not exist; '
                               'expected a diffusers `diffusion_pytorch_model.safetensors` file')
     self._graphdef, abstract_state = self._abstract()

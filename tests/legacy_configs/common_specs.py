@@ -1,5 +1,5 @@
-"""Shared presets of the seed library's configs (willisma/diffuse_nnx `configs/common_specs.py`),
-with the seed's values and default paths, as plain dictionaries the preset files copy from."""
+"""Shared presets of diffuse_nnx's configs (willisma/diffuse_nnx `configs/common_specs.py`),
+with diffuse_nnx's values and default paths, as plain dictionaries the preset files copy from."""
 
 _STATS = '/mnt/disks/data/stats/imagenet_{}.pkl'
 _IMAGENET_SAMPLES = 1281167

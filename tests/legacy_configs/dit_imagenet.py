@@ -1,4 +1,4 @@
-"""Legacy (seed-library) config of DiT + SiT on ImageNet: the fields and values of the seed's
+"""Legacy (diffuse_nnx) config of DiT + SiT on ImageNet: the fields and values of diffuse_nnx's
 `configs/dit_imagenet.py`, the baseline the other legacy presets change.
 
     python launch.py --config=tests/legacy_configs/dit_imagenet.py:imagenet_256-XL_2
@@ -12,7 +12,7 @@ from tests.legacy_configs import common_specs
 
 
 def parse_options(options: str) -> tuple[str, str, int]:
-  """'imagenet_256-XL_2' -> ('imagenet_256', 'XL', 2), as the seed splits it."""
+  """'imagenet_256-XL_2' -> ('imagenet_256', 'XL', 2), as diffuse_nnx splits it."""
   data_options, network_options = options.split('-')
   size, patch_size = network_options.split('_')
   return data_options, size, int(patch_size)

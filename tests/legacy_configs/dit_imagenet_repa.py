@@ -1,4 +1,4 @@
-"""Legacy (seed-library) config of DiT + REPA on raw ImageNet: the seed's
+"""Legacy (diffuse_nnx) config of DiT + REPA on raw ImageNet: diffuse_nnx's
 `configs/dit_imagenet_repa.py` (`imagenet_raw_256-{S,B,L,XL}_2`): `dit_imagenet` with the REPA
 block (block 4 aligned with DINOv2-B through a 2048-wide projector, weight 0.5),
 Euler-Maruyama-250 sampling from t = 0.999, and FSDP."""

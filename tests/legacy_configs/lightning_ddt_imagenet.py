@@ -1,8 +1,8 @@
-"""Legacy (seed-library) config of LightningDDT (RAE's DiT-DH) on ImageNet SD-VAE latents: the
-seed's `configs/lightning_ddt_imagenet.py` (`imagenet_256-S_2`, `imagenet_256-XL_2`).
+"""Legacy (diffuse_nnx) config of LightningDDT (RAE's DiT-DH) on ImageNet SD-VAE latents: the
+diffuse_nnx's `configs/lightning_ddt_imagenet.py` (`imagenet_256-S_2`, `imagenet_256-XL_2`).
 
-The seed's file reads `hidden_size`, `depth` and `num_heads` from the DDT size presets, which
-have none (a KeyError); this config sets the DDT size fields instead, as the seed's
+diffuse_nnx's file reads `hidden_size`, `depth` and `num_heads` from the DDT size presets, which
+have none (a KeyError); this config sets the DDT size fields instead, as diffuse_nnx's
 `rae_imagenet.py` does. Otherwise: the LightningDiT preset with EMA 0.9995 and the sampling grid
 shift of RAE's 16x16x768 latents.
 """

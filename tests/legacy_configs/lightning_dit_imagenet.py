@@ -1,4 +1,4 @@
-"""Legacy (seed-library) config of LightningDiT on ImageNet: the seed's
+"""Legacy (diffuse_nnx) config of LightningDiT on ImageNet: diffuse_nnx's
 `configs/lightning_dit_imagenet.py`, i.e. `dit_imagenet` with batch 1024, LightningDiT
 switches, logit-normal training times, lr 2e-4 / b2 0.95 and FSDP."""
 
@@ -20,7 +20,7 @@ def get_config(options: str = 'imagenet_64-B_2') -> ml_collections.ConfigDict:
 
 
 def lightning_network(network: ml_collections.ConfigDict) -> None:
-  """The seed's Lightning network fields (also of its DDT presets)."""
+  """diffuse_nnx's Lightning network fields (also of its DDT presets)."""
   del network.attn_dropout
   network.update(continuous_time_embed=True, freq_embed_size=512)
   network.update(qk_norm=False, swiglu=True, use_rope=True, rms_norm=True, adaln_shift=True,

@@ -1,4 +1,4 @@
-"""Legacy (seed-library) config of MeanFlow on ImageNet: the seed's `configs/mf_imagenet.py`,
+"""Legacy (diffuse_nnx) config of MeanFlow on ImageNet: diffuse_nnx's `configs/mf_imagenet.py`,
 which changes `dit_imagenet` in place: MeanFlow interface, a DiT taking the interval t - r with
 its own label dropout off, AdamW b2 0.95, one-step Euler-Jump sampling."""
 

@@ -1,6 +1,6 @@
-"""Legacy (seed-library) config of RAE on ImageNet: the seed's `configs/rae_imagenet.py`
+"""Legacy (diffuse_nnx) config of RAE on ImageNet: diffuse_nnx's `configs/rae_imagenet.py`
 (`imagenet_raw_256-XL_1`): LightningDDT on the 16x16x768 latents of the RAE encoder (its ViT
-decoder weights at the seed's `pretrained_path`), Euler-50 sampling with the grid shift of
+decoder weights at diffuse_nnx's `pretrained_path`), Euler-50 sampling with the grid shift of
 those latents, EMA 0.9995, reconstructions drawn, replicated state."""
 
 import ml_collections

@@ -1,0 +1,318 @@
+"""The run directory: checked before use, and held by one training launch at a time.
+
+    check_usable('runs/x')          # UserError if it is a file or cannot be created
+    check_usable('gs://b/runs/x')   # UserError if the bucket is missing or not writable
+    in_bucket('b', 'diffuse_nnx', 'x')  # gs://b/diffuse_nnx/NNN_x, as diffuse_nnx's --bucket
+    with WorkdirLock('runs/x'):     # WorkdirBusy if another launch trains in runs/x
+      record_launch('runs/x', step)  # appends what ran to runs/x/run.json
+      ...
+
+The lock is the object `WORKDIR/lock`, whose text (`host`, `pid`, `started`) names the holder
+for the refusal message and, when a later launch takes over a lock left by a run that ended,
+for its log line.
+
+- Local workdir: an exclusive `fcntl.flock` on the file, held while the run trains. The kernel
+  releases it when the process ends, however it ends, so a killed run never leaves a lock that
+  blocks its resumption. flock is per host: two hosts sharing a network file system are only
+  kept apart where that file system supports it.
+- Bucket workdir (`gs://`): the lock object is created with the precondition "no such object"
+  (`ifGenerationMatch=0`), which the object store grants to exactly one of any number of
+  concurrent writers; release deletes it (only the generation this run wrote). A killed run
+  cannot delete it, so the holder rewrites it every `HEARTBEAT_SECS` (`heartbeat`: seconds
+  since the epoch) and a lock is stale, and taken over with a log line, when its holder is a
+  process of this host that has ended or when its heartbeat is older than `STALE_SECS`
+  (hosts' clocks are assumed to agree within a minute or so).
+"""
+
+import datetime
+import fcntl
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from lib import errors, paths
+
+HEARTBEAT_SECS = 60.0
+STALE_SECS = 600.0
+
+
+def check_usable(workdir) -> None:
+  """Raises UserError unless `workdir` is (or can be created as) a writable directory, or is
+  in a bucket that exists and this process may write to; leaves nothing behind."""
+  path = paths.resolve(workdir, '--workdir')
+  if paths.is_url(path):
+    _check_bucket(path, f'--workdir={os.fspath(workdir)!r}')
+    return
+  path = os.fspath(path)
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      raise errors.UserError(f'--workdir={workdir!r} is an existing file, not a directory; '
+                             'give a new or existing directory')
+    if not os.access(path, os.W_OK | os.X_OK):
+      raise errors.UserError(f'--workdir={workdir!r} is not writable')
+    return
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise errors.UserError(f'--workdir={workdir!r} cannot be created: {parent!r} is not a '
+                           'writable directory')
+
+
+def in_bucket(bucket: str, prefix: str, name: str) -> paths.Path:
+  """diffuse_nnx's run folder `gs://BUCKET/PREFIX/NNN_NAME`: the existing folder `NNN_NAME`
+  if there is one (the run resumes), else NNN = the number of run folders under PREFIX,
+  three digits (`000_x`, `001_y`, ...). Raises UserError for a missing or unwritable bucket."""
+  if not name or '/' in name:
+    raise errors.UserError(f'--workdir={name!r} with --bucket is the name of the run folder; '
+                           'give a name without "/"')
+  base = paths.resolve(f'gs://{bucket}/{prefix.strip("/")}', '--bucket')
+  _check_bucket(base, f'--bucket={bucket!r}')
+  runs = sorted(next(base.walk())[1]) if base.is_dir() else []
+  mine = [folder for folder in runs if re.fullmatch(r'\d+_' + re.escape(name), folder)]
+  return base / (mine[0] if mine else f'{len(runs):03d}_{name}')
+
+
+def record_launch(workdir, step: int) -> None:
+  """Appends what this launch runs to `workdir/run.json` (a list, oldest first): the command
+  line, the code's git revision and whether its tree had uncommitted changes, the JAX, Flax,
+  Fiddle and orbax versions, the devices and processes, and the step it starts from."""
+  import importlib.metadata
+
+  from lib import cli
+
+  def git(*args) -> str | None:
+    try:
+      return subprocess.run(['git', *args], cwd=cli.REPO_ROOT, capture_output=True, text=True,
+                            timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return None
+
+  revision = git('rev-parse', 'HEAD')
+  status = git('status', '--porcelain', '--untracked-files=no') if revision else None
+  devices = jax.devices()
+  entry = {
+      'started': datetime.datetime.now().isoformat(timespec='seconds'),
+      'command': [sys.executable, *sys.argv],
+      'cwd': os.getcwd(),
+      'host': socket.gethostname(),
+      'git_revision': revision,
+      'git_dirty': None if status is None else bool(status),
+      'versions': {name: importlib.metadata.version(name) for name in
+                   ('jax', 'jaxlib', 'flax', 'fiddle', 'orbax-checkpoint')},
+      'device_kind': devices[0].device_kind,
+      'device_count': len(devices),
+      'process_count': jax.process_count(),
+      'start_step': int(step),
+  }
+  file = paths.resolve(workdir, '--workdir') / 'run.json'
+  entries = json.loads(file.read_text()) if file.exists() else []
+  paths.write_atomic(file, json.dumps([*entries, entry], indent=1) + '\n')
+
+
+def _check_bucket(path, flag: str) -> None:
+  """The bucket of `path` exists and takes (and gives back) a small object under `path`;
+  else UserError naming `flag` (the flag and its value)."""
+  from google import auth
+  from google.api_core import exceptions
+
+  bucket = _bucket(path)
+  try:
+    if not bucket.exists():
+      raise errors.UserError(f'{flag}: bucket gs://{bucket.name} does '
+                             'not exist (or these credentials cannot see it); create it or '
+                             'name another')
+    probe = bucket.blob(_object_name(path, f'.write_check.{socket.gethostname()}.'
+                                           f'{os.getpid()}'))
+    probe.upload_from_string(b'')
+    probe.delete()
+  except (exceptions.GoogleAPIError, auth.exceptions.GoogleAuthError) as error:
+    raise errors.UserError(f'{flag}: cannot write there: '
+                           f'{type(error).__name__}: {str(error).splitlines()[0][:300]}') from None
+
+
+def _bucket(path):
+  from google.cloud import storage
+
+  return storage.Client().bucket(paths.bucket(path))
+
+
+def _object_name(path, name: str) -> str:
+  """The object name of `path/name` inside its bucket."""
+  prefix = os.fspath(path)[len('gs://'):].split('/', 1)[1:]
+  return '/'.join([*(p.strip('/') for p in prefix if p.strip('/')), name])
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir for the life of a training run (a context manager)."""
+
+  def __init__(self, workdir):
+    self.workdir = paths.resolve(workdir, '--workdir')
+    self.path = self.workdir / 'lock'
+    self._file = None  # local: the open, locked file
+    self._blob = None  # bucket: the lock object this run created
+    self._stop = threading.Event()
+    self._heartbeat = None
+
+  def acquire(self) -> None:
+    """Takes the lock (process 0 of a multi-host run; every process learns the outcome).
+    Raises WorkdirBusy naming the holder."""
+    refusal = None
+    if jax.process_index() == 0:
+      try:
+        self._acquire_object() if paths.is_url(self.workdir) else self._acquire_file()
+      except errors.WorkdirBusy as e:
+        refusal = e
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      busy = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
+      if busy and refusal is None:
+        refusal = errors.WorkdirBusy(f'{self.workdir} is in use by another training launch '
+                                     '(process 0 could not lock it)')
+    if refusal is not None:
+      raise refusal
+
+  def _busy(self, holder: str) -> errors.WorkdirBusy:
+    return errors.WorkdirBusy(f'{self.workdir} is in use by another training launch '
+                              f'({holder}); wait for it to end or stop it, or use another '
+                              '--workdir')
+
+  @staticmethod
+  def _holder_text() -> str:
+    return json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
+                       'started': datetime.datetime.now().isoformat(timespec='seconds'),
+                       'heartbeat': time.time()})
+
+  @staticmethod
+  def _describe(text: str) -> str:
+    try:
+      info = json.loads(text or 'null')
+      return f'host {info["host"]}, process {info["pid"]}, since {info["started"]}'
+    except (ValueError, TypeError, KeyError):
+      return 'unknown holder'
+
+  # ----------------------------------------------------------------------------- local
+  def _acquire_file(self) -> None:
+    os.makedirs(self.workdir, exist_ok=True)
+    handle = open(self.path, 'a+')
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = self._describe(handle.read())
+      handle.close()
+      raise self._busy(holder) from None
+    handle.seek(0)
+    previous = self._describe(handle.read())
+    if previous != 'unknown holder':
+      logging.warning('Took over the lock of %s left by %s, which has ended', self.workdir,
+                      previous)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(self._holder_text())
+    handle.flush()
+    self._file = handle
+
+  # ----------------------------------------------------------------------------- bucket
+  def _acquire_object(self) -> None:
+    from google.api_core import exceptions
+
+    blob = _bucket(self.workdir).blob(_object_name(self.workdir, 'lock'))
+    for _ in range(3):  # a stale lock deleted by us may be retaken by another launch first
+      try:
+        blob.upload_from_string(self._holder_text(), if_generation_match=0)
+        break
+      except exceptions.PreconditionFailed:
+        pass
+      try:
+        existing = blob.bucket.get_blob(blob.name)
+        text = existing.download_as_text() if existing is not None else ''
+      except exceptions.NotFound:  # released meanwhile
+        continue
+      if existing is None:
+        continue
+      stale = self._stale_reason(text)
+      if stale is None:
+        raise self._busy(self._describe(text))
+      logging.warning('Took over the lock of %s left by %s (%s)', self.workdir,
+                      self._describe(text), stale)
+      try:
+        existing.delete(if_generation_match=existing.generation)
+      except (exceptions.PreconditionFailed, exceptions.NotFound):
+        pass
+    else:
+      raise self._busy('the lock changed hands during three attempts to take it')
+    self._blob = blob
+    self._stop.clear()
+    self._heartbeat = threading.Thread(target=self._beat, name='workdir-lock-heartbeat',
+                                       daemon=True)
+    self._heartbeat.start()
+
+  @staticmethod
+  def _stale_reason(text: str) -> str | None:
+    """Why a lock object's holder is known to be gone, or None while it may be alive."""
+    try:
+      info = json.loads(text)
+      host, pid, beat = info['host'], int(info['pid']), float(info['heartbeat'])
+    except (ValueError, TypeError, KeyError):
+      return 'its text names no holder'
+    if host == socket.gethostname() and pid != os.getpid():
+      try:
+        os.kill(pid, 0)
+      except ProcessLookupError:
+        return 'its process has ended'
+      except PermissionError:
+        pass
+    age = time.time() - beat
+    if age > STALE_SECS:
+      return f'no heartbeat for {age:.0f} s'
+    return None
+
+  def _beat(self) -> None:
+    from google.api_core import exceptions
+
+    while not self._stop.wait(HEARTBEAT_SECS):
+      try:
+        self._blob.upload_from_string(self._holder_text(),
+                                      if_generation_match=self._blob.generation)
+      except exceptions.PreconditionFailed:
+        logging.error('The lock of %s was taken over by another launch; stop this run',
+                      self.workdir)
+        return
+      except exceptions.GoogleAPIError as error:  # transient: the next beat retries
+        logging.warning('Could not refresh the lock of %s: %s', self.workdir, error)
+
+  # ----------------------------------------------------------------------------- both
+  def release(self) -> None:
+    if self._file is not None:
+      self._file.seek(0)
+      self._file.truncate()  # a cleanly ended run leaves no holder behind
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+    if self._blob is not None:
+      from google.api_core import exceptions
+
+      self._stop.set()
+      self._heartbeat.join()
+      try:
+        self._blob.delete(if_generation_match=self._blob.generation)
+      except (exceptions.PreconditionFailed, exceptions.NotFound):
+        pass  # taken over meanwhile: the lock is not ours to delete
+      self._blob = None
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
