@@ -258,7 +258,7 @@ class Run:
     if self.experiment.init_from:
       from lib.models import import_weights
 
-      if not os.path.isfile(self.experiment.init_from):
+      if not paths.is_file(self.experiment.init_from, 'init_from'):
         raise errors.UserError(f'init_from={self.experiment.init_from!r} is not a file; give '
                                'the released checkpoint (.pt / .safetensors) to start from')
       self.state = self.imported_state(

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lib.flow.sit import SiT
+from lib.models import layers
 
 
 def _col(v: jax.Array, ndim: int) -> jax.Array:
@@ -129,7 +130,8 @@ class MeanFlow(SiT):
       kwargs = {} if keys is None else {'rngs': nnx.Rngs(**keys)}
       return network(z, t, y, dt=t - r, **kwargs).astype(jnp.float32)
 
-    u, dudt = jax.jvp(u_fn, (z, t, r), (v_g, jnp.ones_like(t), jnp.zeros_like(r)))
+    with layers.forward_mode():  # (custom reverse-mode-only gradients are switched off)
+      u, dudt = jax.jvp(u_fn, (z, t, r), (v_g, jnp.ones_like(t), jnp.zeros_like(r)))
     u_tgt = v_g - _col(jnp.clip(t - r, 0.0, 1.0), z.ndim) * dudt
     return u, jax.lax.stop_gradient(u_tgt)
 

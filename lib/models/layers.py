@@ -8,6 +8,7 @@ Layouts follow facebookresearch/DiT `models.py` so released weights map one to o
 Images are NHWC throughout.
 """
 
+import contextlib
 import functools
 import math
 
@@ -152,11 +153,28 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
   GPU/TPU: `jax.nn.dot_product_attention` (fused kernels where the platform has them). CPU:
   `_cpu_attention`, about twice as fast forward and backward on XLA:CPU, and without the
-  O(L^2) logits and weights of the whole batch in memory (`benchmarks/README.md`).
+  O(L^2) logits and weights of the whole batch in memory (`benchmarks/README.md`). Inside
+  `forward_mode()`, always `jax.nn.dot_product_attention`: `_cpu_attention`'s custom
+  gradient is reverse-mode only.
   """
-  if jax.default_backend() != 'cpu':
+  if jax.default_backend() != 'cpu' or _forward_mode_depth:
     return jax.nn.dot_product_attention(q, k, v)
   return _cpu_attention(q, k, v)
+
+
+_forward_mode_depth = 0
+
+
+@contextlib.contextmanager
+def forward_mode():
+  """Networks traced inside take formulations JAX differentiates in forward mode too, for
+  losses that call the network under `jax.jvp` (MeanFlow's du/dt); a trace-time setting."""
+  global _forward_mode_depth
+  _forward_mode_depth += 1
+  try:
+    yield
+  finally:
+    _forward_mode_depth -= 1
 
 
 # Batch elements per step of `_cpu_attention`'s loop: their L x L weights (H L^2 floats each)
@@ -291,30 +309,29 @@ def layer_norm(hidden_size: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> 'Layer
   return LayerNorm(1e-6, dtype=dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def normalize(x: jax.Array, eps: float) -> jax.Array:
-  """(x - mean) / sqrt(var + eps) over the last axis (two-pass variance, as torch). The
-  backward pass keeps the output and 1/std per row (flax's LayerNorm keeps three arrays of
-  x's size):  dx = (g - mean(g) - y mean(g y)) / std."""
-  return _normalize_forward(x, eps)[0]
+  """(x - mean) / sqrt(var + eps) over the last axis (two-pass variance, as torch). Its
+  derivative is written in terms of the output y and 1/std per row, so that is all the
+  backward pass keeps (flax's LayerNorm keeps three arrays of x's size), and it works in
+  forward mode too:  dy = (dx - mean(dx) - y mean(dx y)) / std  (self-adjoint, so the
+  backward pass is the same expression in the cotangent)."""
+  return _normalize(x, eps)[0]
 
 
-def _normalize_forward(x, eps):
+def _normalize(x, eps):
   centred = x - jnp.mean(x, axis=-1, keepdims=True)
   inverse_std = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
-  normed = centred * inverse_std
-  return normed, (normed, inverse_std)
+  return centred * inverse_std, inverse_std
 
 
-def _normalize_backward(eps, residuals, g):
-  del eps
-  normed, inverse_std = residuals
-  mean_g = jnp.mean(g, axis=-1, keepdims=True)
-  mean_gy = jnp.mean(g * normed, axis=-1, keepdims=True)
-  return (inverse_std * (g - mean_g - normed * mean_gy),)
-
-
-normalize.defvjp(_normalize_forward, _normalize_backward)
+@normalize.defjvp
+def _normalize_jvp(eps, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  normed, inverse_std = _normalize(x, eps)
+  mean_dx = jnp.mean(dx, axis=-1, keepdims=True)
+  mean_dxy = jnp.mean(dx * normed, axis=-1, keepdims=True)
+  return normed, inverse_std * (dx - mean_dx - normed * mean_dxy)
 
 
 class LayerNorm(nn.Module):

@@ -49,7 +49,7 @@ import fiddle as fdl
 from absl import logging
 from fiddle import history
 
-from lib import cli
+from lib import cli, paths
 from lib.experiment import ConfigError
 from lib.flow import ddpm, sit
 from lib.models import ddt, dit, import_weights, sd_vae
@@ -248,7 +248,7 @@ def apply_init_from(config: fdl.Buildable) -> None:
   """`apply` for the config's `init_from` file, when it exists (a run that resumes or samples
   its own checkpoints does not read it; its saved config already carries the conventions)."""
   path = config.init_from
-  if not os.path.isfile(path):
+  if not paths.is_file(path, 'init_from'):
     logging.warning('init_from=%s does not exist: its release conventions are not applied', path)
     return
   apply(config, path, f'init_from={path}')
