@@ -314,6 +314,22 @@ def test_import_command_writes_a_checkpoint_that_sample_mode_accepts(tmp_path):
   assert result.returncode == 2 and 'already holds checkpoints' in result.stderr
 
 
+def test_import_mode_needs_a_checkpoint_and_reports_one_that_does_not_fit(tmp_path):
+  from lib import errors, import_release
+
+  _, experiment = _tiny_experiment()
+  release = tmp_path / 'release.pt'
+  _random_release(experiment, release)
+  config, _ = _tiny_experiment('network.depth=2')
+  workdir = tmp_path / 'imported'
+  with pytest.raises(cli.UsageError, match='--mode=import needs --checkpoint=FILE'):
+    import_release.run(None, config, workdir, None)
+  with pytest.raises(errors.UserError, match=r'does not match this DiT: missing keys \(10\): '
+                                             r'blocks\.1\.adaLN_modulation\.1\.bias'):
+    import_release.run(str(release), config, workdir, None)
+  assert not workdir.exists()
+
+
 def test_init_from_starts_a_run_from_the_imported_weights(tmp_path):
   from lib.train import Run
 

@@ -160,7 +160,7 @@ def import_dit(state_dict: Mapping[str, np.ndarray], abstract, *,
   else:
     flat = dict(nnx.to_flat_state(state))
     our_table = flat.get(('pos_embed',))
-    hidden_size = importer.expected_shapes(state, RULES)['x_embedder.proj.weight'][0]
+    hidden_size = flat[('x_embedder', 'proj', 'kernel')].shape[-1]  # (p, p, C, hidden)
     _check_pos_embed(pos_embed, hidden_size,
                      None if our_table is None else our_table.shape[-2], on_pos_embed_mismatch)
   return params

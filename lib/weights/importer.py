@@ -59,11 +59,6 @@ def state_of(abstract) -> nnx.State:
   return nnx.state(abstract) if isinstance(abstract, nnx.Module) else abstract
 
 
-def expected_shapes(abstract, rules: Rules) -> dict[str, tuple[int, ...]]:
-  """{file key: torch shape} the network `abstract` expects of a file."""
-  return {key: shape for _, _, keys, shape in _plan(state_of(abstract), rules) for key in keys}
-
-
 def _plan(state: nnx.State, rules: Rules):
   """(path, variable, file keys, torch shape of each key) of each variable the file holds."""
   for path, variable in nnx.to_flat_state(state):
@@ -82,8 +77,8 @@ def fill(given: Mapping[str, np.ndarray], abstract, rules: Rules, *,
 
   Keys starting with a prefix in `optional` may be absent: their variables are left out of the
   result (`absent='omit'`: a model updated with it keeps its own) or zero (`absent='zeros'`).
-Keys in `unused` are not imported (a fixed table the family checks itself) but describe the
-file when it does not fit.
+  Keys in `unused` are not imported (a fixed table the family checks itself) but describe the
+  file when it does not fit.
 
   Raises:
     WeightsMismatch: naming each missing, unexpected and mis-shaped key (`key_problems`).
@@ -94,11 +89,12 @@ file when it does not fit.
   problems = key_problems(found, want, tuple(k for k in want if k.startswith(optional)))
   if problems:
     found.update({key: tuple(np.shape(given[key])) for key in unused if key in given})
-    raise WeightsMismatch(mismatch_message(rules, problems, found, want))
+    raise WeightsMismatch(_mismatch_message(rules, problems, found, want))
   flat = []
   for path, variable, keys, _ in plan:
     if all(key in given for key in keys):
-      array = np.concatenate([np.asarray(given[key]) for key in keys], axis=0)
+      parts = [np.asarray(given[key]) for key in keys]
+      array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
       array = torch_layout.from_torch(str(path[-1]), array)
     elif absent == 'zeros':
       array = np.zeros(variable.shape, np.float32)
@@ -108,7 +104,7 @@ file when it does not fit.
   return nnx.from_flat_state(flat)
 
 
-def mismatch_message(rules: Rules, problems: list[str], found: Mapping[str, tuple],
+def _mismatch_message(rules: Rules, problems: list[str], found: Mapping[str, tuple],
                      want: Mapping[str, tuple]) -> str:
   """'the state dict (NAMES) does not match this NAME: PROBLEMS', then the architecture of
   both (`rules.describe`) and the hint, one per line."""
