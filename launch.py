@@ -1,4 +1,4 @@
-"""Launches an experiment graph: train, sample, or print it.
+"""Launches an experiment graph: train, sample, evaluate, import released weights, or print it.
 
     python launch.py --fdl_config=experiments/dit.py:digits --workdir=runs/digits
     python launch.py --fdl_config=experiments/dit.py:xl2 --fdl_set=optimizer.learning_rate=2e-4 \
@@ -6,6 +6,8 @@
     python launch.py --fdl_config=experiments/dit.py:digits --workdir=runs/digits --mode=sample
     python launch.py --config=configs/dit_imagenet.py:imagenet_256-XL_2 --config.seed=1 \
         --print_config
+    python launch.py --mode=import --checkpoint=SiT-XL-2-256x256.pt \
+        --fdl_config=experiments/dit.py:xl2 --workdir=runs/sit
 
 `--fdl_set=PATH=VALUE` (repeatable, also written `--fdl.PATH=VALUE`) overrides any leaf
 with a Python literal; paths and types are checked before anything runs.
@@ -34,8 +36,11 @@ _BUCKET = flags.DEFINE_string('bucket', None, 'As diffuse_nnx: put the run in '
                               'gs://BUCKET/PREFIX/NNN_WORKDIR (an existing NNN_WORKDIR folder is '
                               'resumed; else NNN counts the run folders there).')
 _PREFIX = flags.DEFINE_string('prefix', 'diffuse_nnx', 'With --bucket: the folder of the runs.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do (eval: '
-                           'the evaluation actions on a checkpoint, see --step).')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'import'], 'What to do '
+                          '(eval: the evaluation actions on a checkpoint, see --step; import: '
+                          'make --workdir a run of the released weights --checkpoint).')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, '--mode=import: released weights file '
+                                  '(.pt/.pth/.bin/.ckpt/.safetensors/.npz).')
 _PRINT_CONFIG = flags.DEFINE_bool(
     'print_config', False, 'Print the resolved config and the parameter count, then exit.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 64, '--mode=sample: number of samples.')
@@ -45,7 +50,8 @@ _GUIDANCE = flags.DEFINE_float('guidance_scale', None, '--mode=sample: guidance 
                                '(default: sampler.guidance_scale).')
 _SAMPLE_SEED = flags.DEFINE_integer('sample_seed', 0, '--mode=sample: seed of the noise.')
 _STEP = flags.DEFINE_integer('step', None, '--mode=sample and --mode=eval: the checkpoint step '
-                             '(default: the newest).')
+                             '(default: the newest); --mode=import: the step to write '
+                             '(default 0).')
 _PROVENANCE = flags.DEFINE_bool(
     'provenance', False, 'With --print_config: where each value was set (file:line or flag).')
 _HIDE_DEFAULTS = flags.DEFINE_bool(
@@ -119,7 +125,7 @@ def resolve_config(workdir=None) -> fdl.Buildable:
   for assignment in flags.FLAGS.fdl_set:
     cli.apply_override(config, assignment)
   if getattr(config, 'init_from', None):  # the released weights' conventions
-    from lib.models import releases
+    from lib.weights import releases
     releases.apply_init_from(config)
   return config
 
@@ -262,10 +268,20 @@ def run_command() -> int:
   if _STEP.value is not None and _MODE.value == 'train':
     raise cli.UsageError(f'--step={_STEP.value} chooses the checkpoint of --mode=sample or '
                          '--mode=eval; training resumes from the newest checkpoint')
+  if _CHECKPOINT.value and _MODE.value != 'import':
+    raise cli.UsageError(f'--checkpoint={_CHECKPOINT.value} is read by --mode=import only; to '
+                         'train from released weights set --fdl_set=init_from=FILE')
   workdir = resolve_workdir()
   config = resolve_config(workdir)
   if _RENDER.value or _DIFF_AGAINST.value or _EXPORT_PYTHON.value:
     return review_config(config)
+  if _MODE.value == 'import':
+    from lib import import_release
+
+    if workdir is None:
+      raise cli.UsageError('--mode=import needs --workdir=DIR, the run to create')
+    import_release.run(_CHECKPOINT.value, config, workdir, _STEP.value)
+    return 0
   experiment = cli.build(config)
   if _PRINT_CONFIG.value:
     print_config(config, experiment)

@@ -14,7 +14,8 @@ from lib.data import digits, images, latents, prepared
 from lib.eval import actions as eval_actions
 from lib.experiment import ConfigError, Experiment
 from lib.flow import edm, meanflow, repa, samplers, sit
-from lib.models import ddt, dinov2, dit, encoders, lightning_ddt, lightning_dit, rae, sd_vae
+from lib.encoders import dinov2, pixels, rae, sd_vae
+from lib.models import ddt, dit, lightning_ddt, lightning_dit
 
 # ------------------------------------------------------------------------------- data
 IMAGENET_LATENT_DIRS = {
@@ -101,7 +102,7 @@ def sd_vae_encoder(image_size: int = 256, weights_path: str | None = None) -> fd
 
 def pixel_encoder() -> fdl.Config:
   """Pixel space: uint8 <-> [-1, 1] (diffuse_nnx's `RGB` encoder)."""
-  return fdl.Config(encoders.PixelEncoder)
+  return fdl.Config(pixels.PixelEncoder)
 
 
 def imagenet_encoder(image_size: int = 256) -> fdl.Config:

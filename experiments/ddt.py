@@ -28,7 +28,7 @@ equal steps.
 Released weights (`MCG-NJU/DDT-XL-22en6de-R256` / `-R512`, Lightning checkpoints; the
 importer takes `ema_denoiser.*`):
 
-    python -m lib.models.import_weights --checkpoint=model.ckpt \
+    python launch.py --mode=import --checkpoint=model.ckpt \
         --fdl_config=experiments/ddt.py:xl2 --fdl_set=encoder.weights_path=... --workdir=runs/ddt
     python launch.py --workdir=runs/ddt --mode=sample
 """

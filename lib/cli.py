@@ -581,7 +581,7 @@ def value_source(node: fdl.Buildable, name: str) -> str:
   """Where `node.name` was last set, from Fiddle's history: `FILE:LINE (function)` with FILE
   relative to the repository, what on the command line set it (`--fdl_set=...`,
   `--fiddler=...`, the legacy `--config=FILE:OPTIONS` it was converted from, or a released
-  checkpoint's conventions, `lib.models.releases`), or `default of TARGET` (in a
+  checkpoint's conventions, `lib.weights.releases`), or `default of TARGET` (in a
   `with_defaults` copy). A config loaded from JSON without provenance: `saved config`."""
   entries = node.__argument_history__.get(name) or []
   if not entries:
@@ -656,7 +656,7 @@ def write_config(config: fdl.Buildable, workdir) -> None:
   """The resolved config as Fiddle JSON (reloadable; only what presets and flags set), as text
   with provenance and defaults, and its effective values (`effective_values`, compared when
   the run resumes), into `workdir/config.json`, `config.txt` and `effective.json`
-  (launch.py, lib.models.import_weights); each written atomically (`paths.write_atomic`)."""
+  (launch.py, lib.import_release); each written atomically (`paths.write_atomic`)."""
   from lib import paths, review  # review imports this module
 
   folder = paths.resolve(workdir, '--workdir')

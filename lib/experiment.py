@@ -44,7 +44,7 @@ class Experiment:
 
   Attributes:
     data: data source (`lib.data.*`): batches, image size, channels, classes.
-    encoder: maps data to the modelled space and back (`lib.models.encoders`).
+    encoder: maps data to the modelled space and back (`lib.encoders`).
     network: partial of an NNX network, called with the derived sizes and `rngs`.
     interface: the flow formulation: training loss and sampling velocity.
     optimizer: partial of a `lib.optim` factory, called with `total_steps`.
@@ -64,7 +64,7 @@ class Experiment:
       the state and split the batch over all devices).
     init_from: optional released weights file (e.g. `DiT-XL-2-256x256.pt`) that a run with no
       checkpoint in its workdir starts from (params and EMA), imported by the importer of the
-      network's class (`lib.models.import_weights.IMPORTERS`); ignored when resuming.
+      network's class (`lib.weights.registry.IMPORTERS`); ignored when resuming.
     repa: optional representation alignment (`lib.flow.repa.REPA`): its projector is trained
       with the network and its loss added to the interface's; needs pixel data.
     skip_nonfinite_updates: 0 (default): a step whose loss or gradient norm is not finite
@@ -131,9 +131,9 @@ class Experiment:
     if self.repa is not None:
       self._check_repa(patch)
     if self.init_from:
-      from lib.models import import_weights  # the importer exists (the file is read at run time)
+      from lib.weights import registry  # the importer exists (the file is read at run time)
       try:
-        import_weights.importer_for(self.network)
+        registry.importer_for(self.network)
       except ValueError as e:
         raise ConfigError(f'init_from={self.init_from!r}: {e}') from None
     if not self.data.batch_size >= 1:

@@ -90,8 +90,8 @@ VISUALIZE_RENAMES = {'visualize_reconstruction': 'reconstructions'}
 TRACKER_RENAMES = {'exp_name': 'wandb_name', 'project_name': 'wandb_project'}
 CLASS_RENAMES = {
     'lib.flow.edm.EDM': {'t_mu': 'p_mean', 't_sigma': 'p_std'},
-    'lib.models.rae.RAE': {'pretrained_path': 'decoder_weights'},
-    'lib.models.dinov2.DINOv2': {'pretrained_path': 'weights_path'},
+    'lib.encoders.rae.RAE': {'pretrained_path': 'decoder_weights'},
+    'lib.encoders.dinov2.DINOv2': {'pretrained_path': 'weights_path'},
 }
 
 # diffuse_nnx value conventions (upper-cased, '_' removed, as diffuse_nnx parses them) -> ours.
@@ -105,9 +105,9 @@ BLOCKS = {
     'lib.data.images.ImageFolder': 'imagenet_raw',
     'lib.data.prepared.PreparedImages': 'imagenet_prepared',
     'lib.data.digits.Digits': 'digits_data',
-    'lib.models.encoders.PixelEncoder': 'pixel_encoder',
-    'lib.models.sd_vae.StabilityVAE': 'sd_vae_encoder',
-    'lib.models.rae.RAE': 'rae_encoder',
+    'lib.encoders.pixels.PixelEncoder': 'pixel_encoder',
+    'lib.encoders.sd_vae.StabilityVAE': 'sd_vae_encoder',
+    'lib.encoders.rae.RAE': 'rae_encoder',
     'lib.models.dit.DiT': 'dit_network',
     'lib.models.lightning_dit.LightningDiT': 'lightning_dit_network',
     'lib.models.lightning_ddt.LightningDDT': 'ddt_network',
@@ -115,7 +115,7 @@ BLOCKS = {
     'lib.flow.meanflow.MeanFlow': 'meanflow_interface',
     'lib.flow.edm.EDM': 'edm_interface',
     'lib.flow.repa.REPA': 'repa_alignment',
-    'lib.models.dinov2.DINOv2': 'dinov2_detector',
+    'lib.encoders.dinov2.DINOv2': 'dinov2_detector',
     'lib.optim.adamw': 'adamw',
     'lib.flow.samplers.Euler': 'euler',
     'lib.flow.samplers.EulerJump': 'euler_jump',

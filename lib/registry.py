@@ -24,9 +24,9 @@ _TARGETS: dict[str, dict[str, Any]] = {
         'digits': 'lib.data.digits:Digits',
     },
     'encoder': {
-        'RGB': 'lib.models.encoders:PixelEncoder',
-        'StabilityVAE': 'lib.models.sd_vae:StabilityVAE',
-        'RAE': 'lib.models.rae:RAE',
+        'RGB': 'lib.encoders.pixels:PixelEncoder',
+        'StabilityVAE': 'lib.encoders.sd_vae:StabilityVAE',
+        'RAE': 'lib.encoders.rae:RAE',
     },
     'network': {
         'dit': 'lib.models.dit:DiT',
@@ -39,7 +39,7 @@ _TARGETS: dict[str, dict[str, Any]] = {
         'mean_flow': 'lib.flow.meanflow:MeanFlow',
     },
     'repa': {'repa': 'lib.flow.repa:REPA'},
-    'detector': {'dino': 'lib.models.dinov2:DINOv2'},
+    'detector': {'dino': 'lib.encoders.dinov2:DINOv2'},
     'optimizer': {'adam': 'lib.optim:adam', 'adamw': 'lib.optim:adamw', 'sgd': 'lib.optim:sgd'},
     'schedule': {
         'constant': 'lib.optim:constant',

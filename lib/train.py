@@ -13,6 +13,7 @@ as the uninterrupted run would have.
 """
 
 import io
+import os
 import re
 import signal
 import time
@@ -104,7 +105,7 @@ class Run:
     return state['params']
 
   def imported_state(self, weights: nnx.State):
-    """The step-0 state of imported weights (`lib.models.import_weights.import_file`): their
+    """The step-0 state of imported weights (`lib.weights.registry.import_file`): their
     parameters, and their fixed arrays where they have them (else the constructor's); a fresh
     REPA projector."""
     fresh = jax.jit(lambda: {k: v for k, v in self._create().items()
@@ -256,13 +257,13 @@ class Run:
       logging.info('Resumed from the checkpoint of step %d in %s', step, self.workdir)
       return step
     if self.experiment.init_from:
-      from lib.models import import_weights
+      from lib.weights import registry
 
       if not paths.is_file(self.experiment.init_from, 'init_from'):
         raise errors.UserError(f'init_from={self.experiment.init_from!r} is not a file; give '
                                'the released checkpoint (.pt / .safetensors) to start from')
       self.state = self.imported_state(
-          import_weights.import_file(self.experiment.init_from, self.experiment))
+          registry.import_file(self.experiment.init_from, self.experiment))
       logging.info('Starting from the weights of %s (params and EMA)', self.experiment.init_from)
     else:
       self.state = self.initial_state()

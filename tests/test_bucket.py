@@ -112,7 +112,7 @@ def test_data_weights_and_statistics_are_read_from_a_bucket(gcs, tmp_path):
   from lib.data.images import ImageFolder
   from lib.data.latents import LatentFolder
   from lib.eval import fid
-  from lib.models import checkpoint_io
+  from lib.weights import files as weight_files
   from tests.test_images import make_tree
 
   make_tree(tmp_path / 'images')
@@ -160,10 +160,10 @@ def test_data_weights_and_statistics_are_read_from_a_bucket(gcs, tmp_path):
 
   np.savez(tmp_path / 'weights.npz', w=np.arange(6, dtype=np.float32).reshape(2, 3))
   upload(tmp_path, f'gs://{BUCKET}/files')
-  state_dict = checkpoint_io.read_state_dict(f'gs://{BUCKET}/files/weights.npz')
+  state_dict = weight_files.read_state_dict(f'gs://{BUCKET}/files/weights.npz')
   np.testing.assert_array_equal(state_dict['w'], np.arange(6).reshape(2, 3))
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    checkpoint_io.read_state_dict(f'gs://{BUCKET}/files/missing.npz')
+    weight_files.read_state_dict(f'gs://{BUCKET}/files/missing.npz')
 
   fid.save_stats(f'gs://{BUCKET}/files/stats.npz', np.ones(3), np.eye(3), 10)
   mu, sigma = fid.load_reference(f'gs://{BUCKET}/files/stats.npz')

@@ -24,8 +24,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lib.models import ddt, import_weights, layers
+from lib.models import ddt, layers
 from lib.models.ddt import DDT
+from lib.weights import ddt as ddt_weights
+from lib.weights import registry
+from lib.weights.torch_layout import torch_shape
 from test_lightning_dit import (count_params, forward, inputs, jax_inputs, max_relative_error,
                                 randomize_torch, run_torch, state_dict_numpy)
 
@@ -193,7 +196,7 @@ def tiny_pair(abstract=True, input_size=8, **kwargs):
 
 def imported(ref, abstract_model):
   graphdef, state = nnx.split(abstract_model)
-  params = ddt.import_ddt(state_dict_numpy(ref), state)
+  params = ddt_weights.import_ddt(state_dict_numpy(ref), state)
   return nnx.merge(graphdef, params, nnx.state(abstract_model, nnx.Not(nnx.Param)))
 
 
@@ -299,11 +302,11 @@ def test_importer_takes_ema_weights_of_a_lightning_checkpoint():
                 **{f'denoiser.{k}': v for k, v in state_dict_numpy(raw).items()},
                 'diffusion_trainer.proj.0.0.weight': np.zeros((64, 64), np.float32)}
   graphdef, state = nnx.split(ours)
-  model = nnx.merge(graphdef, ddt.import_ddt(checkpoint, state))
+  model = nnx.merge(graphdef, ddt_weights.import_ddt(checkpoint, state))
   x, t, y = inputs()
   got = forward(model, jnp.asarray(x), jnp.asarray(t), jnp.asarray(y, jnp.int32))
   assert max_relative_error(got, run_torch(ref, x, t, y)) <= 1e-4
-  raw_model = nnx.merge(graphdef, ddt.import_ddt(checkpoint, state, weights='raw'))
+  raw_model = nnx.merge(graphdef, ddt_weights.import_ddt(checkpoint, state, weights='raw'))
   got_raw = forward(raw_model, jnp.asarray(x), jnp.asarray(t), jnp.asarray(y, jnp.int32))
   assert max_relative_error(got_raw, run_torch(raw, x, t, y)) <= 1e-4
 
@@ -315,7 +318,7 @@ def test_importer_errors_name_keys():
   state['blocks.1.attn.qkv.bias'] = np.zeros(192, np.float32)  # DDT's qkv has no bias
   state['final_layer.linear.weight'] = np.zeros((32, 64), np.float32)  # a 2C-wide head
   with pytest.raises(ValueError) as error:
-    ddt.import_ddt(state, nnx.state(ours))
+    ddt_weights.import_ddt(state, nnx.state(ours))
   message = str(error.value)
   print(message)
   assert 'missing keys (1): blocks.2.mlp.w2.weight' in message
@@ -330,30 +333,30 @@ def test_importer_errors_name_keys():
   heads8 = nnx.eval_shape(lambda: DDT(8, 4, 10, 2, 64, 8, 3, 2, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match=r'blocks\.\{0-2\}\.attn\.q_norm\.weight: checkpoint '
                                        r'\(16,\), network \(8,\)'):
-    ddt.import_ddt(state_dict_numpy(ref), nnx.state(heads8))
+    ddt_weights.import_ddt(state_dict_numpy(ref), nnx.state(heads8))
   # a MeanFlow network has weights no release carries
   dt_model = nnx.eval_shape(lambda: DDT(8, 4, 10, 2, **TINY, take_dt=True, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match=r'missing keys \(4\): dt_embedder\.mlp\.\{0,2\}\.bias'):
-    ddt.import_ddt(state_dict_numpy(ref), nnx.state(dt_model))
+    ddt_weights.import_ddt(state_dict_numpy(ref), nnx.state(dt_model))
   with pytest.raises(ValueError, match='no ema_denoiser'):
-    ddt.import_ddt({'denoiser.x': np.zeros(1)}, nnx.state(ours))
+    ddt_weights.import_ddt({'denoiser.x': np.zeros(1)}, nnx.state(ours))
 
 
 def test_registered_importer_and_import_file(tmp_path):
   """`IMPORTERS` finds `import_ddt`; `import_file` (the path of `init_from` and of
-  `python -m lib.models.import_weights`) fills the preset's network from a released-layout
+  `launch.py --mode=import`) fills the preset's network from a released-layout
   file (the preset shrunk to the tiny size; 32x32 latents from the 256 data)."""
   from lib import cli
-  assert import_weights.importer_for(DDT) is ddt.import_ddt
+  assert registry.importer_for(DDT) is ddt_weights.import_ddt
   config = cli.load_preset('experiments/ddt.py:xl2')
   for name, value in TINY.items():
     setattr(config.network, name, value)
   experiment = fdl.build(config)
-  assert import_weights.importer_for(experiment.network) is ddt.import_ddt
+  assert registry.importer_for(experiment.network) is ddt_weights.import_ddt
   ref = randomize_torch(reference().DDTRef(4, 4, 64, 3, 2, 2, 1000))
   path = tmp_path / 'ddt.npz'
   np.savez(path, **{f'ema_denoiser.{k}': v for k, v in state_dict_numpy(ref).items()})
-  params = import_weights.import_file(str(path), experiment)
+  params = registry.import_file(str(path), experiment)
   abstract = nnx.eval_shape(experiment.make_network)
   graphdef, _ = nnx.split(abstract)
   model = nnx.merge(graphdef, params)
@@ -382,6 +385,6 @@ def test_xl_parameter_count_matches_reference():
   assert model.blocks[0].mlp.w1.kernel.shape == (1152, 3072)
   assert model.blocks[0].attn.q_norm.scale.shape == (72,)
   # every key of the torch reference, with its shape, is a parameter of ours
-  want = {ddt.official_key(path): import_weights.torch_shape(str(path[-1]), v.shape)
+  want = {ddt_weights.official_key(path): torch_shape(str(path[-1]), v.shape)
           for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   assert want == {k: tuple(v.shape) for k, v in ref.state_dict().items()}

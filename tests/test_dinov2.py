@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lib.encoders import dinov2 as dinov2_encoder
 from lib.models import dinov2
+from lib.weights import dinov2 as dinov2_weights
+from lib.weights.files import read_state_dict
+from lib.weights.torch_layout import torch_shape
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -117,7 +121,7 @@ def test_matches_transformers(references, key, shape):
   registers, swiglu = key
   reference = references[key]
   graphdef, abstract = _nnx(registers, swiglu)
-  state = dinov2.import_state_dict(_state_dict(reference), abstract)
+  state = dinov2_weights.import_state_dict(_state_dict(reference), abstract)
   images = np.random.default_rng(2).normal(size=(2, *shape, 3)).astype(np.float32)
   want = _run_torch(reference, images)
   tokens = want.last_hidden_state.numpy()
@@ -135,7 +139,7 @@ def test_matches_transformers(references, key, shape):
 def test_mask_tokens_match_transformers(references):
   reference = references[(4, False)]
   graphdef, abstract = _nnx(4)
-  state = dinov2.import_state_dict(_state_dict(reference), abstract)
+  state = dinov2_weights.import_state_dict(_state_dict(reference), abstract)
   images = np.random.default_rng(3).normal(size=(2, 56, 56, 3)).astype(np.float32)
   mask = np.random.default_rng(4).uniform(size=(2, 16)) < 0.5
   want = _run_torch(reference, images, bool_masked_pos=torch.from_numpy(mask))
@@ -153,7 +157,7 @@ def test_final_norm_without_affine_matches_rae(references):
     reference.layernorm.bias.zero_()
   graphdef, abstract = _nnx(4, final_norm_affine=False)
   assert 'norm' not in abstract  # no parameters left
-  state = dinov2.import_state_dict(state_dict, abstract, final_norm_affine=False)
+  state = dinov2_weights.import_state_dict(state_dict, abstract, final_norm_affine=False)
   images = np.random.default_rng(6).normal(size=(2, 42, 42, 3)).astype(np.float32)
   want = _run_torch(reference, images).last_hidden_state.numpy()[:, 5:]
   np.testing.assert_allclose(_run_nnx(graphdef, state, images), want, rtol=0,
@@ -229,23 +233,22 @@ def test_v4_and_hub_layouts_import_the_same(references, key, tmp_path):
   registers, swiglu = key
   state_dict = _state_dict(references[key])
   _, abstract = _nnx(registers, swiglu)
-  from_v5 = dinov2.import_state_dict(state_dict, abstract)
+  from_v5 = dinov2_weights.import_state_dict(state_dict, abstract)
 
   v4 = _v4_names(state_dict)
-  assert dinov2.detect_layout(v4) == 'hf_v4' and dinov2.detect_layout(state_dict) == 'hf_v5'
-  _assert_states_equal(dinov2.import_state_dict(v4, abstract), from_v5)
+  assert dinov2_weights.detect_layout(v4) == 'hf_v4' and dinov2_weights.detect_layout(state_dict) == 'hf_v5'
+  _assert_states_equal(dinov2_weights.import_state_dict(v4, abstract), from_v5)
   # A task-model file: `dinov2.` prefix (Dinov2ForImageClassification's base model).
   prefixed = {f'dinov2.{k}': v for k, v in v4.items()}
-  _assert_states_equal(dinov2.import_state_dict(prefixed, abstract), from_v5)
+  _assert_states_equal(dinov2_weights.import_state_dict(prefixed, abstract), from_v5)
 
   hub = _hub_names(state_dict)
-  assert dinov2.detect_layout(hub) == 'hub'
+  assert dinov2_weights.detect_layout(hub) == 'hub'
   path = tmp_path / 'dinov2_pretrain.pth'
   torch.save({k: torch.from_numpy(v) for k, v in hub.items()}, path)
-  from lib.models.checkpoint_io import read_state_dict
-  from_hub = dinov2.import_state_dict(read_state_dict(str(path)), abstract)
+  from_hub = dinov2_weights.import_state_dict(read_state_dict(str(path)), abstract)
   _assert_states_equal(from_hub, from_v5)
-  exported = dinov2.export_hub_state_dict(from_hub)
+  exported = dinov2_weights.export_hub_state_dict(from_hub)
   assert exported.keys() == hub.keys()
   for name in hub:
     np.testing.assert_array_equal(exported[name], hub[name], err_msg=name)
@@ -256,7 +259,7 @@ def test_mask_token_is_optional():
   state_dict = _state_dict(reference)
   del state_dict['embeddings.mask_token']
   _, abstract = _nnx(0)
-  state = dinov2.import_state_dict(state_dict, abstract)
+  state = dinov2_weights.import_state_dict(state_dict, abstract)
   np.testing.assert_array_equal(state['mask_token'][...], np.zeros((1, HIDDEN)))
 
 
@@ -267,7 +270,7 @@ def test_importer_errors(references):
   state_dict['encoder.layer.0.bogus.weight'] = np.zeros(3, np.float32)
   state_dict['embeddings.position_embeddings'] = np.zeros((1, 10, HIDDEN), np.float32)
   with pytest.raises(ValueError) as error:
-    dinov2.import_state_dict(state_dict, abstract)
+    dinov2_weights.import_state_dict(state_dict, abstract)
   message = str(error.value)
   assert 'transformers v4 names' in message
   assert 'missing keys (1): encoder.layer.1.attention.attention.key.weight' in message
@@ -277,17 +280,17 @@ def test_importer_errors(references):
 
   # A with-registers file into a model without registers, and the reverse.
   with pytest.raises(ValueError, match=r'unexpected keys \(1\): embeddings\.register_tokens'):
-    dinov2.import_state_dict(_state_dict(references[(4, False)]), abstract)
+    dinov2_weights.import_state_dict(_state_dict(references[(4, False)]), abstract)
   _, with_registers = _nnx(4)
   with pytest.raises(ValueError, match=r'missing keys \(1\): embeddings\.register_tokens'):
-    dinov2.import_state_dict(_state_dict(references[(0, False)]), with_registers)
+    dinov2_weights.import_state_dict(_state_dict(references[(0, False)]), with_registers)
   # torch-hub names are reported as such.
   hub = _hub_names(_state_dict(references[(0, False)]))
   del hub['blocks.0.ls1.gamma']
   with pytest.raises(ValueError, match=r'torch-hub.*missing keys \(1\): blocks\.0\.ls1\.gamma'):
-    dinov2.import_state_dict(hub, abstract)
+    dinov2_weights.import_state_dict(hub, abstract)
   with pytest.raises(ValueError, match='not a DINOv2 state dict'):
-    dinov2.import_state_dict({'conv.weight': np.zeros(3)}, abstract)
+    dinov2_weights.import_state_dict({'conv.weight': np.zeros(3)}, abstract)
 
 
 @pytest.mark.parametrize('size, registers', [('S', 0), ('B', 0), ('L', 0), ('g', 0), ('B', 4)])
@@ -309,8 +312,8 @@ def test_sizes_match_transformers_architectures(size, registers):
       **spec, num_register_tokens=registers, rngs=nnx.Rngs(0))))
   got = {}
   for path, variable in nnx.to_flat_state(abstract):
-    keys = dinov2._hf_keys(dinov2._hub_key(path), 'hf_v5')
-    shape = dinov2._to_torch_shape(path, variable.shape)
+    keys = dinov2_weights._hf_keys(dinov2_weights.hub_key(path), 'hf_v5')
+    shape = torch_shape(str(path[-1]), variable.shape)
     for key in keys:
       got[key] = (shape[0] // len(keys), *shape[1:])
   assert got == want
@@ -347,7 +350,7 @@ def test_wrapper_features(references, tiny_size, registers, tmp_path):
   path = tmp_path / 'model.safetensors'
   from safetensors.numpy import save_file
   save_file(_v4_names(_state_dict(reference)), str(path))
-  detector = dinov2.DINOv2(weights_path=str(path), size=tiny_size, registers=registers,
+  detector = dinov2_encoder.DINOv2(weights_path=str(path), size=tiny_size, registers=registers,
                            resolution=42)
   state = detector.load()
   assert detector.num_tokens == 9 and detector.feature_dim == HIDDEN
@@ -371,7 +374,7 @@ def test_wrapper_resampled_pos_embed_is_repa(references, tiny_size, tmp_path):
   path = tmp_path / 'model.safetensors'
   from safetensors.numpy import save_file
   save_file(_state_dict(reference), str(path))
-  detector = dinov2.DINOv2(weights_path=str(path), size=tiny_size, resolution=42,
+  detector = dinov2_encoder.DINOv2(weights_path=str(path), size=tiny_size, resolution=42,
                            pos_embed='resampled')
   state = detector.load()
   assert state['pos_embed'].shape == (1, 10, HIDDEN)
@@ -385,26 +388,26 @@ def test_wrapper_resampled_pos_embed_is_repa(references, tiny_size, tmp_path):
   want = _torch_pipeline(reference, pixels, 42, 0)  # HF skips interpolation: 3x3 grid
   got = jax.jit(detector.features)(state, pixels)
   np.testing.assert_allclose(got, want, rtol=0, atol=_tolerance(want))
-  hf_variant = dinov2.DINOv2(weights_path=str(path), size=tiny_size, resolution=42)
+  hf_variant = dinov2_encoder.DINOv2(weights_path=str(path), size=tiny_size, resolution=42)
   assert np.abs(np.asarray(hf_variant.features(hf_variant.load(), pixels)) - want).max() > 1e-3
 
 
 def test_wrapper_errors(tmp_path):
   with pytest.raises(ValueError, match=r'DINOv2\.weights_path is not set.*dinov2-base'):
-    dinov2.DINOv2().load()
+    dinov2_encoder.DINOv2().load()
   missing = str(tmp_path / 'nope.safetensors')
   with pytest.raises(FileNotFoundError, match=r'weights_path=.*nope\.safetensors'):
-    dinov2.DINOv2(weights_path=missing).load()
+    dinov2_encoder.DINOv2(weights_path=missing).load()
   with pytest.raises(ValueError, match='resolution=225'):
-    dinov2.DINOv2(resolution=225)
+    dinov2_encoder.DINOv2(resolution=225)
   with pytest.raises(ValueError, match="size='H'"):
-    dinov2.DINOv2(size='H')
+    dinov2_encoder.DINOv2(size='H')
 
 
 def test_wrapper_abstract_base():
   """B/14 at 224: (B, 256, 768) features, built abstractly (no weights)."""
-  detector = dinov2.DINOv2()
-  graphdef, state = detector._abstract()
+  detector = dinov2_encoder.DINOv2()
+  state = detector.abstract_state()
   out = jax.eval_shape(lambda s, x: detector.model(s)(detector.preprocess(x)), state,
                        jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.uint8))
   assert out.shape == (2, 256, 768)

@@ -13,7 +13,7 @@ from lib import cli
 from lib.data import extract_latents
 from lib.data.images import ImageFolder
 from lib.data.latents import LatentFolder
-from lib.models import sd_vae
+from lib.encoders import sd_vae
 from tests.test_images import CLASSES, NUM_EXAMPLES, make_tree
 
 # four levels (downsampling 8, as LatentFolder expects), tiny widths

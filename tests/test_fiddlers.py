@@ -155,4 +155,4 @@ def test_launch_applies_fiddle_flags_and_rejects_misuse(tmp_path):
                   '--print_config')
   assert result.returncode == 0, result.stderr
   assert 'data = Config[lib.data.prepared.PreparedImages]' in result.stdout
-  assert 'encoder = Config[lib.models.encoders.PixelEncoder]' in result.stdout
+  assert 'encoder = Config[lib.encoders.pixels.PixelEncoder]' in result.stdout

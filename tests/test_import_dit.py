@@ -45,7 +45,10 @@ import pytest
 from flax import nnx
 
 from lib import cli
-from lib.models import checkpoint_io, dit, import_weights, layers
+from lib.models import dit, layers
+from lib.weights import dit as dit_weights
+from lib.weights import files, importer, registry
+from lib.weights.torch_layout import from_torch, torch_shape
 
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
@@ -136,7 +139,7 @@ def _compare(reference, model: dit.DiT) -> float:
 def test_import_matches_diffusers_reference(learn_sigma):
   reference = _reference(out_channels=2 * CHANNELS if learn_sigma else None)
   model = _ours(learn_sigma)
-  nnx.update(model, import_weights.import_dit(diffusers_to_official(reference), nnx.state(model)))
+  nnx.update(model, dit_weights.import_dit(diffusers_to_official(reference), nnx.state(model)))
   relative = _compare(reference, model)
   print(f'learn_sigma={learn_sigma}: max |diff| / max |ref| = {relative:.2e}')
   assert relative <= 1e-4
@@ -146,7 +149,7 @@ def test_every_parameter_is_imported():
   reference = _reference()
   state_dict = diffusers_to_official(reference)
   model = _ours()
-  params = import_weights.import_dit(state_dict, nnx.state(model, nnx.Param))
+  params = dit_weights.import_dit(state_dict, nnx.state(model, nnx.Param))
   flat = dict(nnx.to_flat_state(params))
   assert len(flat) == len(state_dict) - 1  # all but pos_embed
   np.testing.assert_array_equal(flat[('blocks', 1, 'attn', 'qkv', 'kernel')][...],
@@ -166,7 +169,7 @@ def test_mismatch_errors_name_every_key():
   state_dict['blocks.1.attn.extra.weight'] = np.zeros((3, 3), np.float32)
   state_dict['y_embedder.embedding_table.weight'] = np.zeros((1001, HIDDEN), np.float32)
   with pytest.raises(ValueError) as error:
-    import_weights.import_dit(state_dict, nnx.state(_ours()))
+    dit_weights.import_dit(state_dict, nnx.state(_ours()))
   message = str(error.value)
   assert 'missing keys (1): blocks.1.mlp.fc2.bias' in message
   assert 'unexpected keys (1): blocks.1.attn.extra.weight' in message
@@ -178,7 +181,7 @@ def test_mismatch_errors_name_every_key():
 def test_learned_sigma_head_into_plain_network_is_refused():
   state_dict = diffusers_to_official(_reference(out_channels=2 * CHANNELS))
   with pytest.raises(ValueError) as error:
-    import_weights.import_dit(state_dict, nnx.state(_ours()))
+    dit_weights.import_dit(state_dict, nnx.state(_ours()))
   message = str(error.value)
   assert 'final_layer.linear.weight: checkpoint (32, 64), network (16, 64)' in message
   assert 'checkpoint: hidden_size=64' in message and 'learn_sigma=True' in message
@@ -188,7 +191,7 @@ def test_learned_sigma_head_into_plain_network_is_refused():
 def test_depth_mismatch_folds_block_indices():
   state_dict = diffusers_to_official(_reference())
   with pytest.raises(ValueError) as error:
-    import_weights.import_dit(state_dict, nnx.state(_ours(depth=5)))
+    dit_weights.import_dit(state_dict, nnx.state(_ours(depth=5)))
   message = str(error.value)
   assert 'missing keys (30): blocks.{2-4}.adaLN_modulation.1.bias, ' in message
   assert 'depth=2' in message and 'depth=5' in message
@@ -201,7 +204,7 @@ def test_repa_projectors_are_skipped_and_pos_embed_checked(caplog):
   state_dict['projectors.0.2.bias'] = np.zeros((2048,), np.float32)
   model = _ours()
   with caplog.at_level('INFO'):
-    nnx.update(model, import_weights.import_dit(state_dict, nnx.state(model)))
+    nnx.update(model, dit_weights.import_dit(state_dict, nnx.state(model)))
   assert any('projectors.' in record.getMessage() for record in caplog.records)
   assert _compare(reference, model) <= 1e-4
 
@@ -210,8 +213,8 @@ def test_repa_projectors_are_skipped_and_pos_embed_checked(caplog):
   swapped['pos_embed'] = np.concatenate([state_dict['pos_embed'][..., half:],
                                          state_dict['pos_embed'][..., :half]], axis=-1)
   with pytest.raises(ValueError, match='pos_embed of the checkpoint'):
-    import_weights.import_dit(swapped, nnx.state(model))
-  import_weights.import_dit(swapped, nnx.state(model), on_pos_embed_mismatch='warn')
+    dit_weights.import_dit(swapped, nnx.state(model))
+  dit_weights.import_dit(swapped, nnx.state(model), on_pos_embed_mismatch='warn')
 
 
 def test_read_state_dict_unwraps_training_checkpoints(tmp_path):
@@ -222,14 +225,14 @@ def test_read_state_dict_unwraps_training_checkpoints(tmp_path):
               'ema': {'module.' + k: v for k, v in state_dict.items()},
               'opt': {'state': {}}, 'args': argparse.Namespace(model='SiT-XL/2'), 'steps': 7},
              path)
-  loaded = checkpoint_io.read_state_dict(str(path))
+  loaded = files.read_state_dict(str(path))
   assert sorted(loaded) == sorted(state_dict)
   for key, value in state_dict.items():
     assert loaded[key].dtype == np.float32
     np.testing.assert_array_equal(loaded[key], value.float().numpy())
   (tmp_path / 'weights.onnx').write_bytes(b'')
   with pytest.raises(ValueError, match='unknown weights file type'):
-    checkpoint_io.read_state_dict(str(tmp_path / 'weights.onnx'))
+    files.read_state_dict(str(tmp_path / 'weights.onnx'))
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -257,8 +260,8 @@ def _random_release(experiment, path, seed: int = 1) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   state_dict = {}
   for key_path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-    shape = import_weights.torch_shape(str(key_path[-1]), variable.shape)
-    state_dict[import_weights.official_key(key_path)] = \
+    shape = torch_shape(str(key_path[-1]), variable.shape)
+    state_dict[dit_weights.official_key(key_path)] = \
         (rng.normal(size=shape) * 0.1).astype(np.float32)
   side = experiment.latent_shape[0] // abstract.patch_size
   hidden = state_dict['x_embedder.proj.weight'].shape[0]
@@ -283,7 +286,7 @@ def test_import_command_writes_a_checkpoint_that_sample_mode_accepts(tmp_path):
   release = tmp_path / 'release.pt'
   state_dict = _random_release(experiment, release)
   workdir = tmp_path / 'imported'
-  _run('-m', 'lib.models.import_weights', f'--checkpoint={release}', *TINY,
+  _run('launch.py', '--mode=import', f'--checkpoint={release}', *TINY,
        f'--workdir={workdir}', '--step=7')
   for name in ('config.json', 'config.txt', 'imported_from.json'):
     assert os.path.getsize(workdir / name) > 0
@@ -305,10 +308,26 @@ def test_import_command_writes_a_checkpoint_that_sample_mode_accepts(tmp_path):
   with np.load(workdir / 'samples.npz') as samples:
     assert samples['images'].shape == (4, 8, 8, 1) and samples['images'].dtype == np.uint8
 
-  result = subprocess.run([sys.executable, '-m', 'lib.models.import_weights',
+  result = subprocess.run([sys.executable, 'launch.py', '--mode=import',
                            f'--checkpoint={release}', *TINY, f'--workdir={workdir}'],
                           cwd=cli.REPO_ROOT, capture_output=True, text=True)
   assert result.returncode == 2 and 'already holds checkpoints' in result.stderr
+
+
+def test_import_mode_needs_a_checkpoint_and_reports_one_that_does_not_fit(tmp_path):
+  from lib import errors, import_release
+
+  _, experiment = _tiny_experiment()
+  release = tmp_path / 'release.pt'
+  _random_release(experiment, release)
+  config, _ = _tiny_experiment('network.depth=2')
+  workdir = tmp_path / 'imported'
+  with pytest.raises(cli.UsageError, match='--mode=import needs --checkpoint=FILE'):
+    import_release.run(None, config, workdir, None)
+  with pytest.raises(errors.UserError, match=r'does not match this DiT: missing keys \(10\): '
+                                             r'blocks\.1\.adaLN_modulation\.1\.bias'):
+    import_release.run(str(release), config, workdir, None)
+  assert not workdir.exists()
 
 
 def test_init_from_starts_a_run_from_the_imported_weights(tmp_path):
@@ -326,7 +345,7 @@ def test_init_from_starts_a_run_from_the_imported_weights(tmp_path):
   flat = dict(nnx.to_flat_state(run.state['params']))
   for key_path, variable in flat.items():
     leaf = str(key_path[-1])
-    want = import_weights.from_torch(leaf, state_dict[import_weights.official_key(key_path)])
+    want = from_torch(leaf, state_dict[dit_weights.official_key(key_path)])
     np.testing.assert_array_equal(variable[...], want)
   for a, b in zip(jax.tree.leaves(run.state['params']), jax.tree.leaves(run.state['ema'])):
     np.testing.assert_array_equal(a, b)
@@ -367,13 +386,13 @@ def test_init_from_needs_an_importer_for_the_network():
   config.network = fdl.Partial(Other)
   with pytest.raises(ConfigError, match='no weight importer for network class'):
     fdl.build(config)
-  assert import_weights.importer_for(fdl.build(_tiny_experiment()[0]).network) is \
-      import_weights.import_dit_network
+  assert registry.importer_for(fdl.build(_tiny_experiment()[0]).network) is \
+      dit_weights.import_dit
 
 
 def test_importer_lookup_accepts_unbuilt_config_nodes():
   from lib.models import lightning_dit
   config = cli.load_preset('experiments/lightning_dit.py:s2')
-  assert import_weights.network_class(config.network) is lightning_dit.LightningDiT
-  assert import_weights.importer_for(config.network) is \
-      import_weights.IMPORTERS[lightning_dit.LightningDiT]
+  assert importer.network_class(config.network) is lightning_dit.LightningDiT
+  assert registry.importer_for(config.network) is \
+      registry.IMPORTERS[lightning_dit.LightningDiT]

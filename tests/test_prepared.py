@@ -15,7 +15,7 @@ from lib import cli, legacy
 from lib.data import stream
 from lib.data.prepared import PreparedImages
 from lib.experiment import ConfigError
-from lib.models.encoders import PixelEncoder
+from lib.encoders.pixels import PixelEncoder
 from tests.legacy_configs import dit_imagenet
 
 NUM_IMAGES = 12

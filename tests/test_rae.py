@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lib.encoders import rae as rae_encoder
 from lib.models import dinov2, rae
-from lib.models.checkpoint_io import read_state_dict
-from lib.models.import_weights import torch_shape
+from lib.weights import rae as rae_weights
+from lib.weights.files import read_state_dict
+from lib.weights.torch_layout import torch_shape
 
 # A tiny RAE: DINOv2 of width 32 (2 blocks, 4 registers, a 5x5 stored position table) at
 # resolution 56 (a 4x4 latent grid); decoder width 64, 2 layers, patch 8 -> 32x32 images.
@@ -124,7 +126,7 @@ def test_decoder_matches_transformers(mae, tmp_path, names):
   path = tmp_path / 'decoder.pt'
   torch.save(state_dict, path)
   graphdef, abstract = _abstract_decoder()
-  decoder = nnx.merge(graphdef, rae.import_decoder_state_dict(read_state_dict(str(path)),
+  decoder = nnx.merge(graphdef, rae_weights.import_decoder_state_dict(read_state_dict(str(path)),
                                                               abstract))
   np.testing.assert_allclose(decoder.decoder_pos_embed[...],
                              model.decoder.decoder_pos_embed.numpy(), atol=1e-6)
@@ -160,7 +162,7 @@ def test_default_decoder_is_the_released_architecture():
   got = {}
   for path, variable in nnx.to_flat_state(abstract):
     if isinstance(variable, nnx.Param):
-      keys = rae._file_keys(path, 'rae')
+      keys = rae_weights.file_keys(tuple(str(part) for part in path), 'rae')
       shape = torch_shape(str(path[-1]), variable.shape)
       got.update({key: (shape[0] // len(keys), *shape[1:]) for key in keys})
     else:
@@ -212,8 +214,8 @@ def files(mae, dinov2_reference, tmp_path):
               stats=str(tmp_path / 'stat.npz'), **stats)
 
 
-def _tiny_rae(files, size) -> rae.RAE:
-  return rae.RAE(files['encoder'], files['decoder'], files['stats'], encoder_size=size,
+def _tiny_rae(files, size) -> rae_encoder.RAE:
+  return rae_encoder.RAE(files['encoder'], files['decoder'], files['stats'], encoder_size=size,
                  encoder_resolution=RESOLUTION, decoder=DECODER)
 
 
@@ -282,9 +284,9 @@ def test_normalisation_round_trip():
   z = rng.normal(size=(3, GRID, GRID, LATENT)).astype(np.float32)
   mean = rng.normal(size=(GRID, GRID, LATENT)).astype(np.float32)
   var = rng.uniform(0.0, 2.0, (GRID, GRID, LATENT)).astype(np.float32)
-  normalised = rae.normalize(z, mean, var, 1e-5)
+  normalised = rae_encoder.normalize(z, mean, var, 1e-5)
   np.testing.assert_allclose(normalised, (z - mean) / np.sqrt(var + 1e-5), rtol=1e-6)
-  np.testing.assert_allclose(rae.denormalize(normalised, mean, var, 1e-5), z, atol=1e-5)
+  np.testing.assert_allclose(rae_encoder.denormalize(normalised, mean, var, 1e-5), z, atol=1e-5)
 
 
 def test_read_stats_release_layout(tmp_path):
@@ -293,15 +295,15 @@ def test_read_stats_release_layout(tmp_path):
   var = torch.rand(LATENT, GRID, 3) + 0.1  # distinct h and w sides catch a wrong transpose
   torch.save({'mean': None, 'var': var}, tmp_path / 'stat.pt')
   with pytest.raises(ValueError, match=r'`var` has shape \(32, 4, 3\), expected \(32, 4, 4\)'):
-    rae.read_stats(str(tmp_path / 'stat.pt'), LATENT, GRID)
+    rae_encoder.read_stats(str(tmp_path / 'stat.pt'), LATENT, GRID)
   var = torch.rand(LATENT, GRID, GRID) + 0.1
   torch.save({'mean': None, 'var': var}, tmp_path / 'stat.pt')
-  mean, got = rae.read_stats(str(tmp_path / 'stat.pt'), LATENT, GRID)
+  mean, got = rae_encoder.read_stats(str(tmp_path / 'stat.pt'), LATENT, GRID)
   np.testing.assert_array_equal(mean, np.zeros((GRID, GRID, LATENT)))
   np.testing.assert_array_equal(got, var.numpy().transpose(1, 2, 0))
   np.savez(tmp_path / 'bad.npz', mean=np.zeros((LATENT, GRID, GRID), np.float32))
   with pytest.raises(ValueError, match='no `var` entry'):
-    rae.read_stats(str(tmp_path / 'bad.npz'), LATENT, GRID)
+    rae_encoder.read_stats(str(tmp_path / 'bad.npz'), LATENT, GRID)
 
 
 # ------------------------------------------------------------------------------------------
@@ -315,7 +317,7 @@ def test_importer_names_bad_keys(mae):
   state_dict['decoder_extra.weight'] = np.zeros(3, np.float32)
   _, abstract = _abstract_decoder()
   with pytest.raises(ValueError) as error:
-    rae.import_decoder_state_dict(state_dict, abstract)
+    rae_weights.import_decoder_state_dict(state_dict, abstract)
   message = str(error.value)
   assert 'RAE / transformers v4 names' in message
   assert 'missing keys (1): decoder_layers.1.attention.attention.key.bias' in message
@@ -327,11 +329,11 @@ def test_importer_rejects_foreign_position_table(mae):
   state_dict = {k: v.numpy() for k, v in _rae_state_dict(mae).items()}
   state_dict['decoder_pos_embed'] = state_dict['decoder_pos_embed'][..., ::-1]
   with pytest.raises(ValueError, match='decoder_pos_embed of the file differs'):
-    rae.import_decoder_state_dict(state_dict, _abstract_decoder()[1])
+    rae_weights.import_decoder_state_dict(state_dict, _abstract_decoder()[1])
 
 
 def test_shapes_and_configuration_errors():
-  autoencoder = rae.RAE()
+  autoencoder = rae_encoder.RAE()
   assert (autoencoder.downsample_factor, autoencoder.latent_channels) == (16, 768)
   assert autoencoder.latent_shape(256, 3) == (16, 16, 768)
   with pytest.raises(ValueError, match=r'data.image_size=512: this RAE decodes 256x256 images '
@@ -339,20 +341,20 @@ def test_shapes_and_configuration_errors():
     autoencoder.latent_shape(512, 3)
   with pytest.raises(ValueError, match='data.channels=1: RAE encodes RGB'):
     autoencoder.latent_shape(256, 1)
-  assert rae.RAE(encoder_resolution=448, decoder=dict(patch_size=16)).latent_shape(
+  assert rae_encoder.RAE(encoder_resolution=448, decoder=dict(patch_size=16)).latent_shape(
       512, 3) == (32, 32, 768)
   with pytest.raises(ValueError, match='unknown keys depth'):
-    rae.RAE(decoder=dict(depth=2))
+    rae_encoder.RAE(decoder=dict(depth=2))
 
 
 def test_load_errors(tmp_path):
   with pytest.raises(ValueError, match='encoder.encoder_weights is not set'):
-    rae.RAE().load()
+    rae_encoder.RAE().load()
   (tmp_path / 'model.safetensors').write_bytes(b'')
   missing = str(tmp_path / 'missing.pt')
   with pytest.raises(FileNotFoundError, match=re.escape(
       f'encoder.decoder_weights={missing!r} does not exist; expected an RAE decoder state dict')):
-    rae.RAE(str(tmp_path / 'model.safetensors'), missing).load()
+    rae_encoder.RAE(str(tmp_path / 'model.safetensors'), missing).load()
 
 
 def test_rae_preset_trains_and_draws_reconstructions(files, tiny_dinov2, tmp_path):

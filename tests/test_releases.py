@@ -2,7 +2,7 @@
 
 Each test writes a random-weight checkpoint in an official layout (the torch references of
 `test_import_dit.py` and `test_lightning_dit.py`, every parameter randomised), imports it the
-way a user does (`python -m lib.models.import_weights`' `import_release`, or `init_from` through
+way a user does (`launch.py --mode=import`'s `import_release`, or `init_from` through
 `launch.resolve_config`'s `releases.apply_init_from`), and compares the velocity the sampler
 integrates (`sampler.field`, t = 1 noise -> t = 0 data) at several times with the reference
 model's own prediction under its own convention, converted to that direction:
@@ -23,7 +23,8 @@ import pytest
 
 from lib import cli, review
 from lib.experiment import ConfigError
-from lib.models import checkpoint_io, import_weights, releases
+from lib.import_release import import_release
+from lib.weights import files, registry, releases
 from lib.train import Run
 from tests import test_import_dit as dit_reference
 from tests import test_lightning_dit as lightning_reference
@@ -93,7 +94,7 @@ def assert_close(got, want):
 def test_sit_release_imported_by_the_command_samples_sit_velocity(tmp_path):
   reference, path = dit_release(tmp_path, 'SiT-XL-2-256x256.pt')
   workdir = tmp_path / 'run'
-  _, changed = import_weights.import_release(path, small_config('experiments/dit.py:s2'),
+  _, changed = import_release(path, small_config('experiments/dit.py:s2'),
                                              str(workdir))
   assert any('interface.network_time' in line for line in changed)
   saved = review.load_config_file(str(workdir / 'config.json'))
@@ -159,7 +160,7 @@ def dit_velocity(reference, x, y, t: float) -> np.ndarray:
 def test_dit_release_is_sampled_as_ddpm_noise_prediction(tmp_path):
   args = argparse.Namespace(model='DiT-XL/2', image_size=256, global_batch_size=256)
   reference, path = dit_release(tmp_path, '0400000.pt', args=args)
-  assert checkpoint_io.read_contents(path).args['model'] == 'DiT-XL/2'
+  assert files.read_contents(path).args['model'] == 'DiT-XL/2'
   config = small_config('experiments/dit.py:s2', f'init_from={path}')
   releases.apply_init_from(config)
   assert fdl.get_callable(config.interface).__name__ == 'DDPM'
@@ -200,7 +201,7 @@ def test_import_refuses_an_experiment_built_without_the_conventions(tmp_path):
   _, path = dit_release(tmp_path, 'SiT-XL-2-256x256.pt')
   experiment = fdl.build(small_config('experiments/dit.py:s2', 'network.learn_sigma=True'))
   with pytest.raises(ConfigError) as error:
-    import_weights.import_file(path, experiment)
+    registry.import_file(path, experiment)
   message = str(error.value)
   assert "interface.network_time is 'data_at_0', the release needs 'data_at_1'" in message
   assert 'encoder.final_std is 0.5, the release needs 0.18215' in message

@@ -15,6 +15,7 @@ from lib import cli, optim, train
 from lib.experiment import ConfigError
 from lib.flow import repa, sit
 from lib.models import dinov2, dit, lightning_ddt, lightning_dit
+from lib.weights import dinov2 as dinov2_weights
 
 
 def test_alignment_loss_is_minus_the_mean_token_cosine():
@@ -109,7 +110,7 @@ def tiny_dinov2(monkeypatch, tmp_path):
   monkeypatch.setitem(dinov2.SIZES, 'tiny', dict(hidden_size=32, depth=2, num_heads=2))
   model = dinov2.DINOv2ViT(hidden_size=32, depth=2, num_heads=2, rngs=nnx.Rngs(3))
   path = tmp_path / 'dinov2_tiny.npz'
-  np.savez(path, **dinov2.export_hub_state_dict(nnx.state(model, nnx.Param)))
+  np.savez(path, **dinov2_weights.export_hub_state_dict(nnx.state(model, nnx.Param)))
   return str(path)
 
 

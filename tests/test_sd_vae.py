@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib.models import sd_vae
+from lib.encoders import sd_vae
+from lib.weights import sd_vae as sd_vae_weights
+from lib.weights.torch_layout import torch_shape
 
 SMALL = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
 RAW_MEAN = (0.5, -1.0, 0.25, 2.0)
@@ -134,7 +136,7 @@ def test_protocol_attributes():
 
 
 def test_default_architecture_parameter_count():
-  _, state = sd_vae.StabilityVAE()._abstract()
+  state = sd_vae.StabilityVAE().abstract_state()
   count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state))
   assert count == 83_653_863
 
@@ -146,18 +148,19 @@ def test_missing_weights_path_error():
 
 def test_key_mismatch_error():
   vae = sd_vae.StabilityVAE(**SMALL)
-  _, abstract = vae._abstract()
+  abstract = vae.abstract_state()
   from flax import nnx
-  state_dict = {sd_vae._diffusers_key(path): np.zeros(sd_vae._to_torch_shape(v.shape), np.float32)
+  state_dict = {sd_vae_weights.diffusers_key(path): np.zeros(torch_shape(str(path[-1]), v.shape),
+                                                             np.float32)
                 for path, v in nnx.to_flat_state(abstract)}
   assert len(state_dict) == 124
-  sd_vae.import_diffusers_state_dict(state_dict, abstract)  # complete: no error
+  sd_vae_weights.import_diffusers_state_dict(state_dict, abstract)  # complete: no error
 
   del state_dict['encoder.mid_block.attentions.0.to_q.weight']
   state_dict['encoder.bogus.weight'] = np.zeros(3, np.float32)
   state_dict['quant_conv.weight'] = np.zeros((8, 8, 3, 3), np.float32)
   with pytest.raises(ValueError) as error:
-    sd_vae.import_diffusers_state_dict(state_dict, abstract)
+    sd_vae_weights.import_diffusers_state_dict(state_dict, abstract)
   message = str(error.value)
   assert 'missing keys (1): encoder.mid_block.attentions.0.to_q.weight' in message
   assert 'unexpected keys (1): encoder.bogus.weight' in message
@@ -165,7 +168,7 @@ def test_key_mismatch_error():
 
 
 def test_legacy_attention_names_are_renamed():
-  assert (sd_vae._rename_legacy('decoder.mid_block.attentions.0.proj_attn.bias')
+  assert (sd_vae_weights._rename_legacy('decoder.mid_block.attentions.0.proj_attn.bias')
           == 'decoder.mid_block.attentions.0.to_out.0.bias')
-  assert (sd_vae._rename_legacy('encoder.mid_block.attentions.0.query.weight')
+  assert (sd_vae_weights._rename_legacy('encoder.mid_block.attentions.0.query.weight')
           == 'encoder.mid_block.attentions.0.to_q.weight')

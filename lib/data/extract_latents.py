@@ -6,7 +6,7 @@
 
 Images are read as `lib.data.images.ImageFolder` reads them (ADM center crop, classes from the
 sorted folder names, examples numbered by class then file name) and encoded by
-`lib.models.sd_vae.StabilityVAE`'s encoder. Example i becomes
+`lib.encoders.sd_vae.StabilityVAE`'s encoder. Example i becomes
 `out_dir/{i // 1000:05d}/img{i:08d}.npy`, float32 (8, h, w) = the posterior [mean, std] of the
 raw (unnormalised) latent, h = w = image_size / 8; with `--flip` the mirrored image of example
 i is also written, as example N + i (N = number of images). `dataset.json` ({"labels":
@@ -87,7 +87,7 @@ def extract(data_dir: str, out_dir: str, image_size: int, vae, batch_size: int =
   """Encodes the missing examples of `data_dir` into `out_dir` (see the module docstring).
 
   Args:
-    vae: a `lib.models.sd_vae.StabilityVAE` whose `weights_path` is set.
+    vae: a `lib.encoders.sd_vae.StabilityVAE` whose `weights_path` is set.
   Returns:
     the path of `dataset.json` once the folder is complete, else None (other processes still
     have files to write).
@@ -176,7 +176,7 @@ def main(argv):
     if not FLAGS[name].value:
       raise app.UsageError(f'--{name} is required')
   import jax
-  from lib.models import sd_vae
+  from lib.encoders import sd_vae
 
   vae = sd_vae.StabilityVAE(weights_path=FLAGS.weights_path,
                             block_out_channels=tuple(int(c) for c in FLAGS.block_out_channels),

@@ -35,7 +35,8 @@ import numpy as np
 from flax import nnx
 
 from lib import nn, paths
-from lib.models.checkpoint_io import key_problems, read_state_dict
+from lib.weights import importer, torch_layout
+from lib.weights.files import read_state_dict
 
 WEIGHTS_FILE = 'pt_inception-2015-12-05-6726825d.pth'
 RESOLUTION = 299
@@ -247,56 +248,35 @@ class InceptionV3(nn.Module):
 
 
 # ----------------------------------------------------------------------------- weights
-_NAMES = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean', 'var': 'running_var'}
+_LEAVES = {**torch_layout.LEAVES, 'mean': 'running_mean', 'var': 'running_var'}
 # Bookkeeping entries of torch BatchNorm that hold no weights.
 _IGNORED_SUFFIX = '.num_batches_tracked'
 
 
 def _torch_key(path: tuple) -> str:
-  return '.'.join(_NAMES.get(str(part), str(part)) for part in path)
+  return torch_layout.torch_key(path, leaves=_LEAVES)
 
 
-def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-  if len(shape) == 4:
-    return (shape[3], shape[2], shape[0], shape[1])
-  return tuple(reversed(shape))
-
-
-def _from_torch(array: np.ndarray) -> np.ndarray:
-  if array.ndim == 4:
-    return array.transpose(2, 3, 1, 0)
-  return array.T if array.ndim == 2 else array
+RULES = importer.Rules(
+    'FID Inception-v3 of pytorch-fid', lambda path: (_torch_key(path),),
+    hint=f"{WEIGHTS_FILE}; torchvision's ImageNet Inception-v3 is a different network")
 
 
 def to_torch_state_dict(state: nnx.State) -> dict[str, np.ndarray]:
   """The pytorch-fid state dict of `state` (for tests and conversions)."""
-  out = {}
-  for path, variable in nnx.to_flat_state(state):
-    array = np.asarray(variable[...])
-    out[_torch_key(path)] = array.transpose(3, 2, 0, 1) if array.ndim == 4 else \
-        (array.T if array.ndim == 2 else array)
-  return out
+  return {_torch_key(path): torch_layout.to_torch(str(path[-1]), np.asarray(variable[...]))
+          for path, variable in nnx.to_flat_state(state)}
 
 
-def import_state_dict(state_dict: dict[str, np.ndarray], abstract_state: nnx.State) -> nnx.State:
-  """Fills `abstract_state` (of an `InceptionV3`) from a pytorch-fid state dict.
+def import_state_dict(state_dict: dict[str, np.ndarray], abstract) -> nnx.State:
+  """A pytorch-fid state dict as the state of an `InceptionV3` (`abstract`: the network or
+  its state).
 
   Raises:
-    ValueError: naming every missing, unexpected and mis-shaped key.
+    WeightsMismatch: naming every missing, unexpected and mis-shaped key.
   """
-  given = {key: np.asarray(value) for key, value in state_dict.items()
-           if not key.endswith(_IGNORED_SUFFIX)}
-  expected = {_torch_key(path): (path, variable)
-              for path, variable in nnx.to_flat_state(abstract_state)}
-  problems = key_problems({key: value.shape for key, value in given.items()},
-                          {key: _torch_shape(v.shape) for key, (_, v) in expected.items()})
-  if problems:
-    raise ValueError(f'the state dict is not the FID Inception-v3 of pytorch-fid ({WEIGHTS_FILE}; '
-                     'torchvision\'s ImageNet Inception-v3 is a different network): '
-                     + '; '.join(problems))
-  flat = [(path, variable.replace(jnp.asarray(_from_torch(given[key]), variable.dtype)))
-          for key, (path, variable) in expected.items()]
-  return nnx.from_flat_state(flat)
+  return importer.fill({key: value for key, value in state_dict.items()
+                        if not key.endswith(_IGNORED_SUFFIX)}, abstract, RULES)
 
 
 @functools.lru_cache(maxsize=2)

@@ -12,7 +12,7 @@ feeding it s = 1 - t and negating its output:
 
 `ReversedTime(network)` does exactly that. An interval input `dt` (MeanFlow's t - r, a
 length) is passed through unchanged. `interface.network_time` selects it; importing released
-weights sets it to the release's convention (`lib.models.releases`).
+weights sets it to the release's convention (`lib.weights.releases`).
 """
 
 from typing import Literal

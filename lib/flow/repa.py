@@ -79,7 +79,7 @@ class REPA:
 
   Args:
     detector: frozen feature network with `load()`, `features(state, images) -> (B, N, F)`,
-      `feature_dim` and `num_tokens` (`lib.models.dinov2.DINOv2`).
+      `feature_dim` and `num_tokens` (`lib.encoders.dinov2.DINOv2`).
     depth: 1-based block of the network whose output tokens are aligned.
     coefficient: weight of L_REPA in the total loss.
     projector_dim: hidden width P of the projector.

@@ -43,22 +43,17 @@ zero biases, label table and time-MLP kernels N(0, 0.02), final adaLN and final 
 everything else keeps torch's default U(+-1/sqrt(fan_in)) (block Linears and their adaLN,
 which is not zeroed, and the time-MLP biases). A fresh model still outputs exactly zero.
 
-The released XL/2 checkpoints are Lightning checkpoints: `import_ddt` takes the
-`ema_denoiser.*` weights (see its docstring).
+The released XL/2 checkpoints are Lightning checkpoints: `lib.weights.ddt.import_ddt` takes
+the `ema_denoiser.*` weights.
 """
 
 import functools
-from typing import Mapping
-
 import jax
 import jax.numpy as jnp
-import numpy as np
-from absl import logging
 from flax import nnx
 
 from lib import nn
 from lib.models import layers
-from lib.models.checkpoint_io import key_problems
 
 # name -> (hidden_size, num_heads, num_blocks, num_encoder_blocks).
 #   XL: DDT-XL/2 "22en6de", the released ImageNet 256 / 512 models (675M, `configs/
@@ -66,11 +61,6 @@ from lib.models.checkpoint_io import key_problems
 #   B, L: the DiT widths with the encoder/decoder splits of the paper's scaling study
 #       (DDT-B/2 8en4de, DDT-L/2 20en4de); no checkpoints were released for them.
 SIZES = {'B': (768, 12, 12, 8), 'L': (1024, 16, 24, 20), 'XL': (1152, 16, 28, 22)}
-
-# Key prefixes of an MCG-NJU Lightning checkpoint's `state_dict`.
-EMA_PREFIX = 'ema_denoiser.'
-RAW_PREFIX = 'denoiser.'
-SKIPPED_PREFIXES = {'diffusion_trainer.': 'REPA projector of the training loss'}
 
 
 class _Embed(nn.Module):
@@ -247,140 +237,3 @@ class DDT(nn.Module):
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, dt: jax.Array | None = None,
                gw: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
     return self.decode(x, self.encode(x, t, y, dt, gw, rngs))
-
-
-# ------------------------------------------------------------------------------------ importer
-# Our module names -> the official ones (non-leaf path parts); our leaf names -> torch names.
-_MODULES = {'linear1': 'mlp.0', 'linear2': 'mlp.2', 'adaLN_modulation': 'adaLN_modulation.0',
-            'embedding': 'embedding_table'}
-_LEAVES = {'kernel': 'weight', 'bias': 'bias', 'embedding': 'weight', 'scale': 'weight'}
-
-
-def official_key(path: tuple) -> str:
-  """NNX parameter path -> MCG-NJU DDT state-dict key (`blocks/3/adaLN_modulation/kernel` ->
-  `blocks.3.adaLN_modulation.0.weight`)."""
-  *modules, leaf = (str(part) for part in path)
-  return '.'.join([_MODULES.get(name, name) for name in modules] + [_LEAVES.get(leaf, leaf)])
-
-
-def select_denoiser(state_dict: Mapping[str, np.ndarray], weights: str = 'ema'
-                    ) -> dict[str, np.ndarray]:
-  """The denoiser's weights from a flat MCG-NJU Lightning `state_dict` (`ema_denoiser.*`,
-  `denoiser.*`, `diffusion_trainer.*`), prefixes removed; a plain denoiser state dict is
-  returned as it is. `weights`: 'ema' (what the release evaluates) or 'raw'."""
-  if weights not in ('ema', 'raw'):
-    raise ValueError(f"weights={weights!r}; expected 'ema' or 'raw'")
-  keys = list(state_dict)
-  if not any(k.startswith((EMA_PREFIX, RAW_PREFIX)) for k in keys):
-    return dict(state_dict)
-  prefix = EMA_PREFIX if weights == 'ema' else RAW_PREFIX
-  if not any(k.startswith(prefix) for k in keys):
-    raise ValueError(f'the checkpoint has no {prefix}* weights (weights={weights!r}); it has '
-                     + ', '.join(sorted({k.split('.')[0] + '.*' for k in keys})))
-  out, skipped = {}, {}
-  for key, value in state_dict.items():
-    if key.startswith(prefix):
-      name = key[len(prefix):]
-      if name.startswith('_orig_mod.'):  # saved from a torch.compile'd module
-        name = name[len('_orig_mod.'):]
-      out[name] = value
-    elif key.startswith((EMA_PREFIX, RAW_PREFIX)):
-      skipped.setdefault(key.split('.')[0] + '.* (the other weights)', []).append(key)
-    else:
-      why = next((w for p, w in SKIPPED_PREFIXES.items() if key.startswith(p)), None)
-      if why is None:
-        out[key] = value  # reported as unexpected by the importer
-      else:
-        skipped.setdefault(f'{key.split(".")[0]}.* ({why})', []).append(key)
-  logging.info('DDT checkpoint: taking %s* (%d arrays)', prefix, len(out))
-  for what, group in skipped.items():
-    logging.info('DDT checkpoint: skipping %d arrays %s', len(group), what)
-  return out
-
-
-def _describe(shapes: Mapping[str, tuple]) -> str:
-  """What the weights tell of the architecture (a checkpoint's or a network's)."""
-  facts = {}
-  embed = shapes.get('x_embedder.proj.weight')
-  if embed is not None and len(embed) == 2:
-    facts.update(hidden_size=embed[0], patch_dim=embed[1])
-  facts['num_blocks'] = sum(1 for key in shapes
-                            if key.startswith('blocks.') and key.endswith('.attn.qkv.weight'))
-  norm = shapes.get('blocks.0.attn.q_norm.weight')
-  if norm is not None and 'hidden_size' in facts and norm[0]:
-    facts['num_heads'] = facts['hidden_size'] // norm[0]
-  head = shapes.get('final_layer.linear.weight')
-  if head is not None and len(head) == 2:
-    facts['out_dim'] = head[0]
-  table = shapes.get('y_embedder.embedding_table.weight')
-  if table is not None:
-    facts['label_rows'] = table[0]
-  w2 = shapes.get('blocks.0.mlp.w2.weight')
-  if w2 is not None and len(w2) == 2:
-    facts['ffn_dim'] = w2[1]
-  for name in ('dt_embedder', 'gw_embedder'):
-    if f'{name}.mlp.0.weight' in shapes:
-      facts[f'take_{name[:2]}'] = True
-  return ', '.join(f'{k}={v}' for k, v in facts.items())
-
-
-def import_ddt(state_dict: Mapping[str, np.ndarray], abstract_state, *,
-               weights: str = 'ema') -> nnx.State:
-  """An MCG-NJU DDT state dict ({key: torch-layout array}) as the parameters of a `DDT`.
-
-  Key layout (`decoupled_improved_dit.py`; torch Linear weights (out, in) are transposed):
-
-      x_embedder.proj.{weight,bias}           s_embedder.proj.{weight,bias}
-      t_embedder.mlp.{0,2}.{weight,bias}      y_embedder.embedding_table.weight (K + 1, D)
-      blocks.{i}.norm{1,2}.weight             blocks.{i}.attn.qkv.weight          (no bias)
-      blocks.{i}.attn.{q,k}_norm.weight       blocks.{i}.attn.proj.{weight,bias}
-      blocks.{i}.mlp.{w1,w2,w3}.weight        blocks.{i}.adaLN_modulation.0.{weight,bias}
-      final_layer.linear.{weight,bias}        final_layer.adaLN_modulation.0.{weight,bias}
-
-  A Lightning checkpoint (`read_state_dict('…ckpt')` returns its `state_dict`) holds
-  `denoiser.*`, `ema_denoiser.*` and the REPA projector `diffusion_trainer.*`: the `weights`
-  copy ('ema' by default, the one the release samples with) is taken, the rest skipped with a
-  log line. The MeanFlow embedders (`take_dt`/`take_gw`) have no released weights: such a
-  network cannot be filled from an official file.
-
-  The encoder/decoder split (`num_encoder_blocks`, 22 for the XL release) cannot be read from
-  the weights (every block has the same shapes): it must match the released model, or the
-  outputs are wrong without any error.
-
-  Args:
-    state_dict: e.g. `lib.models.checkpoint_io.read_state_dict(path)`.
-    abstract_state: the network's state (`nnx.state(nnx.eval_shape(make_network))`, its
-      `nnx.Param` part or all of it), or the (abstract) network itself.
-    weights: 'ema' or 'raw', for Lightning checkpoints holding both.
-
-  Returns:
-    An `nnx.State` of the network's `nnx.Param`s (float32 arrays in NNX layout).
-
-  Raises:
-    ValueError: naming every missing, unexpected and mis-shaped key.
-  """
-  from lib.models import import_weights  # (import_weights registers this function)
-
-  if isinstance(abstract_state, nnx.Module):
-    abstract_state = nnx.state(abstract_state)
-  given = {key: np.asarray(value) for key, value in select_denoiser(state_dict, weights).items()}
-  expected = {}
-  for path, variable in nnx.to_flat_state(abstract_state):
-    if isinstance(variable, nnx.Param):
-      expected[official_key(path)] = (path, variable)
-  want = {key: import_weights.torch_shape(str(path[-1]), variable.shape)
-          for key, (path, variable) in expected.items()}
-  found = {key: tuple(value.shape) for key, value in given.items()}
-  problems = key_problems(found, want)
-  if problems:
-    raise ValueError(
-        'the checkpoint does not match this DDT:\n'
-        f'  checkpoint: {_describe(found)}\n  network:    {_describe(want)}\n  '
-        + '\n  '.join(problems)
-        + '\n  (set network.hidden_size / num_heads / num_blocks / num_encoder_blocks / '
-        "patch_size and the data's classes to the released model's: XL/2 22en6de = 1152, 16, "
-        '28, 22, patch 2)')
-  flat = [(path, variable.replace(jnp.asarray(
-      import_weights.from_torch(str(path[-1]), given[key]), variable.dtype)))
-          for key, (path, variable) in expected.items()]
-  return nnx.from_flat_state(flat)

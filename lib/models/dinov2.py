@@ -1,6 +1,7 @@
 """DINOv2 (Oquab et al., arXiv 2304.07193; registers: Darcet et al., arXiv 2309.16588) in Flax
 NNX: the frozen self-supervised feature network behind REPA's alignment target and RAE's
-encoder, with an importer for released weights and a `DINOv2` feature-extractor wrapper.
+encoder (`lib.encoders.dinov2.DINOv2` is the detector node over it; `lib.weights.dinov2`
+imports released weights).
 
 Architecture (ViT-S/B/L/g with patch 14), images NHWC:
 
@@ -34,7 +35,7 @@ align_corners=False)` exactly: cubic convolution a = -0.75 with clamped borders 
 antialias; PIL-style a = -0.5 filter stretched by the downsampling factor and renormalised
 over the in-range taps with antialias (the two kernels differ even when upsampling).
 
-Weights: `import_state_dict` takes the state dict of a Hugging Face `Dinov2Model` /
+Weights: `lib.weights.dinov2.import_state_dict` takes the state dict of a Hugging Face `Dinov2Model` /
 `Dinov2WithRegistersModel` (transformers v5 names `attention.{q,k,v,o}_proj`,
 `mlp.{gate,up,down}_proj`, or the v4 names `attention.attention.{query,key,value}`,
 `attention.output.dense`, `mlp.weights_in/out` that the released `facebook/dinov2-*` files
@@ -44,17 +45,14 @@ NNX parameter paths follow the torch-hub names (`blocks/3/attn/qkv/kernel` is
 """
 
 import math
-import re
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lib import nn, paths
+from lib import nn
 from lib.models import layers
-from lib.models.checkpoint_io import key_problems, read_state_dict
 
 PATCH_SIZE = 14
 PRETRAINED_GRID = 37  # 518 / 14: the grid of the released position tables
@@ -303,262 +301,3 @@ class DINOv2ViT(nn.Module):
     x = self.tokens(images, mask)
     patches = x[:, self.num_prefix_tokens:]
     return (patches, x[:, 0]) if return_cls else patches
-
-
-# ------------------------------------------------------------------------------------------
-# Importer
-
-_HF_PREFIXES = ('dinov2_with_registers.', 'dinov2.')
-_LAYOUTS = {'hub': 'torch-hub (facebookresearch/dinov2)',
-            'hf_v5': 'Hugging Face transformers v5', 'hf_v4': 'Hugging Face transformers v4'}
-
-
-def _hub_key(path: tuple) -> str:
-  """NNX state path -> torch-hub key (`blocks.3.attn.qkv.weight`)."""
-  names = {'kernel': 'weight', 'scale': 'weight'}
-  return '.'.join(names.get(str(part), str(part)) for part in path)
-
-
-def _to_torch_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
-  """NNX parameter shape -> torch shape: conv HWIO -> OIHW, linear (in, out) -> (out, in)."""
-  if path[-1] == 'kernel':
-    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(reversed(shape))
-  return tuple(shape)
-
-
-def _from_torch_layout(path: tuple, array: np.ndarray) -> np.ndarray:
-  if path[-1] == 'kernel':
-    return array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
-  return array
-
-
-def _hf_keys(hub_key: str, layout: str) -> list[str]:
-  """torch-hub key -> the HF key(s) holding it (several when HF splits a fused matrix)."""
-  if layout == 'hub':
-    return [hub_key]
-  v5 = layout == 'hf_v5'
-  block = re.fullmatch(r'blocks\.(\d+)\.(.+)', hub_key)
-  if block is None:
-    for hub, hf in (('cls_token', 'embeddings.cls_token'),
-                    ('mask_token', 'embeddings.mask_token'),
-                    ('register_tokens', 'embeddings.register_tokens'),
-                    ('pos_embed', 'embeddings.position_embeddings'),
-                    ('patch_embed.proj.', 'embeddings.patch_embeddings.projection.'),
-                    ('norm.', 'layernorm.')):
-      if hub_key.startswith(hub):
-        return [hf + hub_key[len(hub):]]
-    raise KeyError(hub_key)
-  index, rest = block.groups()
-  prefix = f'encoder.layer.{index}.'
-  module, _, leaf = rest.rpartition('.')
-  if module == 'attn.qkv':
-    names = ('q_proj', 'k_proj', 'v_proj') if v5 else ('query', 'key', 'value')
-    stem = 'attention.' if v5 else 'attention.attention.'
-    return [f'{prefix}{stem}{name}.{leaf}' for name in names]
-  if module == 'mlp.w12':
-    return ([f'{prefix}mlp.gate_proj.{leaf}', f'{prefix}mlp.up_proj.{leaf}'] if v5
-            else [f'{prefix}mlp.weights_in.{leaf}'])
-  renamed = {'attn.proj': 'attention.o_proj' if v5 else 'attention.output.dense',
-             'ls1': 'layer_scale1', 'ls2': 'layer_scale2',
-             'mlp.w3': 'mlp.down_proj' if v5 else 'mlp.weights_out'}.get(module, module)
-  leaf = 'lambda1' if leaf == 'gamma' else leaf
-  return [f'{prefix}{renamed}.{leaf}']
-
-
-def detect_layout(keys) -> str:
-  """'hub', 'hf_v5' or 'hf_v4' from the key names of a state dict."""
-  keys = list(keys)
-  if any(k.startswith(('embeddings.', 'encoder.layer.')) for k in keys):
-    v4 = any('.attention.attention.' in k or '.attention.output.dense.' in k
-             or '.mlp.weights_in.' in k for k in keys)
-    return 'hf_v4' if v4 else 'hf_v5'
-  if any(k.startswith(('blocks.', 'cls_token', 'pos_embed', 'patch_embed.')) for k in keys):
-    return 'hub'
-  raise ValueError('not a DINOv2 state dict: expected Hugging Face keys (embeddings.*, '
-                   'encoder.layer.*) or torch-hub keys (cls_token, blocks.*); got '
-                   + ', '.join(sorted(keys)[:8]))
-
-
-def _strip_hf_prefix(key: str) -> str:
-  for prefix in _HF_PREFIXES:
-    if key.startswith(prefix):
-      return key[len(prefix):]
-  return key
-
-
-def import_state_dict(state_dict: dict[str, np.ndarray], abstract_state: nnx.State,
-                      final_norm_affine: bool = True) -> nnx.State:
-  """Fills `abstract_state` (of a `DINOv2ViT`) from a HF or torch-hub DINOv2 state dict
-  ({key: array in torch layout}; the layout is detected from the names).
-
-  `mask_token` may be absent (HF `use_mask_token=False`; zeros then). With
-  `final_norm_affine=False` the file's final-LayerNorm scale and bias are ignored.
-
-  Raises:
-    ValueError: naming every missing, unexpected and mis-shaped key, in the file's names.
-  """
-  given = {_strip_hf_prefix(key): np.asarray(value) for key, value in state_dict.items()}
-  layout = detect_layout(given)
-  if not final_norm_affine:
-    for leaf in ('weight', 'bias'):
-      for key in _hf_keys(f'norm.{leaf}', layout):
-        given.pop(key, None)
-  optional = set(_hf_keys('mask_token', layout))
-  plan = []  # (path, variable, file keys, torch shape of each part)
-  for path, variable in nnx.to_flat_state(abstract_state):
-    keys = _hf_keys(_hub_key(path), layout)
-    shape = _to_torch_shape(path, variable.shape)
-    part = (shape[0] // len(keys), *shape[1:])
-    plan.append((path, variable, keys, part))
-  expected = {key: part for _, _, keys, part in plan for key in keys}
-  problems = key_problems({key: value.shape for key, value in given.items()}, expected,
-                          tuple(optional))
-  if problems:
-    raise ValueError(f'the state dict ({_LAYOUTS[layout]} names) does not match this DINOv2 '
-                     '(check size, registers, swiglu and the position grid): '
-                     + '; '.join(problems))
-  flat = []
-  for path, variable, keys, part in plan:
-    if all(key in given for key in keys):
-      array = np.concatenate([given[key] for key in keys], axis=0)
-      array = _from_torch_layout(path, array)
-    else:  # an optional key (mask_token)
-      array = np.zeros(variable.shape, np.float32)
-    flat.append((path, variable.replace(jnp.asarray(array, variable.dtype))))
-  return nnx.from_flat_state(flat)
-
-
-def export_hub_state_dict(state: nnx.State) -> dict[str, np.ndarray]:
-  """The inverse of `import_state_dict` for the torch-hub layout (testing, conversion)."""
-  out = {}
-  for path, variable in nnx.to_flat_state(state):
-    array = np.asarray(variable[...])
-    if path[-1] == 'kernel':
-      array = array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
-    out[_hub_key(path)] = array
-  return out
-
-
-# ------------------------------------------------------------------------------------------
-# Feature extractor
-
-
-class DINOv2:
-  """Frozen DINOv2 patch features: REPA's alignment target, RAE's encoder.
-
-    images (B, H, W, 3): uint8 [0, 255] or float [-1, 1]
-    -> [0, 1] -> ImageNet mean/std -> bicubic resize to `resolution` (torch, no antialias)
-    -> DINOv2 -> patch tokens (B, (resolution/14)^2, D), e.g. (B, 256, 768) for B/14 at 224.
-
-  REPA normalises and then resizes (256 -> 224), RAE resizes first; the order does not matter
-  (up to float rounding) because the bicubic weights sum to one, so the per-channel affine
-  normalisation commutes with the resize; this keeps REPA's order.
-
-  Args:
-    weights_path: local weights file: HF `model.safetensors` / `pytorch_model.bin` of
-      facebook/dinov2-{small,base,large,giant} or facebook/dinov2-with-registers-*, or a
-      torch-hub `dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth`; only `load()` reads it.
-    size: 'S', 'B', 'L' or 'g' (`SIZES`).
-    registers: the with-registers models (4 register tokens).
-    resolution: input side after resizing; a multiple of 14.
-    pos_embed: position-table variant (module docstring): 'hf' (transformers v5, run-time
-      resample), 'hub' (torch-hub official code), 'resampled' (REPA: resampled once at load with
-      antialias to the resolution's grid).
-    final_norm_affine: keep the final LayerNorm's scale and bias (RAE: False).
-    antialias: antialiased image resize (REPA, RAE and diffuse_nnx: False).
-    dtype: compute dtype name ('float32', 'bfloat16').
-
-  `load() -> state`, `features(state, images, return_cls=False)` are pure functions of the
-  explicit state (usable inside jit).
-  """
-
-  def __init__(self, weights_path: str | None = None, size: str = 'B', registers: bool = False,
-               resolution: int = 224, pos_embed: Literal['hf', 'hub', 'resampled'] = 'hf',
-               final_norm_affine: bool = True, antialias: bool = False,
-               dtype: str = 'float32'):
-    if size not in SIZES:
-      raise ValueError(f'DINOv2 size={size!r}; expected one of {", ".join(SIZES)}')
-    if resolution % PATCH_SIZE:
-      raise ValueError(f'DINOv2 resolution={resolution} is not a multiple of the patch size '
-                       f'{PATCH_SIZE} (224 gives 16x16 tokens)')
-    if pos_embed not in ('hf', 'hub', 'resampled'):
-      raise ValueError(f"DINOv2 pos_embed={pos_embed!r}; expected 'hf', 'hub' or 'resampled'")
-    self.weights_path = weights_path
-    self.size = size
-    self.registers = registers
-    self.resolution = resolution
-    self.pos_embed = pos_embed
-    self.final_norm_affine = final_norm_affine
-    self.antialias = antialias
-    self.dtype = dtype
-    self.feature_dim = SIZES[size]['hidden_size']
-    self.grid = resolution // PATCH_SIZE
-    self.num_tokens = self.grid ** 2
-    self._graphdef = None
-
-  def _architecture(self, pos_grid: int | None = None) -> dict:
-    config = dict(SIZES[self.size])
-    config.setdefault('pos_grid', PRETRAINED_GRID)
-    if pos_grid is not None:
-      config['pos_grid'] = pos_grid
-    registers = 4 if self.registers else 0
-    if self.pos_embed == 'hub':
-      antialias, offset = (True, 0.0) if registers else (False, 0.1)
-    else:
-      antialias, offset = None, 0.0
-    return dict(config, num_register_tokens=registers, final_norm_affine=self.final_norm_affine,
-                interpolate_antialias=antialias, interpolate_offset=offset)
-
-  def _abstract(self, pos_grid: int | None = None) -> tuple[nnx.GraphDef, nnx.State]:
-    if pos_grid is None and self.pos_embed == 'resampled':
-      pos_grid = self.grid
-    config = self._architecture(pos_grid)
-    model = nnx.eval_shape(lambda: DINOv2ViT(**config, dtype=jnp.dtype(self.dtype),
-                                             rngs=nnx.Rngs(0)))
-    return nnx.split(model)
-
-  def model(self, state: nnx.State) -> DINOv2ViT:
-    """The network holding `state` (traceable: usable inside jit)."""
-    if self._graphdef is None:
-      self._graphdef, _ = self._abstract()
-    return nnx.merge(self._graphdef, state)
-
-  def load(self) -> nnx.State:
-    """The weights from `weights_path` (pos table resampled once for pos_embed='resampled')."""
-    if self.weights_path is None:
-      raise ValueError('DINOv2.weights_path is not set: set it to a local DINOv2 weights file, '
-                       'e.g. `model.safetensors` of facebook/dinov2-base (or '
-                       'facebook/dinov2-with-registers-base with registers=True), or the '
-                       'torch-hub `dinov2_vitb14_pretrain.pth`')
-    if not paths.is_file(self.weights_path, 'DINOv2.weights_path'):
-      raise FileNotFoundError(f'DINOv2.weights_path={self.weights_path!r} does not exist; '
-                              'expected a DINOv2 `model.safetensors`, `pytorch_model.bin` or '
-                              'torch-hub `.pth` file')
-    stored_grid = self._architecture()['pos_grid']
-    _, abstract = self._abstract(pos_grid=stored_grid)
-    state = import_state_dict(read_state_dict(self.weights_path), abstract,
-                              self.final_norm_affine)
-    if self.pos_embed == 'resampled' and self.grid != stored_grid:
-      # timm `resample_abs_pos_embed(..., new_size=(g, g))`: bicubic with antialias.
-      table = state['pos_embed']
-      state['pos_embed'] = table.replace(resample_pos_embed(table[...], (self.grid, self.grid),
-                                                            antialias=True))
-    self._graphdef, _ = self._abstract()
-    return state
-
-  def preprocess(self, images: jax.Array) -> jax.Array:
-    """uint8 [0, 255] or float [-1, 1] (B, H, W, 3) -> normalised (B, res, res, 3) float32."""
-    if images.shape[-1] != 3:
-      raise ValueError(f'DINOv2 takes (B, H, W, 3) RGB images, got {images.shape}')
-    if images.dtype == jnp.uint8:
-      x = images.astype(jnp.float32) / 255.0
-    else:
-      x = (images.astype(jnp.float32) + 1.0) / 2.0
-    x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
-    if x.shape[1:3] != (self.resolution, self.resolution):
-      x = resize_bicubic(x, (self.resolution, self.resolution), antialias=self.antialias)
-    return x
-
-  def features(self, state: nnx.State, images: jax.Array, return_cls: bool = False):
-    """Patch tokens (B, num_tokens, feature_dim) [and the CLS token (B, feature_dim)]."""
-    return self.model(state)(self.preprocess(images), return_cls=return_cls)

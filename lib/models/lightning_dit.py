@@ -26,7 +26,7 @@ Blocks also accept a per-token condition (B, L, D), which LightningDDT's decoder
 Init follows the official code: xavier-uniform on every Linear (fused qkv as one matrix),
 zero biases, patch embed as a Linear, label table and time MLP N(0, 0.02), adaLN and the
 final layer zero, so a fresh model outputs exactly zero. Parameter names follow the torch
-key layout (`lib.models.import_lightning` maps released checkpoints).
+key layout (`lib.weights.lightning` maps released checkpoints).
 """
 
 import jax

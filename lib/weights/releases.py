@@ -31,7 +31,7 @@ the settings above make the network's velocity the release's.)
 `apply(config, path, source)` sets these in an unbuilt config, recording `source` (the flag
 that named the file) as their provenance and logging each; a value given by a `--fdl_set` flag
 that contradicts one is refused. `launch.py` applies them for `init_from`
-(`apply_init_from`), `python -m lib.models.import_weights` for its `--checkpoint`, so the
+(`apply_init_from`), `launch.py --mode=import` for its `--checkpoint`, so the
 workdir's saved config carries them. A DiT-layout file that none of the rules recognises is
 refused unless a `--fdl_set=interface.network_time=...` flag states its time convention.
 `check(experiment, path)`, called by every import, refuses a built experiment that
@@ -50,12 +50,14 @@ from absl import logging
 from fiddle import history
 
 from lib import cli, paths
-from lib.experiment import ConfigError
+from lib.encoders.sd_vae import StabilityVAE
+from lib.errors import ConfigError
 from lib.flow import ddpm, sit
-from lib.models import ddt, dit, import_weights, sd_vae
-from lib.models.checkpoint_io import Contents, read_contents
+from lib.models import ddt, dit
 from lib.models.lightning_ddt import LightningDDT
 from lib.models.lightning_dit import LightningDiT
+from lib.weights import importer
+from lib.weights.files import Contents, read_contents
 
 SD_VAE_SCALE = 0.18215  # the diffusers `scaling_factor` that DiT, SiT, REPA and DDT train with
 
@@ -151,7 +153,7 @@ def _mcg_ddt(contents: Contents, path: str) -> Release:
 
 
 # Network class -> fn(contents, path) -> Release (subclasses use their base's), for every
-# class of `import_weights.IMPORTERS`.
+# class of `lib.weights.registry.IMPORTERS`.
 FAMILIES: dict[type, Callable[[Contents, str], Release]] = {
     dit.DiT: _dit_layout,
     LightningDiT: _lightning_dit,
@@ -163,18 +165,18 @@ FAMILIES: dict[type, Callable[[Contents, str], Release]] = {
 def identify(network, path: str) -> Release:
   """The release conventions of the weights file `path` for a network node (an unbuilt
   `fdl.Partial`, a partial or a class)."""
-  cls = import_weights.network_class(network)
-  for base in getattr(cls, '__mro__', ()):
-    if base in FAMILIES:
-      try:
-        contents = read_contents(path)
-      except Exception as e:  # a file that is not a readable weights file
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f'cannot read the weights file {path}: {first_line}') from None
-      return FAMILIES[base](contents, path)
-  raise ConfigError(f'no release conventions are declared for network class '
-                    f'{getattr(cls, "__qualname__", cls)} (add them to '
-                    f'lib.models.releases.FAMILIES)')
+  family = importer.lookup(FAMILIES, network)
+  if family is None:
+    cls = importer.network_class(network)
+    raise ConfigError(f'no release conventions are declared for network class '
+                      f'{getattr(cls, "__qualname__", cls)} (add them to '
+                      f'lib.weights.releases.FAMILIES)')
+  try:
+    contents = read_contents(path)
+  except Exception as e:  # a file that is not a readable weights file
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f'cannot read the weights file {path}: {first_line}') from None
+  return family(contents, path)
 
 
 # ------------------------------------------------------------------------------- configs
@@ -228,7 +230,7 @@ def apply(config: fdl.Buildable, path: str, source: str) -> tuple[Release, list[
     for where, value in release.settings().items():
       node_name, name = where.split('.')
       node = getattr(config, node_name)
-      if node_name == 'encoder' and not issubclass(fdl.get_callable(node), sd_vae.StabilityVAE):
+      if node_name == 'encoder' and not issubclass(fdl.get_callable(node), StabilityVAE):
         continue  # the release modelled SD-VAE latents; this run models other data
       current = _current(node, name)
       if _same(current, value):
@@ -282,7 +284,7 @@ def check(experiment, path: str) -> None:
       actual = getattr(interface, name)
     elif node_name == 'network':
       actual = _partial_arg(experiment.network, name)
-    elif isinstance(experiment.encoder, sd_vae.StabilityVAE):
+    elif isinstance(experiment.encoder, StabilityVAE):
       actual = getattr(experiment.encoder, name)
     else:
       continue
@@ -290,6 +292,6 @@ def check(experiment, path: str) -> None:
       problems.append(f'{where} is {actual!r}, the release needs {value!r}')
   if problems:
     raise ConfigError(f'{path} is a {release.name} release; this experiment contradicts its '
-                      'conventions: ' + '; '.join(problems) + ' (launch.py and python -m '
-                      'lib.models.import_weights set them; in Python call '
-                      'lib.models.releases.apply(config, path, source) before fdl.build)')
+                      'conventions: ' + '; '.join(problems) + ' (launch.py sets them, also with '
+                      '--mode=import; in Python call lib.weights.releases.apply(config, path, '
+                      'source) before fdl.build)')

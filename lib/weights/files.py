@@ -5,8 +5,8 @@
     read_state_dict('weights.npz')                          # numpy archive
 
 Only file reading, and the one report of a state dict that does not fit a network
-(`key_problems`), live here; mapping keys onto a network is the job of each importer
-(`lib.models.sd_vae.import_diffusers_state_dict`, `lib.models.import_weights`, ...).
+(`key_problems`), live here; mapping keys onto a network is the job of `lib.weights.importer`
+and each family's rules (`lib.weights.dit`, `lib.weights.sd_vae`, ...).
 
 Torch pickles (`.pt`, `.pth`, `.bin`, `.ckpt`) are opened with `torch.load(weights_only=True)`,
 so a file cannot run code; `argparse.Namespace` (the `args` entry of DiT/SiT/REPA training

@@ -1,0 +1,2 @@
+"""Frozen encoders and detectors as graph nodes: pixels, the SD-VAE, RAE and DINOv2, each over
+`lib.encoders.base.FrozenNode`."""
