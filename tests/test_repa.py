@@ -253,6 +253,36 @@ def test_alignment_gradient_reaches_the_network(image_tree, tiny_dinov2):
   assert np.abs(updated[0] - updated[1]).max() > 1e-6
 
 
+@pytest.mark.slow
+def test_repa_aligns_the_condition_encoder_of_a_ddt(image_tree, tiny_dinov2):
+  """MCG-NJU DDT (2 blocks, 1 in the condition encoder), block 1 aligned: the projector is
+  sized from its tokens and trained, and the alignment gradient reaches the encoder's patch
+  embedding (`s_embedder`)."""
+  updated = []
+  for coefficient in (0.0, 0.5):
+    config = _tiny_config(image_tree, tiny_dinov2)
+    config.network = fdl.Partial(ddt.DDT, patch_size=4, hidden_size=32, num_heads=2,
+                                 num_blocks=2, num_encoder_blocks=1)
+    config.repa.coefficient = coefficient
+    config.optimizer = fdl.Partial(optim.sgd, learning_rate=0.1)  # updates proportional to grads
+    experiment = fdl.build(config)
+    run = train.Run(experiment, str(image_tree / 'run'))
+    run.load_encoder()
+    run.load_objective()
+    run.state = run.initial_state()
+    assert run.state['projector']['fc1']['kernel'].shape == (32, 64)
+    projector0 = jax.device_get(run.state['projector'])
+    (metrics,) = _steps(run, experiment, 1)
+    np.testing.assert_allclose(metrics['loss'],
+                               metrics['diffusion_loss'] + coefficient * metrics['repa_loss'],
+                               rtol=1e-5)
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), projector0,
+                         jax.device_get(run.state['projector']))
+    assert (min(jax.tree.leaves(moved)) > 0) == (coefficient > 0)
+    updated.append(jax.device_get(run.state['params']['s_embedder']['proj']['kernel'][...]))
+  assert np.abs(updated[0] - updated[1]).max() > 1e-6
+
+
 def test_repa_run_checkpoints_the_projector_and_resumes(image_tree, tiny_dinov2):
   workdir = str(image_tree / 'run')
   experiment = fdl.build(_tiny_config(image_tree, tiny_dinov2))
