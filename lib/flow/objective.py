@@ -62,7 +62,7 @@ class Objective:
     """The constructor of the terms' trainable modules, {name: nnx.Module} ({} without terms;
     term i's drawn from seed + 1 + i). The network is evaluated abstractly once, here."""
     if not self.terms:
-      return dict
+      return lambda: {}
     blocks = block_output_shapes(make_network, latent_shape)
     makers = [term.trainables(blocks) for term in self.terms]
     return lambda: {name: make(rngs=nnx.Rngs(seed + 1 + i))
