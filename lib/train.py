@@ -15,6 +15,7 @@ as the uninterrupted run would have.
 """
 
 import io
+import os
 import re
 import signal
 import time
