@@ -48,9 +48,9 @@ GROUPS = ('copies', 'attention', 'dots fwd', 'dots bwd', 'norms+mod', 'mlp act',
 ATTENTION = {'attention', '_cpu_attention', '_cpu_attention_forward', '_cpu_attention_backward',
              '_attention_one', '_attention_one_backward'}
 MLP_ACTIVATION = {'gelu_tanh', '_gelu_tanh_jvp', 'gelu', 'silu'}
-MLP_MODULES = {'Mlp.__call__', 'GeluMlp.__call__', 'SwiGLU.__call__', 'SplitSwiGLU.__call__'}
+MLP_MODULES = {'Mlp.__call__', 'SwiGLU.__call__', 'SplitSwiGLU.__call__'}
 NORMS = {'normalize', '_normalize_forward', '_normalize_backward', 'LayerNorm.__call__',
-         'RMSNorm.__call__', 'modulate', '_modulate'}
+         'RMSNorm.__call__', 'modulate'}
 BLOCKS = {'DiTBlock.__call__', 'LightningDiTBlock.__call__', 'DDTBlock.__call__',
           'FinalLayer.__call__'}  # gates and residual additions
 CONTAINERS = re.compile(r'^(while|conditional|call)(\.\d+)?$')

@@ -103,7 +103,7 @@ def compile_step(config: fdl.Buildable, real_data: bool = False) -> CompiledStep
     if not posterior:
       raise
     encoder_state, encoder_note = {}, 'not loaded (posterior batches need no VAE weights)'
-  run.load_detector()  # REPA's DINOv2 weights (a no-op without REPA)
+  run.load_objective()  # REPA's DINOv2 weights (none without REPA)
   if real_data:
     data.check()
     host_batch = next(data.batches(0, jax.process_index(), jax.process_count()))
@@ -114,7 +114,7 @@ def compile_step(config: fdl.Buildable, real_data: bool = False) -> CompiledStep
   source += f' {tuple(host_batch["image"].shape)} {host_batch["image"].dtype}'
   batch = {k: jax.make_array_from_process_local_data(run.batch_sharding, v)
            for k, v in host_batch.items()}
-  args = (state, encoder_state, batch, run.detector_state)
+  args = (state, encoder_state, batch, run.objective_state)
   start = time.perf_counter()
   compiled = run._train_step.lower(*args).compile()
   return CompiledStep(experiment, run, compiled, args, time.perf_counter() - start, source,

@@ -11,6 +11,7 @@ on, never stored as preset leaves that an override could leave stale:
     network.input_size  = latent_shape[0]
     network.in_channels = latent_shape[2]
     network.num_classes = data.num_classes
+    objective           = Objective(interface, terms=(repa,) if repa else ())   (lib.flow.objective)
 
 A config may still set one of these explicitly (a legacy config does); then it must
 agree with the derivation, or building fails with an error that names both values,
@@ -27,6 +28,7 @@ from flax import nnx
 from lib import errors
 from lib.errors import ConfigError
 from lib import hooks
+from lib.flow.objective import Objective
 from lib.sharding import Sharding
 
 
@@ -65,8 +67,9 @@ class Experiment:
     init_from: optional released weights file (e.g. `DiT-XL-2-256x256.pt`) that a run with no
       checkpoint in its workdir starts from (params and EMA), imported by the importer of the
       network's class (`lib.weights.registry.IMPORTERS`); ignored when resuming.
-    repa: optional representation alignment (`lib.flow.repa.REPA`): its projector is trained
-      with the network and its loss added to the interface's; needs pixel data.
+    repa: optional representation alignment (`lib.flow.repa.REPA`), a term of the derived
+      `objective`: its projector is trained with the network and its loss added to the
+      interface's; needs pixel data and an interface that evaluates the network once.
     skip_nonfinite_updates: 0 (default): a step whose loss or gradient norm is not finite
       stops the run before anything of it is saved. N > 0: such an update is skipped
       (weights, optimizer state and EMA unchanged; the step and the data move on), counted
@@ -128,8 +131,8 @@ class Experiment:
           f'network.patch_size={patch} does not divide the latent size {self.latent_shape[0]} '
           f'(data.image_size={self.data.image_size} / encoder.downsample_factor='
           f'{self.encoder.downsample_factor}); choose a patch size that divides it')
-    if self.repa is not None:
-      self._check_repa(patch)
+    self.objective = Objective(self.interface, terms=() if self.repa is None else (self.repa,))
+    self.objective.check(self, patch)
     if self.init_from:
       from lib.weights import registry  # the importer exists (the file is read at run time)
       try:
@@ -154,26 +157,6 @@ class Experiment:
       for hook in (self.writers, self.profile, self.visualize, *self.evaluate):
         if hasattr(hook, 'check'):
           hook.check(self)
-
-  def _check_repa(self, patch: int | None) -> None:
-    from lib.flow import meanflow
-
-    kind = getattr(self.data, 'kind', None)
-    if kind != 'pixels':
-      raise ConfigError(
-          f'repa aligns features of the clean images, so data must yield pixels (data.kind='
-          f"'pixels', e.g. common.imagenet_raw); {type(self.data).__name__} yields {kind!r}")
-    if isinstance(self.interface, meanflow.MeanFlow):
-      raise ConfigError('repa needs an interface whose loss evaluates the network once (SiT, '
-                        'EDM); MeanFlow evaluates it inside jax.jvp')
-    if patch:
-      height, width = self.latent_shape[0] // patch, self.latent_shape[1] // patch
-      if height * width != self.repa.detector.num_tokens:
-        raise ConfigError(
-            f'repa: the network sees {height * width} tokens (latents {self.latent_shape[0]}x'
-            f'{self.latent_shape[1]} / network.patch_size={patch}) but repa.detector gives '
-            f'{self.repa.detector.num_tokens} patch features (resolution='
-            f'{self.repa.detector.resolution}); they must be equal')
 
   def make_network(self, seed: int | None = None) -> nnx.Module:
     """The network with the derived sizes, initialised from `seed` (default: self.seed)."""

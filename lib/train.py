@@ -3,9 +3,11 @@
 State carried between steps (and checkpointed) is a pytree
     {'step': int32, 'params': nnx.State, 'opt_state': optax state, 'ema': EMA state,
      'buffers': the network's fixed arrays (position tables, fixed Fourier features)}
-plus, with REPA, 'projector': the projector's parameters (trained with the network by the
-same optimizer, not averaged by the EMA). The frozen weights of the encoder and of REPA's
-detector are passed to the jitted functions as arguments, never baked in as constants.
+plus the parameters of the objective's own trainables under their names (REPA: 'projector';
+trained with the network by the same optimizer, not averaged by the EMA). The step calls the
+objective (`lib.flow.objective.Objective`) for the loss. The frozen weights of the encoder and
+of the objective (REPA's detector) are passed to the jitted functions as arguments, never
+baked in as constants.
 
 Every random draw of step k comes from `fold_in(key(seed), k)`, and the data position
 is a function of k, so a run resumed from the checkpoint of step k continues exactly
@@ -58,15 +60,15 @@ class Run:
     abstract_model = nnx.eval_shape(exp.make_network)
     self.graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
     self.param_count = sum(x.size for x in jax.tree.leaves(abstract_params))
-    self.repa = exp.repa
-    if self.repa is not None:
-      self.repa_hidden_size = self.repa.hidden_shape(exp.make_network, exp.latent_shape)[-1]
-      self.projector_graphdef = nnx.graphdef(nnx.eval_shape(self._make_projector))
+    self.objective = exp.objective
+    self._make_extras = self.objective.trainables(exp.make_network, exp.latent_shape, exp.seed)
+    self.extra_graphdefs = {name: nnx.graphdef(module)
+                            for name, module in nnx.eval_shape(self._make_extras).items()}
     self.state_shardings = self.layout.state_shardings(jax.eval_shape(self._create), self.mesh)
     self.key = jax.random.key(exp.seed)
     self.writer = None
     self.state = None
-    self.detector_state = None
+    self.objective_state = None
     self._train_step = jax.jit(self._step, donate_argnums=0,
                                out_shardings=(self.state_shardings, self.replicated))
     self._generate = jax.jit(self._sample, static_argnames='guidance_scale',
@@ -78,42 +80,45 @@ class Run:
         out_shardings=self.replicated)
 
   # ----------------------------------------------------------------------------- state
-  def _make_projector(self):
-    return self.repa.make_projector(self.repa_hidden_size, nnx.Rngs(self.experiment.seed + 1))
-
   def _create(self):
     model = self.experiment.make_network()
     _, params, buffers = nnx.split(model, nnx.Param, ...)
-    projector = None if self.repa is None else nnx.state(self._make_projector(), nnx.Param)
-    return self.state_from_weights(params, buffers, projector)
+    extras = {name: nnx.state(module, nnx.Param) for name, module in self._make_extras().items()}
+    return self.state_from_weights(params, buffers, extras)
 
-  def state_from_weights(self, params, buffers, projector=None):
+  def state_from_weights(self, params, buffers, extras=None):
     """A step-0 state: `params` as the weights and as the EMA, a fresh optimizer state, the
-    network's fixed arrays (position tables, fixed Fourier features) [and REPA's projector]."""
+    network's fixed arrays (position tables, fixed Fourier features) and the parameters of
+    the objective's trainables `extras` ({name: nnx.State}, REPA's projector)."""
     state = {'step': jnp.zeros((), jnp.int32), 'params': params,
-             'ema': self.experiment.ema.init(params), 'buffers': buffers}
-    if projector is not None:
-      state['projector'] = projector
+             'ema': self.experiment.ema.init(params), 'buffers': buffers, **(extras or {})}
     state['opt_state'] = self.optimizer.tx.init(self.trained(state))
     return state
 
-  @staticmethod
-  def trained(state):
-    """What the optimizer updates: the network's parameters [and REPA's projector]."""
-    if 'projector' in state:
-      return {'network': state['params'], 'projector': state['projector']}
-    return state['params']
+  def trained(self, state):
+    """What the optimizer updates: the network's parameters, and with objective trainables
+    {'network': parameters, name: its parameters, ...}."""
+    if not self.extra_graphdefs:
+      return state['params']
+    return {'network': state['params'], **{name: state[name] for name in self.extra_graphdefs}}
+
+  def _untrained(self, trained):
+    """The inverse of `trained`: (the network's parameters, {name: trainable's parameters})."""
+    if not self.extra_graphdefs:
+      return trained, {}
+    return trained['network'], {name: trained[name] for name in self.extra_graphdefs}
 
   def imported_state(self, weights: nnx.State):
     """The step-0 state of imported weights (`lib.weights.registry.import_file`): their
-    parameters, and their fixed arrays where they have them (else the constructor's); a fresh
-    REPA projector."""
+    parameters, and their fixed arrays where they have them (else the constructor's); fresh
+    objective trainables (REPA's projector)."""
+    # only the buffers and the trainables are made: the network's parameters are compiled away
     fresh = jax.jit(lambda: {k: v for k, v in self._create().items()
-                             if k in ('buffers', 'projector')})()  # parameters compiled away
+                             if k == 'buffers' or k in self.extra_graphdefs})()
     params, imported_buffers = nnx.split_state(weights, nnx.Param, ...)
-    buffers = nnx.merge_state(fresh['buffers'], imported_buffers)
+    buffers = nnx.merge_state(fresh.pop('buffers'), imported_buffers)
     return jax.jit(self.state_from_weights, out_shardings=self.state_shardings)(
-        params, buffers, fresh.get('projector'))
+        params, buffers, fresh)
 
   def initial_state(self):
     """A fresh state, created by one jitted call directly in its final sharding: no device
@@ -133,16 +138,15 @@ class Run:
   def load_encoder(self):
     self.encoder_state = jax.device_put(self.experiment.encoder.load(), self.replicated)
 
-  def load_detector(self):
-    """REPA's frozen detector weights (training only), replicated."""
-    if self.repa is not None:
-      self.detector_state = jax.device_put(self.repa.detector.load(), self.replicated)
+  def load_objective(self):
+    """The objective's frozen weights (REPA's detector; training only), replicated."""
+    self.objective_state = jax.device_put(self.objective.load(), self.replicated)
 
   def network(self, params, buffers) -> nnx.Module:
     return nnx.merge(self.graphdef, params, buffers)
 
   # ----------------------------------------------------------------------------- jitted
-  def _step(self, state, encoder_state, batch, detector_state=None):
+  def _step(self, state, encoder_state, batch, objective_state=None):
     exp = self.experiment
     key = jax.random.fold_in(self.key, state['step'])
     encode_key, loss_key, dropout_key = jax.random.split(key, 3)
@@ -150,29 +154,24 @@ class Run:
 
     def loss_fn(trained):
       rngs = nnx.Rngs(label_dropout=dropout_key, dropout=jax.random.fold_in(dropout_key, 1))
-      if self.repa is None:
-        network = self.network(trained, state['buffers'])
-        per_sample, aux = exp.interface.loss(network, x, batch['label'], loss_key, rngs=rngs)
-      else:
-        network = self.network(trained['network'], state['buffers'])
-        projector = nnx.merge(self.projector_graphdef, trained['projector'])
-        per_sample, aux = self.repa.loss(exp.interface, network, projector, detector_state, x,
-                                         batch['image'], batch['label'], loss_key, rngs=rngs)
+      params, extras = self._untrained(trained)
+      modules = {name: nnx.merge(self.extra_graphdefs[name], weights)
+                 for name, weights in extras.items()}
+      per_sample, aux = self.objective.loss(self.network(params, state['buffers']), modules,
+                                            objective_state, x, batch, loss_key, rngs=rngs)
       return per_sample.mean(), aux
 
     trained = self.trained(state)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
     updates, opt_state = self.optimizer.tx.update(grads, state['opt_state'], trained)
     trained = optax.apply_updates(trained, updates)
-    params = trained if self.repa is None else trained['network']
+    params, extras = self._untrained(trained)
     grad_norm = optax.tree.norm(grads)
     metrics = {'loss': loss, 'grad_norm': grad_norm,
                'learning_rate': self.optimizer.schedule(state['step']), **aux}
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
                  'ema': exp.ema.update(state['ema'], params, state['step']),
-                 'buffers': state['buffers']}
-    if self.repa is not None:
-      new_state['projector'] = trained['projector']
+                 'buffers': state['buffers'], **extras}
     if exp.skip_nonfinite_updates:
       # Keep the weights, optimizer state and EMA of a step whose loss, gradient or new
       # weights are not finite; the step counter (and so the data) moves on.
@@ -288,7 +287,7 @@ class Run:
     exp = self.experiment
     exp.data.check()
     self.load_encoder()
-    self.load_detector()
+    self.load_objective()
     manager = exp.checkpoint.manager(self.workdir)
     self.writer = None
     actions = []
@@ -313,7 +312,7 @@ class Run:
                  for k, v in next_batch(batches, step).items()}
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           self.state, metrics = self._train_step(self.state, self.encoder_state, batch,
-                                                 self.detector_state)
+                                                 self.objective_state)
         if unchecked is not None:  # the previous step has finished by now, or nearly
           self._check_finite(*unchecked, manager)
         step += 1

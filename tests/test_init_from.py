@@ -4,10 +4,11 @@ import fiddle as fdl
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from lib import checkpoint as ckpt
-from lib import cli
+from lib import cli, errors
 from lib.train import Run
 
 
@@ -32,3 +33,16 @@ def test_imported_fixed_arrays_replace_the_constructors_and_survive_a_checkpoint
   assert resumed.restore(manager) == 1
   manager.close()
   np.testing.assert_array_equal(resumed.state['buffers']['pos_embed'][...], 0.25)
+
+
+def test_init_from_a_missing_file_names_the_field(tmp_path):
+  config = cli.load_preset('experiments/dit.py:digits')
+  for assignment in ['network.hidden_size=16', 'network.depth=1', 'network.num_heads=2']:
+    cli.apply_override(config, assignment)
+  config.init_from = str(tmp_path / 'missing.pt')
+  experiment = fdl.build(config)
+  run = Run(experiment, str(tmp_path))
+  manager = experiment.checkpoint.manager(str(tmp_path))
+  with pytest.raises(errors.UserError, match=r"init_from='.*missing\.pt' is not a file"):
+    run.restore_or_init(manager)
+  manager.close()

@@ -1,5 +1,6 @@
 """The CPU formulations of attention, tanh-GELU and LayerNorm: the same values and gradients
-as the library functions they replace, and only the residuals they promise to keep."""
+as the library functions they replace, and only the residuals they promise to keep; the one
+size check of the networks and the one adaLN modulation."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lib.models import layers
+from lib.models import ddt, dit, layers, lightning_ddt, lightning_dit
 
 
 def _normal(shape, seed):
@@ -80,3 +81,28 @@ def test_layer_norm_matches_flax_and_keeps_output_and_inverse_std():
   np.testing.assert_allclose(got, want, atol=2e-5)
   assert sorted(r.shape for r in _residuals(ours, x)) == [(2, 9, 1), (2, 9, 32)]
   assert sum(r.size for r in _residuals(flax_norm, x)) > 2 * x.size
+
+
+@pytest.mark.parametrize('make,message', [
+    (lambda: dit.DiT(9, 4, 10, patch_size=2, rngs=nnx.Rngs(0)),
+     'input_size=9 is not divisible by patch_size=2'),
+    (lambda: dit.DiT(8, 4, 10, hidden_size=30, num_heads=4, rngs=nnx.Rngs(0)),
+     'hidden_size=30 must be divisible by num_heads=4'),
+    (lambda: lightning_dit.LightningDiT(8, 4, 10, hidden_size=24, num_heads=4, rngs=nnx.Rngs(0)),
+     r'head dimension hidden_size / num_heads = 6 must be divisible by 4 \(2-D RoPE\)'),
+    (lambda: lightning_ddt.LightningDDT(8, 4, 10, encoder_hidden_size=32, encoder_num_heads=2,
+                                        decoder_hidden_size=50, decoder_num_heads=4,
+                                        rngs=nnx.Rngs(0)),
+     'decoder_hidden_size=50 must be divisible by decoder_num_heads=4'),
+    (lambda: ddt.DDT(8, 4, 10, hidden_size=24, num_heads=4, rngs=nnx.Rngs(0)),
+     r'head dimension hidden_size / num_heads = 6 must be divisible by 4'),
+])
+def test_every_network_checks_its_sizes_before_making_parameters(make, message):
+  with pytest.raises(ValueError, match=message):
+    make()
+
+
+def test_modulate_takes_per_sample_or_per_token_conditions_and_an_optional_shift():
+  x, scale, shift = _normal((2, 3, 4), 0), _normal((2, 1, 4), 1), _normal((2, 3, 4), 2)
+  np.testing.assert_array_equal(layers.modulate(x, shift, scale), x * (1 + scale) + shift)
+  np.testing.assert_array_equal(layers.modulate(x, None, scale), x * (1 + scale))

@@ -1,5 +1,6 @@
-"""REPA: the alignment loss, the networks' hidden tokens, the checks of the experiment graph,
-and training with a trained projector and a frozen (random, tiny) DINOv2 detector."""
+"""REPA: the alignment loss, the networks' hidden tokens (sown block outputs, captured), the
+checks of the experiment graph, and training with a trained projector and a frozen (random,
+tiny) DINOv2 detector."""
 
 import fiddle as fdl
 import jax
@@ -13,8 +14,8 @@ from experiments import common
 from lib import checkpoint as ckpt
 from lib import cli, optim, train
 from lib.experiment import ConfigError
-from lib.flow import repa, sit
-from lib.models import dinov2, dit, lightning_ddt, lightning_dit
+from lib.flow import objective, repa, sit
+from lib.models import ddt, dinov2, dit, layers, lightning_ddt, lightning_dit
 from lib.weights import dinov2 as dinov2_weights
 
 
@@ -35,23 +36,37 @@ def _inputs(size=8, channels=4):
   return x, jnp.array([0.3, 0.7]), jnp.array([1, 2])
 
 
+def _call(network, *args):
+  return network(*args)
+
+
+def _hidden(net, x, t, y, depth):
+  """(output, tokens output by block `depth`) of one captured evaluation."""
+  out, evaluations = layers.capture_block_outputs(_call, net, x, t, y)
+  assert len(evaluations) == 1
+  return out, evaluations[0][depth - 1]
+
+
 def test_dit_hidden_tokens_are_the_last_blocks_output_before_the_head():
-  net = dit.DiT(8, 4, 10, patch_size=2, hidden_size=32, depth=3, num_heads=2,
-                rngs=nnx.Rngs(0))
+  make = lambda: dit.DiT(8, 4, 10, patch_size=2, hidden_size=32, depth=3, num_heads=2,
+                         rngs=nnx.Rngs(0))
+  net = make()
   for block in net.blocks:  # non-zero gates, so every block changes the tokens
     block.adaLN_modulation.kernel[...] = 0.1 * jax.random.normal(
         jax.random.key(2), block.adaLN_modulation.kernel.shape)
   net.final_layer.linear.kernel[...] = 0.1 * jnp.ones(net.final_layer.linear.kernel.shape)
   x, t, y = _inputs()
-  out, hidden = net(x, t, y, hidden_at=3)
+  out, hidden = _hidden(net, x, t, y, 3)
   np.testing.assert_array_equal(out, net(x, t, y))
   c = net.t_embedder(t) + net.y_embedder(y)
   head = dit.layers.unpatchify(net.final_layer(hidden, c), 2, 4)
   np.testing.assert_allclose(head, out, atol=1e-5)
-  _, first = net(x, t, y, hidden_at=1)
+  _, first = _hidden(net, x, t, y, 1)
   assert first.shape == (2, 16, 32) and not np.allclose(first, hidden)
-  with pytest.raises(ValueError, match=r'hidden_at=4: the network has blocks 1\.\.3'):
-    net(x, t, y, hidden_at=4)
+  shapes = objective.block_output_shapes(make, (8, 8, 4))
+  with pytest.raises(ValueError, match=r'repa.depth=4: the network has blocks 1\.\.3'):
+    repa.REPA(detector=None, depth=4).trainables(shapes)
+  assert 'block_outputs' not in nnx.state(net)  # nothing is stored outside a capture
 
 
 @pytest.mark.parametrize('make', [
@@ -68,12 +83,43 @@ def test_lightning_networks_return_hidden_tokens_of_any_block(make):
   plain = net(x, t, y)
   widths = []
   for depth in (1, 2, 3) if isinstance(net, lightning_ddt.LightningDDT) else (1, 2):
-    out, hidden = net(x, t, y, hidden_at=depth)
+    out, hidden = _hidden(net, x, t, y, depth)
     np.testing.assert_array_equal(out, plain)
     widths.append(hidden.shape[-1])
     assert hidden.shape[:2] == (2, 16)
   if isinstance(net, lightning_ddt.LightningDDT):
     assert widths == [32, 32, 48]  # encoder blocks, then the decoder's
+
+
+def test_ddt_hidden_tokens_are_its_encoder_then_decoder_block_outputs():
+  net = ddt.DDT(8, 4, 10, patch_size=2, hidden_size=32, num_heads=2, num_blocks=3,
+                num_encoder_blocks=2, rngs=nnx.Rngs(0))
+  net.final_layer.linear.kernel[...] = 0.1 * jnp.ones(net.final_layer.linear.kernel.shape)
+  x, t, y = _inputs()
+  out, evaluations = layers.capture_block_outputs(_call, net, x, t, y)
+  np.testing.assert_array_equal(out, net(x, t, y))
+  (outputs,) = evaluations
+  assert [tuple(h.shape) for h in outputs] == [(2, 16, 32)] * 3
+  s = net.encode(x, t, y)  # silu(t_emb + the last encoder block's output)
+  t_emb = net.t_embedder(t)[:, None]
+  np.testing.assert_allclose(s, nnx.silu(t_emb + outputs[1]), atol=1e-6)
+  head = layers.unpatchify_cpq(net.final_layer(outputs[2], s), 2, 8, 8)
+  np.testing.assert_allclose(head, out, atol=1e-5)
+
+
+def test_an_interface_that_evaluates_the_network_twice_is_refused():
+  """The capture counts evaluations: a loss that calls the network twice cannot be aligned."""
+  net = dit.DiT(8, 4, 10, patch_size=2, hidden_size=32, depth=2, num_heads=2, rngs=nnx.Rngs(0))
+
+  class Twice(sit.SiT):
+    def loss(self, network, x, y, key, rngs=None):
+      first, aux = super().loss(network, x, y, key, rngs=rngs)
+      return first + super().loss(network, x, y, key, rngs=rngs)[0], aux
+
+  x, _, y = _inputs()
+  aligned = objective.Objective(Twice(), terms=(repa.REPA(detector=None, depth=1),))
+  with pytest.raises(ValueError, match='Twice.loss evaluated the network 2 times'):
+    aligned.loss(net, {}, (None,), x, {'label': y}, jax.random.key(0))
 
 
 # ------------------------------------------------------------------------------- graph checks
@@ -165,7 +211,7 @@ def _steps(run, experiment, count):
   for _ in range(count):
     batch = {k: jnp.asarray(v) for k, v in next(batches).items()}
     run.state, metrics = run._train_step(run.state, run.encoder_state, batch,
-                                         run.detector_state)
+                                         run.objective_state)
     history.append(jax.device_get(metrics))
   return history
 
@@ -174,7 +220,7 @@ def test_repa_trains_the_projector_and_aligns(image_tree, tiny_dinov2):
   experiment = fdl.build(_tiny_config(image_tree, tiny_dinov2))
   run = train.Run(experiment, str(image_tree / 'run'))
   run.load_encoder()
-  run.load_detector()
+  run.load_objective()
   run.state = run.initial_state()
   projector0 = jax.device_get(run.state['projector'])
   assert jax.tree.structure(run.state['ema']) == jax.tree.structure(run.state['params'])
@@ -201,10 +247,40 @@ def test_alignment_gradient_reaches_the_network(image_tree, tiny_dinov2):
     experiment = fdl.build(config)
     run = train.Run(experiment, str(image_tree / 'run'))
     run.load_encoder()
-    run.load_detector()
+    run.load_objective()
     run.state = run.initial_state()
     _steps(run, experiment, 1)
     updated.append(jax.device_get(run.state['params']['x_embedder']['proj']['kernel'][...]))
+  assert np.abs(updated[0] - updated[1]).max() > 1e-6
+
+
+@pytest.mark.slow
+def test_repa_aligns_the_condition_encoder_of_a_ddt(image_tree, tiny_dinov2):
+  """MCG-NJU DDT (2 blocks, 1 in the condition encoder), block 1 aligned: the projector is
+  sized from its tokens and trained, and the alignment gradient reaches the encoder's patch
+  embedding (`s_embedder`)."""
+  updated = []
+  for coefficient in (0.0, 0.5):
+    config = _tiny_config(image_tree, tiny_dinov2)
+    config.network = fdl.Partial(ddt.DDT, patch_size=4, hidden_size=32, num_heads=2,
+                                 num_blocks=2, num_encoder_blocks=1)
+    config.repa.coefficient = coefficient
+    config.optimizer = fdl.Partial(optim.sgd, learning_rate=0.1)  # updates proportional to grads
+    experiment = fdl.build(config)
+    run = train.Run(experiment, str(image_tree / 'run'))
+    run.load_encoder()
+    run.load_objective()
+    run.state = run.initial_state()
+    assert run.state['projector']['fc1']['kernel'].shape == (32, 64)
+    projector0 = jax.device_get(run.state['projector'])
+    (metrics,) = _steps(run, experiment, 1)
+    np.testing.assert_allclose(metrics['loss'],
+                               metrics['diffusion_loss'] + coefficient * metrics['repa_loss'],
+                               rtol=1e-5)
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), projector0,
+                         jax.device_get(run.state['projector']))
+    assert (min(jax.tree.leaves(moved)) > 0) == (coefficient > 0)
+    updated.append(jax.device_get(run.state['params']['s_embedder']['proj']['kernel'][...]))
   assert np.abs(updated[0] - updated[1]).max() > 1e-6
 
 

@@ -48,6 +48,7 @@ class DDPM:
   noise_time = 1.0
   data_time = 0.0
   velocity_at_data = True  # s(0) = sqrt(beta_0) > 0
+  evaluates_network = 'once'  # per loss, outside jax transforms: REPA can read its block outputs
 
   def __init__(self, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
     if num_steps < 2 or not 0 < beta_start <= beta_end < 1:

@@ -37,6 +37,7 @@ class EDM:
   noise_time = float('inf')
   data_time = 0.0
   velocity_at_data = False  # (x - D) / sigma is undefined at sigma = 0: Heun ends with Euler
+  evaluates_network = 'once'  # per loss, outside jax transforms: REPA can read its block outputs
 
   def __init__(self, x_sigma: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2):
     if x_sigma <= 0:

@@ -61,6 +61,7 @@ class MeanFlow(SiT):
     guidance_t_min, guidance_t_max: times where guidance applies.
     norm_eps, norm_power: adaptive loss weight 1 / (L + eps)^p.
   """
+  evaluates_network = 'inside jax.jvp'  # (and twice more for guidance): no REPA
 
   def __init__(self, time_dist: Literal['uniform', 'logit_normal'] = 'logit_normal',
                t_mu: float = -0.4, t_sigma: float = 1.0, n_mu: float = 0.0,

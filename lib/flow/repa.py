@@ -16,13 +16,20 @@ line up with the detector's: (H/p)(W/p) = (resolution/14)^2, e.g. 32x32 SD-VAE l
 256x256 images with p = 2 against DINOv2 at 224: 256 = 256.
 
 The paper aligns block 8 of SiT-L/XL and block 4 of SiT-B; diffuse_nnx's preset uses 4 for all.
+`REPA` is a term of the training objective (`lib.flow.objective`): the projector is its
+trainable, the detector's weights its frozen state; h is read from the block outputs the
+network sows during the interface's one evaluation, so every network (DiT, LightningDiT,
+LightningDDT, DDT) can be aligned.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lib import nn
+from lib.errors import ConfigError
 from lib.models import layers
 
 
@@ -52,34 +59,12 @@ def alignment_loss(projected: jax.Array, target: jax.Array) -> jax.Array:
   return -jnp.mean(cosine, axis=-1)
 
 
-class _HiddenCapture:
-  """Stands for the network inside an interface's loss: calls it with `hidden_at=depth`,
-  returns the prediction and keeps the hidden tokens of the (single) call."""
-
-  def __init__(self, network, depth: int):
-    self.network = network
-    self.depth = depth
-    self.hidden = None
-
-  def __getattr__(self, name):  # num_classes, ... of the wrapped network
-    if name == 'network':
-      raise AttributeError(name)
-    return getattr(self.network, name)
-
-  def __call__(self, *args, **kwargs):
-    if self.hidden is not None:
-      raise ValueError('REPA needs a flow interface whose loss evaluates the network once '
-                       '(SiT, EDM)')
-    out, self.hidden = self.network(*args, hidden_at=self.depth, **kwargs)
-    return out
-
-
 class REPA:
-  """The alignment loss added to a flow interface's loss (diffuse_nnx's `repa` block).
+  """The alignment term added to a flow interface's loss (diffuse_nnx's `repa` block).
 
   Args:
     detector: frozen feature network with `load()`, `features(state, images) -> (B, N, F)`,
-      `feature_dim` and `num_tokens` (`lib.encoders.dinov2.DINOv2`).
+      `feature_dim`, `num_tokens` and `resolution` (`lib.encoders.dinov2.DINOv2`).
     depth: 1-based block of the network whose output tokens are aligned.
     coefficient: weight of L_REPA in the total loss.
     projector_dim: hidden width P of the projector.
@@ -94,30 +79,49 @@ class REPA:
     self.coefficient = coefficient
     self.projector_dim = projector_dim
 
-  def hidden_shape(self, make_network, latent_shape: tuple[int, int, int]) -> tuple[int, ...]:
-    """(1, N, D) shape of the network's tokens at `depth`, evaluated abstractly."""
-    def hidden():
-      x = jnp.zeros((1, *latent_shape))
-      t, y = jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
-      return make_network()(x, t, y, hidden_at=self.depth)[1]
-    return nnx.eval_shape(hidden).shape
+  def check(self, experiment, patch_size: int | None) -> None:
+    """Pixel data (the detector sees the clean image), an interface whose loss evaluates the
+    network once, and as many network tokens as detector patch features."""
+    kind = getattr(experiment.data, 'kind', None)
+    if kind != 'pixels':
+      raise ConfigError(
+          f'repa aligns features of the clean images, so data must yield pixels (data.kind='
+          f"'pixels', e.g. common.imagenet_raw); {type(experiment.data).__name__} yields {kind!r}")
+    interface = experiment.interface
+    evaluates = getattr(interface, 'evaluates_network', 'an unknown number of times')
+    if evaluates != 'once':
+      raise ConfigError(f'repa needs an interface whose loss evaluates the network once (SiT, '
+                        f'EDM, DDPM); {type(interface).__name__} evaluates it {evaluates}')
+    if patch_size:
+      height, width = (size // patch_size for size in experiment.latent_shape[:2])
+      if height * width != self.detector.num_tokens:
+        raise ConfigError(
+            f'repa: the network sees {height * width} tokens (latents '
+            f'{experiment.latent_shape[0]}x{experiment.latent_shape[1]} / network.patch_size='
+            f'{patch_size}) but repa.detector gives {self.detector.num_tokens} patch features '
+            f'(resolution={self.detector.resolution}); they must be equal')
 
-  def make_projector(self, hidden_size: int, rngs: nnx.Rngs) -> Projector:
-    return Projector(hidden_size, self.projector_dim, self.detector.feature_dim, rngs=rngs)
+  def trainables(self, block_outputs: tuple) -> dict:
+    """{'projector': constructor(rngs=...)} sized for the tokens (1, N, D) of block `depth`."""
+    if self.depth > len(block_outputs):
+      raise ValueError(f'repa.depth={self.depth}: the network has blocks 1..{len(block_outputs)}')
+    hidden_size = block_outputs[self.depth - 1].shape[-1]
+    return {'projector': functools.partial(Projector, hidden_size, self.projector_dim,
+                                           self.detector.feature_dim)}
 
-  def loss(self, interface, network, projector: Projector, detector_state, x: jax.Array,
-           images: jax.Array, y: jax.Array, key: jax.Array, rngs: nnx.Rngs | None = None):
-    """Per-sample L_flow + coefficient * L_REPA for clean data x (B, h, w, c) encoded from
-    `images` (B, H, W, 3) uint8. Returns ((B,), aux) with the two terms' batch means."""
-    target = jax.lax.stop_gradient(self.detector.features(detector_state, images))
-    capture = _HiddenCapture(network, self.depth)
-    flow_loss, aux = interface.loss(capture, x, y, key, rngs=rngs)
-    if capture.hidden is None:
-      raise ValueError(f'{type(interface).__name__}.loss did not call the network')
-    if capture.hidden.shape[1] != target.shape[1]:
-      raise ValueError(f'REPA: the network has {capture.hidden.shape[1]} tokens at block '
+  def load(self):
+    """The detector's frozen weights."""
+    return self.detector.load()
+
+  def loss(self, trainables: dict[str, nnx.Module], detector_state, block_outputs: tuple,
+           batch: dict) -> tuple[jax.Array, dict]:
+    """coefficient * L_REPA per sample (B,) for the block outputs of the network's evaluation
+    on the noisy `batch['image']` (B, H, W, 3) uint8, and its batch mean `repa_loss`."""
+    target = jax.lax.stop_gradient(self.detector.features(detector_state, batch['image']))
+    hidden = block_outputs[self.depth - 1]
+    if hidden.shape[1] != target.shape[1]:
+      raise ValueError(f'REPA: the network has {hidden.shape[1]} tokens at block '
                        f'{self.depth}, the detector {target.shape[1]} patch features; they must '
                        'be equal (change the patch size or the detector resolution)')
-    alignment = alignment_loss(projector(capture.hidden), target)
-    return flow_loss + self.coefficient * alignment, {
-        **aux, 'diffusion_loss': flow_loss.mean(), 'repa_loss': alignment.mean()}
+    alignment = alignment_loss(trainables['projector'](hidden), target)
+    return self.coefficient * alignment, {'repa_loss': alignment.mean()}

@@ -51,6 +51,7 @@ class SiT:
   noise_time = 1.0
   data_time = 0.0
   velocity_at_data = True  # v is finite at t = data_time, so Heun may end with a full step
+  evaluates_network = 'once'  # per loss, outside jax transforms: REPA can read its block outputs
 
   def __init__(self, time_dist: Literal['uniform', 'logit_normal'] = 'uniform',
                t_mu: float = 0.0, t_sigma: float = 1.0, n_mu: float = 0.0, n_sigma: float = 1.0,

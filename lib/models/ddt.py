@@ -74,28 +74,6 @@ class _Embed(nn.Module):
     return self.proj(tokens)
 
 
-def _time_embedder(hidden_size: int, freq_embed_size: int, max_period: float, *, dtype,
-                   rngs: nnx.Rngs) -> layers.TimestepEmbedder:
-  """`layers.TimestepEmbedder` with DDT's period and torch-default biases (the official init
-  re-draws only the kernels, N(0, 0.02))."""
-  embedder = layers.TimestepEmbedder(hidden_size, freq_embed_size, max_period, dtype=dtype,
-                                     rngs=rngs)
-  for module, fan_in in ((embedder.linear1, freq_embed_size), (embedder.linear2, hidden_size)):
-    module.bias[...] = layers._torch_uniform(fan_in)(rngs.params(), (module.bias.shape[0],))
-  return embedder
-
-
-class DDTAttention(layers.RopeAttention):
-  """`layers.RopeAttention` with DDT's switches: qkv without bias, RMSNorm q/k norms, torch
-  default init."""
-
-  def __init__(self, hidden_size: int, num_heads: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-    super().__init__(hidden_size, num_heads, qk_norm=True, rms_norm=True, init='torch',
-                     dtype=dtype, rngs=rngs)
-    self.qkv = layers.linear(hidden_size, 3 * hidden_size, 'torch', use_bias=False,
-                             dtype=dtype, rngs=rngs)
-
-
 class DDTBlock(nn.Module):
   """RMSNorm / RoPE attention / SwiGLU block with a bare-Linear 6-way adaLN on c (B, 1, D)
   or per token (B, N, D)."""
@@ -103,7 +81,9 @@ class DDTBlock(nn.Module):
   def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *,
                dtype=jnp.float32, rngs: nnx.Rngs):
     self.norm1 = layers.RMSNorm(hidden_size, dtype=dtype)
-    self.attn = DDTAttention(hidden_size, num_heads, dtype=dtype, rngs=rngs)
+    # qkv without bias, RMSNorm q/k norms, torch default init
+    self.attn = layers.RopeAttention(hidden_size, num_heads, qk_norm=True, rms_norm=True,
+                                     init='torch', qkv_bias=False, dtype=dtype, rngs=rngs)
     self.norm2 = layers.RMSNorm(hidden_size, dtype=dtype)
     mlp_dim = int(hidden_size * mlp_ratio)
     self.mlp = layers.SplitSwiGLU(hidden_size, int(2 * mlp_dim / 3), use_bias=False,
@@ -113,8 +93,8 @@ class DDTBlock(nn.Module):
 
   def __call__(self, x: jax.Array, c: jax.Array, rope) -> jax.Array:
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaLN_modulation(c), 6, -1)
-    x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, rope)
-    return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+    x = x + gate1 * self.attn(layers.modulate(self.norm1(x), shift1, scale1), rope)
+    return x + gate2 * self.mlp(layers.modulate(self.norm2(x), shift2, scale2))
 
 
 class DDTFinalLayer(nn.Module):
@@ -130,7 +110,7 @@ class DDTFinalLayer(nn.Module):
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     shift, scale = jnp.split(self.adaLN_modulation(c), 2, axis=-1)
-    return self.linear(self.norm_final(x) * (1 + scale) + shift)
+    return self.linear(layers.modulate(self.norm_final(x), shift, scale))
 
 
 @functools.lru_cache(maxsize=32)
@@ -171,13 +151,8 @@ class DDT(nn.Module):
                time_max_period: float = 10.0, rope_theta: float = 10000.0,
                rope_scale: float = 16.0, take_dt: bool = False, take_gw: bool = False,
                dtype: str = 'float32', *, rngs: nnx.Rngs):
-    if input_size % patch_size:
-      raise ValueError(f'input_size={input_size} is not divisible by patch_size={patch_size}')
-    if hidden_size % num_heads:
-      raise ValueError(f'hidden_size={hidden_size} must be divisible by num_heads={num_heads}')
-    if (hidden_size // num_heads) % 4:
-      raise ValueError(f'the head dimension hidden_size / num_heads = '
-                       f'{hidden_size // num_heads} must be divisible by 4 (2-D RoPE)')
+    layers.check_sizes(input_size, patch_size,
+                       ('hidden_size', hidden_size, 'num_heads', num_heads), head_multiple=4)
     if not 0 <= num_encoder_blocks <= num_blocks:
       raise ValueError(f'num_encoder_blocks={num_encoder_blocks} must be in [0, num_blocks='
                        f'{num_blocks}]')
@@ -193,8 +168,9 @@ class DDT(nn.Module):
     self.rope_scale = rope_scale
     self.x_embedder = _Embed(patch_dim, hidden_size, dtype=compute, rngs=rngs)
     self.s_embedder = _Embed(patch_dim, hidden_size, dtype=compute, rngs=rngs)
-    embedder = lambda: _time_embedder(hidden_size, freq_embed_size, time_max_period,
-                                      dtype=compute, rngs=rngs)
+    # the official init re-draws only the time-MLP kernels (N(0, 0.02)): torch-default biases
+    embedder = lambda: layers.TimestepEmbedder(hidden_size, freq_embed_size, time_max_period,
+                                               bias_init='torch', dtype=compute, rngs=rngs)
     self.t_embedder = embedder()
     self.dt_embedder = embedder() if take_dt else None
     self.gw_embedder = embedder() if take_gw else None
@@ -210,9 +186,11 @@ class DDT(nn.Module):
     return jnp.asarray(cos), jnp.asarray(sin)
 
   def encode(self, x: jax.Array, t: jax.Array, y: jax.Array, dt: jax.Array | None = None,
-             gw: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
+             gw: jax.Array | None = None, rngs: nnx.Rngs | None = None, *,
+             outputs: list | None = None) -> jax.Array:
     """The condition encoder: the decoder's per-token condition s (B, N, D) (the official
-    forward's second output, reusable across nearby steps)."""
+    forward's second output, reusable across nearby steps). Each block's output tokens are
+    appended to `outputs` when given."""
     t_emb = layers.time_condition(self.t_embedder, self.dt_embedder, self.gw_embedder, t, dt,
                                   gw)[:, None]
     c = nnx.silu(t_emb + self.y_embedder(y, rngs)[:, None])
@@ -221,19 +199,30 @@ class DDT(nn.Module):
     s = self.s_embedder(layers.patchify_cpq(x, p))
     for block in self.blocks[:self.num_encoder_blocks]:
       s = block(s, c, rope)
+      if outputs is not None:
+        outputs.append(s)
     return nnx.silu(t_emb + s)
 
-  def decode(self, x: jax.Array, s: jax.Array) -> jax.Array:
-    """The velocity decoder conditioned per token on s: (B, H, W, C)."""
+  def decode(self, x: jax.Array, s: jax.Array, *, outputs: list | None = None) -> jax.Array:
+    """The velocity decoder conditioned per token on s: (B, H, W, C). Each block's output
+    tokens are appended to `outputs` when given."""
     p = self.patch_size
     height, width = x.shape[1], x.shape[2]
     rope = self.rope(height // p, width // p)
     h = self.x_embedder(layers.patchify_cpq(x, p))
     for block in self.blocks[self.num_encoder_blocks:]:
       h = block(h, s, rope)
+      if outputs is not None:
+        outputs.append(h)
     h = self.final_layer(h, s)
     return layers.unpatchify_cpq(h, p, height, width).astype(x.dtype)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, dt: jax.Array | None = None,
                gw: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
-    return self.decode(x, self.encode(x, t, y, dt, gw, rngs))
+    """decode(x, encode(x, ...)); under `nnx.capture` it sows the output tokens of every block,
+    encoder blocks first (`layers.sow_block_outputs`; REPA)."""
+    outputs = []
+    out = self.decode(x, self.encode(x, t, y, dt, gw, rngs, outputs=outputs), outputs=outputs)
+    layers.sow_block_outputs(self, outputs)
+    return out
+

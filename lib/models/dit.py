@@ -38,10 +38,10 @@ class DiTBlock(nn.Module):
     self.adaLN_modulation = layers.ada_ln(hidden_size, 6, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-    modulation = self.adaLN_modulation(nnx.silu(c))
+    modulation = self.adaLN_modulation(nnx.silu(c))[:, None]  # (B, 1, 6D)
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(modulation, 6, axis=-1)
-    x = x + gate1[:, None] * self.attn(layers.modulate(self.norm1(x), shift1, scale1))
-    return x + gate2[:, None] * self.mlp(layers.modulate(self.norm2(x), shift2, scale2))
+    x = x + gate1 * self.attn(layers.modulate(self.norm1(x), shift1, scale1))
+    return x + gate2 * self.mlp(layers.modulate(self.norm2(x), shift2, scale2))
 
 
 class FinalLayer(nn.Module):
@@ -56,7 +56,7 @@ class FinalLayer(nn.Module):
                              rngs=rngs)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-    shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c)), 2, axis=-1)
+    shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c))[:, None], 2, axis=-1)
     return self.linear(layers.modulate(self.norm_final(x), shift, scale))
 
 
@@ -77,7 +77,8 @@ class DiT(nn.Module):
 
   Call: `dit(x (B,H,W,C), t (B,), y (B,) int, dt=None, gw=None, rngs=None) -> (B,H,W,C)`.
   `rngs` (with a `label_dropout` stream) enables label dropout; leave it None to sample.
-  With `hidden_at=k` it returns `(out, tokens (B, N, D) output by block k)` (1-based; REPA).
+  Under `nnx.capture` it sows each block's output tokens (B, N, D) (`layers.sow_block_outputs`;
+  REPA).
   """
 
   def __init__(self, input_size: int, in_channels: int, num_classes: int, patch_size: int = 2,
@@ -85,8 +86,8 @@ class DiT(nn.Module):
                mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                learn_sigma: bool = False, freq_embed_size: int = 256, take_dt: bool = False,
                take_gw: bool = False, dtype: str = 'float32', *, rngs: nnx.Rngs):
-    if input_size % patch_size:
-      raise ValueError(f'input_size={input_size} is not divisible by patch_size={patch_size}')
+    layers.check_sizes(input_size, patch_size,
+                       ('hidden_size', hidden_size, 'num_heads', num_heads))
     compute = jnp.dtype(dtype)
     self.in_channels = in_channels
     self.num_classes = num_classes
@@ -111,17 +112,15 @@ class DiT(nn.Module):
                                   rngs=rngs)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, dt: jax.Array | None = None,
-               gw: jax.Array | None = None, rngs: nnx.Rngs | None = None,
-               hidden_at: int | None = None):
-    layers.check_hidden_at(hidden_at, len(self.blocks))
+               gw: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
     c = layers.time_condition(self.t_embedder, self.dt_embedder, self.gw_embedder, t, dt,
                               gw) + self.y_embedder(y, rngs)
     h = self.x_embedder(x) + self.pos_embed[...].astype(c.dtype)
-    hidden = None
-    for depth, block in enumerate(self.blocks, 1):
+    outputs = []
+    for block in self.blocks:
       h = block(h, c)
-      hidden = h if depth == hidden_at else hidden
+      outputs.append(h)
+    layers.sow_block_outputs(self, outputs)
     h = self.final_layer(h, c)
     out = layers.unpatchify(h, self.patch_size, self.out_channels)
-    out = out[..., :self.in_channels].astype(x.dtype)
-    return out if hidden_at is None else (out, hidden)
+    return out[..., :self.in_channels].astype(x.dtype)

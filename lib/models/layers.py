@@ -11,6 +11,7 @@ Images are NHWC throughout.
 import contextlib
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,9 +59,11 @@ def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
   return np.concatenate([sincos_1d(dim // 2, column), sincos_1d(dim // 2, row)], axis=1)
 
 
-def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-  """adaLN modulation x * (1 + scale) + shift; shift/scale (B, D) broadcast over tokens."""
-  return x * (1 + scale[:, None]) + shift[:, None]
+def modulate(x: jax.Array, shift: jax.Array | None, scale: jax.Array) -> jax.Array:
+  """adaLN modulation x * (1 + scale) + shift of tokens x (B, N, D), with shift and scale of one
+  condition per sample (B, 1, D) or per token (B, N, D); shift None: no shift (4-way adaLN)."""
+  x = x * (1 + scale)
+  return x if shift is None else x + shift
 
 
 def unpatchify(x: jax.Array, patch_size: int, channels: int) -> jax.Array:
@@ -84,11 +87,43 @@ def time_condition(t_embedder, dt_embedder, gw_embedder, t: jax.Array,
   return c
 
 
-def check_hidden_at(hidden_at: int | None, depth: int) -> None:
-  """A network's `hidden_at` argument (the 1-based block whose output tokens it also returns)
-  must name one of its `depth` blocks."""
-  if hidden_at is not None and not 1 <= hidden_at <= depth:
-    raise ValueError(f'hidden_at={hidden_at}: the network has blocks 1..{depth}')
+def check_sizes(input_size: int, patch_size: int, *widths: tuple[str, int, str, int],
+                head_multiple: int = 1) -> None:
+  """The size checks of every network, before any parameter is made: `patch_size` divides
+  `input_size`, and each (width name, width, heads name, heads) splits into heads whose
+  dimension width / heads is a multiple of `head_multiple` (4 for 2-D RoPE tables)."""
+  if input_size % patch_size:
+    raise ValueError(f'input_size={input_size} is not divisible by patch_size={patch_size}')
+  for width_name, width, heads_name, heads in widths:
+    if width % heads:
+      raise ValueError(f'{width_name}={width} must be divisible by {heads_name}={heads}')
+    if (width // heads) % head_multiple:
+      raise ValueError(f'the head dimension {width_name} / {heads_name} = {width // heads} must '
+                       f'be divisible by {head_multiple} (2-D RoPE)')
+
+
+# ------------------------------------------------------------------------------------------
+# Hidden tokens. A network offers the output tokens of its blocks to `nnx.capture` (REPA aligns
+# one of them); its return value never changes. Each evaluation sows one tuple, so a capture
+# around a loss also tells how many times the loss evaluated the network.
+BLOCK_OUTPUTS = 'block_outputs'
+
+
+def sow_block_outputs(network: nnx.Module, outputs: list) -> None:
+  """Sows the output tokens (B, N, D) of each of `network`'s blocks in this evaluation, in block
+  order, as one `nnx.Intermediate` tuple. Only inside `nnx.capture` (which gives the module
+  `__captures__` for the call): elsewhere nothing is stored, so the network's state is the
+  same and the call is safe inside jax transformations (MeanFlow's `jax.jvp`)."""
+  if hasattr(network, '__captures__'):
+    network.sow(nnx.Intermediate, BLOCK_OUTPUTS, tuple(outputs))
+
+
+def capture_block_outputs(fn: Callable, network: nnx.Module, *args, **kwargs):
+  """`fn(network, *args, **kwargs)` and the block outputs of every evaluation of `network`
+  inside it: (result, (((B, N, D_1), ..., (B, N, D_depth)) per evaluation, ...)), the second
+  empty when `fn` did not evaluate the network."""
+  result, sown = nnx.capture(fn, nnx.Intermediate)(network, *args, **kwargs)
+  return result, sown[BLOCK_OUTPUTS].get_value() if BLOCK_OUTPUTS in sown else ()
 
 
 class PatchEmbed(nn.Module):
@@ -111,16 +146,15 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-  """t (B,) -> (B, D): sinusoid(freq_embed_size) -> Linear -> SiLU -> Linear."""
+  """t (B,) -> (B, D): sinusoid(freq_embed_size) -> Linear -> SiLU -> Linear; kernels
+  N(0, 0.02), biases zero (`bias_init='zeros'`, DiT) or torch's default (`'torch'`, DDT)."""
 
   def __init__(self, hidden_size: int, freq_embed_size: int = 256, max_period: float = 10000.0,
-               *, dtype=jnp.float32, rngs: nnx.Rngs):
+               bias_init: str = 'zeros', *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.freq_embed_size = freq_embed_size
     self.max_period = max_period
-    self.linear1 = nnx.Linear(freq_embed_size, hidden_size, kernel_init=normal_002,
-                              bias_init=zeros, dtype=dtype, rngs=rngs)
-    self.linear2 = nnx.Linear(hidden_size, hidden_size, kernel_init=normal_002,
-                              bias_init=zeros, dtype=dtype, rngs=rngs)
+    self.linear1, self.linear2 = time_mlp(freq_embed_size, hidden_size, bias_init, dtype=dtype,
+                                          rngs=rngs)
 
   def __call__(self, t: jax.Array) -> jax.Array:
     embedding = timestep_embedding(t, self.freq_embed_size, self.max_period)
@@ -266,12 +300,11 @@ def _gelu_tanh_jvp(primals, tangents):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection (timm layout), `attention`."""
+  """Multi-head self-attention with a fused qkv projection (timm layout), `attention`.
+  hidden_size must be divisible by num_heads (the networks check it, `check_sizes`)."""
 
   def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool = True, *,
                dtype=jnp.float32, rngs: nnx.Rngs):
-    if hidden_size % num_heads:
-      raise ValueError(f'hidden_size={hidden_size} must be divisible by num_heads={num_heads}')
     self.num_heads = num_heads
     self.qkv = nnx.Linear(hidden_size, 3 * hidden_size, use_bias=qkv_bias,
                           kernel_init=xavier_uniform, bias_init=zeros, dtype=dtype, rngs=rngs)
@@ -291,16 +324,19 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """Linear(D, hidden) -> GELU(tanh) -> Linear(hidden, D)."""
+  """fc1 Linear(D, mlp_dim) -> GELU(tanh) -> fc2 Linear(mlp_dim, D) (timm names), init as
+  `linear(..., init)` (DiT: xavier); with `dropout_rate` (LightningDiT), dropout after the
+  activation and after fc2 when `rngs` is passed."""
 
-  def __init__(self, hidden_size: int, mlp_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.fc1 = nnx.Linear(hidden_size, mlp_dim, kernel_init=xavier_uniform, bias_init=zeros,
-                          dtype=dtype, rngs=rngs)
-    self.fc2 = nnx.Linear(mlp_dim, hidden_size, kernel_init=xavier_uniform, bias_init=zeros,
-                          dtype=dtype, rngs=rngs)
+  def __init__(self, hidden_size: int, mlp_dim: int, dropout_rate: float = 0.0,
+               init: str = 'xavier', *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.dropout_rate = dropout_rate
+    self.fc1 = linear(hidden_size, mlp_dim, init, dtype=dtype, rngs=rngs)
+    self.fc2 = linear(mlp_dim, hidden_size, init, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(gelu_tanh(self.fc1(x)))
+  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    h = dropout(gelu_tanh(self.fc1(x)), self.dropout_rate, rngs)
+    return dropout(self.fc2(h), self.dropout_rate, rngs)
 
 
 def layer_norm(hidden_size: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> 'LayerNorm':
@@ -377,6 +413,21 @@ def _torch_uniform(fan_in: int):
                                                                   bound)
 
 
+def time_mlp(freq_embed_size: int, hidden_size: int, bias_init: str = 'zeros', *,
+             dtype=jnp.float32, rngs: nnx.Rngs) -> tuple[nnx.Linear, nnx.Linear]:
+  """The two Linears (freq_embed_size -> D -> D) of a time embedder: kernels N(0, 0.02), biases
+  zero (`bias_init='zeros'`) or torch's default U(+-1/sqrt(fan_in)) (`'torch'`)."""
+  if bias_init not in ('zeros', 'torch'):
+    raise ValueError(f"bias_init={bias_init!r}; expected 'zeros' or 'torch'")
+
+  def make(fan_in, fan_out):
+    init = _torch_uniform(fan_in) if bias_init == 'torch' else zeros
+    return nnx.Linear(fan_in, fan_out, kernel_init=normal_002, bias_init=init, dtype=dtype,
+                      rngs=rngs)
+
+  return make(freq_embed_size, hidden_size), make(hidden_size, hidden_size)
+
+
 def linear(in_features: int, out_features: int, init: str = 'xavier', use_bias: bool = True,
            *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
   """A Linear with DiT's xavier-uniform/zero init (`init='xavier'`) or torch's default
@@ -429,21 +480,6 @@ class SwiGLU(nn.Module):
     return dropout(self.w3(nnx.silu(x1) * x2), self.dropout_rate, rngs)
 
 
-class GeluMlp(nn.Module):
-  """Like `Mlp` (fc1 -> GELU(tanh) -> fc2, timm names), with the choice of init and dropout
-  after the activation and after fc2."""
-
-  def __init__(self, hidden_size: int, mlp_dim: int, dropout_rate: float = 0.0,
-               init: str = 'xavier', *, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.dropout_rate = dropout_rate
-    self.fc1 = linear(hidden_size, mlp_dim, init, dtype=dtype, rngs=rngs)
-    self.fc2 = linear(mlp_dim, hidden_size, init, dtype=dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-    h = dropout(gelu_tanh(self.fc1(x)), self.dropout_rate, rngs)
-    return dropout(self.fc2(h), self.dropout_rate, rngs)
-
-
 def rope_2d(head_dim: int, grid_size: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
   """cos and sin tables (grid_size**2, head_dim) of EVA-02's `VisionRotaryEmbeddingFast(
   dim=head_dim // 2, pt_seq_len=grid_size)`, tokens row-major.
@@ -476,8 +512,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class RopeAttention(nn.Module):
-  """LightningDiT attention: fused qkv (with bias) -> optional per-head q/k norms (separate
-  modules) -> optional 2-D RoPE on q and k -> softmax(q k^T / sqrt(Dh)) v -> proj.
+  """LightningDiT attention: fused qkv (with bias; DDT: `qkv_bias=False`) -> optional per-head
+  q/k norms (separate modules) -> optional 2-D RoPE on q and k -> softmax(q k^T / sqrt(Dh)) v
+  -> proj. hidden_size must be divisible by num_heads (the networks check it, `check_sizes`).
 
   q/k norms are RMSNorm (eps 1e-6) with `rms_norm`, else affine LayerNorm with torch's
   eps 1e-5, as the official code. `attention` is used unless attention weight dropout is
@@ -486,14 +523,13 @@ class RopeAttention(nn.Module):
 
   def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False,
                rms_norm: bool = True, attn_w_dropout: float = 0.0, attn_o_dropout: float = 0.0,
-               init: str = 'xavier', *, dtype=jnp.float32, rngs: nnx.Rngs):
-    if hidden_size % num_heads:
-      raise ValueError(f'hidden_size={hidden_size} must be divisible by num_heads={num_heads}')
+               init: str = 'xavier', qkv_bias: bool = True, *, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.num_heads = num_heads
     self.attn_w_dropout = attn_w_dropout
     self.attn_o_dropout = attn_o_dropout
     head_dim = hidden_size // num_heads
-    self.qkv = linear(hidden_size, 3 * hidden_size, init, dtype=dtype, rngs=rngs)
+    self.qkv = linear(hidden_size, 3 * hidden_size, init, qkv_bias, dtype=dtype, rngs=rngs)
     self.proj = linear(hidden_size, hidden_size, init, dtype=dtype, rngs=rngs)
     if not qk_norm:
       self.q_norm = self.k_norm = None
@@ -538,19 +574,8 @@ class FourierTimeEmbedder(nn.Module):
       raise ValueError(f'freq_embed_size={freq_embed_size} must be even (sin and cos halves)')
     self.W = nn.Buffer(scale * jax.random.normal(rngs.params(), (freq_embed_size // 2,),
                                                  jnp.float32))
-
-    def make(fan_in, fan_out):
-      if bias_init == 'torch':
-        init = _torch_uniform(fan_in)
-      elif bias_init == 'zeros':
-        init = zeros
-      else:
-        raise ValueError(f"bias_init={bias_init!r}; expected 'zeros' or 'torch'")
-      return nnx.Linear(fan_in, fan_out, kernel_init=normal_002, bias_init=init, dtype=dtype,
-                        rngs=rngs)
-
-    self.linear1 = make(freq_embed_size, hidden_size)
-    self.linear2 = make(hidden_size, hidden_size)
+    self.linear1, self.linear2 = time_mlp(freq_embed_size, hidden_size, bias_init, dtype=dtype,
+                                          rngs=rngs)
 
   def __call__(self, t: jax.Array) -> jax.Array:
     args = t.astype(jnp.float32)[:, None] * self.W[...][None] * 2 * math.pi

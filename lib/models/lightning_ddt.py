@@ -57,6 +57,8 @@ class LightningDDT(nn.Module):
     dtype: compute dtype; parameters stay float32.
 
   Call: `model(x (B,H,W,C), t (B,), y (B,) int, dt=None, gw=None, rngs=None) -> (B,H,W,C)`.
+  Under `nnx.capture` it sows the output tokens of each block, encoder blocks (width
+  D_enc) then decoder blocks (D_dec) (`layers.sow_block_outputs`; REPA).
   """
 
   def __init__(self, input_size: int, in_channels: int, num_classes: int, patch_size: int = 1,
@@ -70,13 +72,12 @@ class LightningDDT(nn.Module):
                attn_w_dropout: float = 0.0, attn_o_dropout: float = 0.0, take_dt: bool = False,
                take_gw: bool = False, xavier_init: bool = False, dtype: str = 'float32', *,
                rngs: nnx.Rngs):
-    if input_size % patch_size:
-      raise ValueError(f'input_size={input_size} is not divisible by patch_size={patch_size}')
-    for name, width, heads in (('encoder', encoder_hidden_size, encoder_num_heads),
-                               ('decoder', decoder_hidden_size, decoder_num_heads)):
-      if width % heads:
-        raise ValueError(f'{name}_hidden_size={width} must be divisible by '
-                         f'{name}_num_heads={heads}')
+    layers.check_sizes(input_size, patch_size,
+                       *((f'{name}_hidden_size', width, f'{name}_num_heads', heads)
+                         for name, width, heads in (
+                             ('encoder', encoder_hidden_size, encoder_num_heads),
+                             ('decoder', decoder_hidden_size, decoder_num_heads))),
+                       head_multiple=4 if use_rope else 1)
     compute = jnp.dtype(dtype)
     init = 'xavier' if xavier_init else 'torch'
     grid = input_size // patch_size
@@ -121,11 +122,8 @@ class LightningDDT(nn.Module):
                                            rms_norm, dtype=compute, rngs=rngs)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, dt: jax.Array | None = None,
-               gw: jax.Array | None = None, rngs: nnx.Rngs | None = None,
-               hidden_at: int | None = None):
-    """(B, H, W, C) velocity; with `hidden_at=k` also the tokens output by block k (1-based,
-    encoder blocks first, then decoder blocks; REPA)."""
-    layers.check_hidden_at(hidden_at, len(self.encoder_blocks) + len(self.decoder_blocks))
+               gw: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """(B, H, W, C) velocity."""
     t_emb = layers.time_condition(self.t_embedder, self.dt_embedder, self.gw_embedder, t, dt,
                                   gw)
     c = nnx.silu(t_emb + self.y_embedder(y, rngs))
@@ -134,19 +132,19 @@ class LightningDDT(nn.Module):
       enc_rope = (self.enc_rope_cos[...], self.enc_rope_sin[...])
       dec_rope = (self.dec_rope_cos[...], self.dec_rope_sin[...])
 
-    hidden = None
+    outputs = []
     s = self.s_embedder(x) + self.pos_embed[...].astype(c.dtype)
-    for depth, block in enumerate(self.encoder_blocks, 1):
+    for block in self.encoder_blocks:
       s = block(s, c, enc_rope, rngs)
-      hidden = s if depth == hidden_at else hidden
+      outputs.append(s)
     s = nnx.silu(t_emb[:, None] + s)
     if self.s_projector is not None:
       s = self.s_projector(s)
 
     h = self.x_embedder(x)
-    for depth, block in enumerate(self.decoder_blocks, len(self.encoder_blocks) + 1):
+    for block in self.decoder_blocks:
       h = block(h, s, dec_rope, rngs)
-      hidden = h if depth == hidden_at else hidden
+      outputs.append(h)
+    layers.sow_block_outputs(self, outputs)
     h = self.final_layer(h, s)
-    out = layers.unpatchify(h, self.patch_size, self.in_channels).astype(x.dtype)
-    return out if hidden_at is None else (out, hidden)
+    return layers.unpatchify(h, self.patch_size, self.in_channels).astype(x.dtype)

@@ -47,21 +47,14 @@ def _norm(hidden_size: int, rms_norm: bool, dtype, rngs: nnx.Rngs):
   return layers.layer_norm(hidden_size, dtype=dtype, rngs=rngs)
 
 
-def _modulate(x: jax.Array, shift: jax.Array | None, scale: jax.Array) -> jax.Array:
-  """x * (1 + scale) + shift with shift/scale (B, 1, D) or per token (B, L, D)."""
-  x = x * (1 + scale)
-  return x if shift is None else x + shift
-
-
 def time_embedder(hidden_size: int, continuous: bool, freq_embed_size: int,
                   bias_init: str = 'zeros', *, dtype, rngs: nnx.Rngs) -> nn.Module:
   """Gaussian-Fourier (`continuous`) or GLIDE-sinusoid time embedder of width hidden_size."""
   if continuous:
     return layers.FourierTimeEmbedder(hidden_size, freq_embed_size, bias_init=bias_init,
                                       dtype=dtype, rngs=rngs)
-  if bias_init != 'zeros':
-    raise ValueError('the sinusoidal time embedder has zero-initialised biases only')
-  return layers.TimestepEmbedder(hidden_size, freq_embed_size, dtype=dtype, rngs=rngs)
+  return layers.TimestepEmbedder(hidden_size, freq_embed_size, bias_init=bias_init, dtype=dtype,
+                                 rngs=rngs)
 
 
 class LightningDiTBlock(nn.Module):
@@ -82,7 +75,7 @@ class LightningDiTBlock(nn.Module):
       self.mlp = layers.SwiGLU(hidden_size, int(2 / 3 * mlp_dim), mlp_dropout, init,
                                dtype=dtype, rngs=rngs)
     else:
-      self.mlp = layers.GeluMlp(hidden_size, mlp_dim, mlp_dropout, init, dtype=dtype, rngs=rngs)
+      self.mlp = layers.Mlp(hidden_size, mlp_dim, mlp_dropout, init, dtype=dtype, rngs=rngs)
     self.adaLN_modulation = layers.ada_ln(hidden_size, 6 if adaln_shift else 4, dtype=dtype,
                                           rngs=rngs)
 
@@ -96,8 +89,8 @@ class LightningDiTBlock(nn.Module):
     else:
       scale1, gate1, scale2, gate2 = jnp.split(self.adaLN_modulation(nnx.silu(c)), 4, axis=-1)
       shift1 = shift2 = None
-    x = x + gate1 * self.attn(_modulate(self.norm1(x), shift1, scale1), rope, rngs)
-    return x + gate2 * self.mlp(_modulate(self.norm2(x), shift2, scale2), rngs)
+    x = x + gate1 * self.attn(layers.modulate(self.norm1(x), shift1, scale1), rope, rngs)
+    return x + gate2 * self.mlp(layers.modulate(self.norm2(x), shift2, scale2), rngs)
 
 
 class LightningFinalLayer(nn.Module):
@@ -115,7 +108,7 @@ class LightningFinalLayer(nn.Module):
     if c.ndim == 2:
       c = c[:, None]
     shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c)), 2, axis=-1)
-    return self.linear(_modulate(self.norm_final(x), shift, scale))
+    return self.linear(layers.modulate(self.norm_final(x), shift, scale))
 
 
 class LightningDiT(nn.Module):
@@ -142,7 +135,8 @@ class LightningDiT(nn.Module):
   qk-norm, 6-way adaLN, sinusoidal time embedding of width 256).
 
   Call: `model(x (B,H,W,C), t (B,), y (B,) int, dt=None, gw=None, rngs=None) -> (B,H,W,C)`;
-  `rngs` (streams `label_dropout`, `dropout`) enables label dropout and dropout.
+  `rngs` (streams `label_dropout`, `dropout`) enables label dropout and dropout. Under
+  `nnx.capture` it sows each block's output tokens (B, N, D) (`layers.sow_block_outputs`; REPA).
   """
 
   def __init__(self, input_size: int, in_channels: int, num_classes: int, patch_size: int = 2,
@@ -154,10 +148,9 @@ class LightningDiT(nn.Module):
                mlp_dropout: float = 0.0, attn_w_dropout: float = 0.0,
                attn_o_dropout: float = 0.0, take_dt: bool = False, take_gw: bool = False,
                dtype: str = 'float32', *, rngs: nnx.Rngs):
-    if input_size % patch_size:
-      raise ValueError(f'input_size={input_size} is not divisible by patch_size={patch_size}')
-    if hidden_size % num_heads:
-      raise ValueError(f'hidden_size={hidden_size} must be divisible by num_heads={num_heads}')
+    layers.check_sizes(input_size, patch_size,
+                       ('hidden_size', hidden_size, 'num_heads', num_heads),
+                       head_multiple=4 if use_rope else 1)
     compute = jnp.dtype(dtype)
     grid = input_size // patch_size
     self.in_channels = in_channels
@@ -188,20 +181,17 @@ class LightningDiT(nn.Module):
                                            dtype=compute, rngs=rngs)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, dt: jax.Array | None = None,
-               gw: jax.Array | None = None, rngs: nnx.Rngs | None = None,
-               hidden_at: int | None = None):
-    """(B, H, W, C) velocity; with `hidden_at=k` also the tokens (B, N, D) output by block k
-    (1-based; REPA)."""
-    layers.check_hidden_at(hidden_at, len(self.blocks))
+               gw: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """(B, H, W, C) velocity."""
     c = layers.time_condition(self.t_embedder, self.dt_embedder, self.gw_embedder, t, dt,
                               gw) + self.y_embedder(y, rngs)
     h = self.x_embedder(x) + self.pos_embed[...].astype(c.dtype)
     rope = None if self.rope_cos is None else (self.rope_cos[...], self.rope_sin[...])
-    hidden = None
-    for depth, block in enumerate(self.blocks, 1):
+    outputs = []
+    for block in self.blocks:
       h = block(h, c, rope, rngs)
-      hidden = h if depth == hidden_at else hidden
+      outputs.append(h)
+    layers.sow_block_outputs(self, outputs)
     h = self.final_layer(h, c)
     out = layers.unpatchify(h, self.patch_size, self.out_channels)
-    out = out[..., :self.in_channels].astype(x.dtype)
-    return out if hidden_at is None else (out, hidden)
+    return out[..., :self.in_channels].astype(x.dtype)
