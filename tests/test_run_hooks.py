@@ -13,12 +13,13 @@ import pytest
 from PIL import Image
 
 from experiments import fiddlers
-from lib import cli, errors, hooks, train
+from lib import errors, hooks, train
+from lib.config import presets
 from lib.eval import standalone
 
 
 def tiny_digits(total_steps: int) -> fdl.Config:
-  config = cli.load_preset('experiments/dit.py:digits')
+  config = presets.load_preset('experiments/dit.py:digits')
   fiddlers.tiny(config, total_steps=total_steps, batch_size=16)
   config.checkpoint.max_to_keep = 2
   config.visualize.guidance_scales = (1.0, 3.0)

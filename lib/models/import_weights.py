@@ -314,17 +314,18 @@ def import_release(checkpoint: str, config: fdl.Buildable, workdir: str,
   Raises:
     ConfigError, ValueError, FileNotFoundError, FileExistsError: nothing was written.
   """
-  from lib import cli
+  from lib import errors
+  from lib.config import saved
   from lib.models import releases
 
   release, changed = releases.apply(config, checkpoint, f'--checkpoint={checkpoint}')
   experiment = fdl.build(config)
   if experiment.init_from:
-    raise cli.UsageError(f'init_from={experiment.init_from!r} is set; the imported --checkpoint '
-                         'already gives the weights: drop the init_from override')
+    raise errors.UsageError(f'init_from={experiment.init_from!r} is set; the imported --checkpoint '
+                            'already gives the weights: drop the init_from override')
   params = import_file(checkpoint, experiment)
   folder = write_checkpoint(experiment, params, workdir, step)
-  cli.write_config(config, workdir)
+  saved.write_config(config, workdir)
   paths.write_atomic(paths.resolve(workdir, '--workdir') / 'imported_from.json', json.dumps({
       'checkpoint': os.fspath(paths.resolve(checkpoint, '--checkpoint')), 'step': step,
       'release': release.name, 'settings': changed}, indent=1))
@@ -334,7 +335,8 @@ def import_release(checkpoint: str, config: fdl.Buildable, workdir: str,
 def _main(argv) -> int:
   from absl import flags
 
-  from lib import cli
+  from lib import errors
+  from lib.config import overrides, presets, saved
   from lib.experiment import ConfigError
 
   if len(argv) > 1:
@@ -346,19 +348,18 @@ def _main(argv) -> int:
     return 2
   try:
     if values.fdl_config and values.fdl_config_file:
-      raise cli.UsageError('give either --fdl_config or --fdl_config_file, not both')
+      raise errors.UsageError('give either --fdl_config or --fdl_config_file, not both')
     if values.fdl_config_file:
-      from lib import review
-      config = review.load_config_file(os.fspath(values.fdl_config_file))
+      config = saved.load_config_file(os.fspath(values.fdl_config_file))
     elif values.fdl_config:
-      config = cli.load_preset(values.fdl_config)
+      config = presets.load_preset(values.fdl_config)
     else:
-      raise cli.UsageError('--fdl_config=PATH.py:PRESET is required (the network the weights '
-                           'go into); preset files: ' + ', '.join(cli.preset_files()))
+      raise errors.UsageError('--fdl_config=PATH.py:PRESET is required (the network the weights '
+                              'go into); preset files: ' + ', '.join(presets.preset_files()))
     for assignment in values.fdl_set:
-      cli.apply_override(config, assignment)
+      overrides.apply_override(config, assignment)
     folder, changed = import_release(values.checkpoint, config, values.workdir, values.step)
-  except (cli.UsageError, ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+  except (errors.UsageError, ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
     print(f'error: {str(e).split(chr(10) * 2 + "Fiddle context:")[0]}', file=sys.stderr)
     return 2
   for line in changed:
