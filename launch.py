@@ -275,20 +275,18 @@ def run_command() -> int:
   if workdir is None:
     raise errors.UsageError('--workdir is required to train, sample or evaluate')
   workdirs.check_usable(workdir)
-  from lib import train
+  from lib import evaluate, sample, train
   import jax
 
   cpu_runtime.keep_freed_memory()
   if _MODE.value == 'sample':
     labels, guidance = _sample_arguments(experiment.data.num_classes)
-    train.sample(experiment, workdir, _NUM_SAMPLES.value, labels, guidance,
-                 _SAMPLE_SEED.value, _STEP.value)
+    sample.sample(experiment, workdir, _NUM_SAMPLES.value, labels, guidance,
+                  _SAMPLE_SEED.value, _STEP.value)
     return 0
   if _MODE.value == 'eval':
-    from lib.eval import standalone
-
     experiment.check()
-    standalone.evaluate(experiment, workdir, _STEP.value)
+    evaluate.evaluate(experiment, workdir, _STEP.value)
     return 0
   # Training: everything that can be checked is checked before the workdir is touched; the
   # config is written (or replaced) only once the run's state is restored.
