@@ -21,6 +21,7 @@ from lib.config import REPO_ROOT
 
 
 def format_path(parts) -> str:
+  """['evaluate', 0, 'every_steps'] -> 'evaluate[0].every_steps' (inverse of parse_path)."""
   out = ''
   for part in parts:
     out += f'[{part}]' if isinstance(part, int) else (f'.{part}' if out else part)
