@@ -12,6 +12,7 @@ is a function of k, so a run resumed from the checkpoint of step k continues exa
 as the uninterrupted run would have.
 """
 
+import os
 import re
 import signal
 import time

@@ -102,7 +102,7 @@ def test_sit_release_imported_by_the_command_samples_sit_velocity(tmp_path):
   provenance = open(workdir / 'config.txt').read()
   assert f'--checkpoint={path} (willisma/SiT release conventions)' in provenance
 
-  experiment = fdl.build(saved)
+  experiment = fdl.build(loaded)
   x, y = inputs()
   for t in TIMES:
     want = -torch_out(reference, x, np.full(4, 1 - t), y)  # dx/ds = data - noise; s = 1 - t

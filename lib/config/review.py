@@ -112,11 +112,11 @@ def values_diff_lines(old: dict, new: dict) -> list[str]:
       sampler.guidance_scale: 1.0 (default of lib.flow.samplers.Heun) -> 4.0 (default of ...)
   """
 
-  def side(values, path):
-    if path not in values:
+  def side(effective, path):
+    if path not in effective:
       return '(unset)'
-    owner = values[path].get('default_of')
-    return values[path]['value'] + (f' (default of {owner})' if owner else '')
+    owner = effective[path].get('default_of')
+    return effective[path]['value'] + (f' (default of {owner})' if owner else '')
 
   changed = sorted(path for path in old.keys() | new.keys()
                    if old.get(path, {}).get('value') != new.get(path, {}).get('value'))
