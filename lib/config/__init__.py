@@ -7,9 +7,9 @@ printouts, saved copies and reviews. Nothing here builds an experiment's arrays.
     saved.py      a run's config.json / config.txt / effective.json, written and read back
     review.py     drawings (svg, html), leaf-by-leaf diffs, export as a Python preset
 
-Each module imports only those above it in this order of dependency:
-values <- overrides <- presets, and values <- saved <- review; none imports `experiments`
-(preset modules are imported by name when a preset is loaded).
+Imports point one way: values <- overrides <- presets; values, overrides <- saved;
+values <- review. None imports `experiments` (a preset's module is imported by name when the
+preset is loaded).
 """
 
 import os
