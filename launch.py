@@ -28,7 +28,9 @@ import fiddle as fdl
 from fiddle import absl_flags  # registers --fdl_config(_file), --fdl_set, --fiddler, --fdl_tags_set
 from ml_collections import config_flags
 
-from lib import cli, legacy_files, paths, review
+from experiments.legacy import config_files
+from lib import errors, paths
+from lib.config import overrides, presets, review, saved, values
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples; a '
                                 'local path or gs://BUCKET/PATH (with --bucket: the run\'s name).')
@@ -74,8 +76,8 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: index of thi
 _LEGACY_CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'A legacy (diffuse_nnx) ml_collections config, PATH.py[:OPTIONS], with '
     '--config.FIELD=VALUE overrides; loaded with its project root importable (its '
-    '`configs` package), converted by lib/legacy.py, then run like a preset.')
-flags.FLAGS['config'].parser = legacy_files.FileParser()
+    '`configs` package), converted by experiments/legacy/converter.py, then run like a preset.')
+flags.FLAGS['config'].parser = config_files.FileParser()
 _ACCEPT_CONFIG_CHANGE = flags.DEFINE_bool(
     'accept_config_change', False, 'Resume a workdir although its saved config differs from the '
     'launched one (the old config is kept as config.replaced_<time>.json).')
@@ -88,7 +90,7 @@ def resolve_workdir():
 
   if _BUCKET.value:
     if not _WORKDIR.value:
-      raise cli.UsageError('--bucket needs --workdir=NAME, the name of the run folder')
+      raise errors.UsageError('--bucket needs --workdir=NAME, the name of the run folder')
     return workdirs.in_bucket(_BUCKET.value, _PREFIX.value, _WORKDIR.value)
   return paths.resolve(_WORKDIR.value, '--workdir') if _WORKDIR.value else None
 
@@ -97,33 +99,33 @@ def resolve_config(workdir=None) -> fdl.Buildable:
   """The preset named by --fdl_config (the saved config of --fdl_config_file, or the converted
   legacy --config) with every --fiddler, --fdl_tags_set and --fdl_set applied, each kind in
   command-line order; without a config flag, the config saved in `workdir`."""
-  spec, saved = flags.FLAGS.fdl_config, flags.FLAGS.fdl_config_file
+  spec, saved_file = flags.FLAGS.fdl_config, flags.FLAGS.fdl_config_file
   legacy_config = _LEGACY_CONFIG.value
-  if sum(map(bool, (spec, saved, legacy_config is not None))) > 1:
-    raise cli.UsageError('give one of --fdl_config, --fdl_config_file and --config (a legacy '
-                         'ml_collections config), not several')
-  if not spec and not saved and legacy_config is None and workdir is not None and \
+  if sum(map(bool, (spec, saved_file, legacy_config is not None))) > 1:
+    raise errors.UsageError('give one of --fdl_config, --fdl_config_file and --config (a legacy '
+                            'ml_collections config), not several')
+  if not spec and not saved_file and legacy_config is None and workdir is not None and \
       (workdir / 'config.json').exists():
-    saved = workdir / 'config.json'  # continue or sample a saved run
+    saved_file = workdir / 'config.json'  # continue or sample a saved run
   if legacy_config is not None:
-    from lib import legacy
+    from experiments.legacy import converter
 
     flag = flags.FLAGS['config']
-    config = legacy.convert(legacy_config, legacy_files.source(
+    config = converter.convert(legacy_config, config_files.source(
         config_flags.get_config_filename(flag), config_flags.get_override_values(flag)))
-  elif saved:
-    config = review.load_config_file(os.fspath(saved))
+  elif saved_file:
+    config = saved.load_config_file(os.fspath(saved_file))
   elif spec:
-    config = cli.load_preset(spec)
+    config = presets.load_preset(spec)
   else:
-    raise cli.UsageError('--fdl_config=PATH.py:PRESET (or --fdl_config_file=RUN/config.json) is '
-                         'required; preset files: ' + ', '.join(cli.preset_files()))
+    raise errors.UsageError('--fdl_config=PATH.py:PRESET (or --fdl_config_file=RUN/config.json) is '
+                            'required; preset files: ' + ', '.join(presets.preset_files()))
   for spec in flags.FLAGS.fiddler:  # Fiddle's order: fiddlers, tags, then --fdl_set
-    config = cli.apply_fiddler(config, spec)
+    config = presets.apply_fiddler(config, spec)
   for assignment in flags.FLAGS.fdl_tags_set:
-    cli.apply_tag_override(config, assignment)
+    overrides.apply_tag_override(config, assignment)
   for assignment in flags.FLAGS.fdl_set:
-    cli.apply_override(config, assignment)
+    overrides.apply_override(config, assignment)
   if getattr(config, 'init_from', None):  # the released weights' conventions
     from lib.weights import releases
     releases.apply_init_from(config)
@@ -134,17 +136,17 @@ def load_other(spec: str) -> tuple[fdl.Buildable, dict]:
   """--diff_against: a preset (FILE.py:PRESET) or a saved run's config, with its effective
   values (those a run saved, defaults included)."""
   if paths.is_url(spec) or os.path.exists(spec):
-    return (review.load_config_file(spec, '--diff_against'),
-            review.saved_values(spec, '--diff_against'))
-  other = cli.load_preset(spec)
-  return other, cli.effective_values(other)
+    return (saved.load_config_file(spec, '--diff_against'),
+            saved.saved_values(spec, '--diff_against'))
+  other = presets.load_preset(spec)
+  return other, values.effective_values(other)
 
 
 def review_config(config: fdl.Buildable) -> int:
   """--render, --diff_against and --export_python: look at the graph without building it."""
   other, other_values = load_other(_DIFF_AGAINST.value) if _DIFF_AGAINST.value else (None, None)
   if other is not None and not _RENDER.value:
-    lines = review.values_diff_lines(other_values, cli.effective_values(config))
+    lines = review.values_diff_lines(other_values, values.effective_values(config))
     print('\n'.join(lines) if lines else '# no difference')
   if _RENDER.value:
     warning = review.render(config, _RENDER.value, old=other,
@@ -177,23 +179,23 @@ def check_saved_config(config: fdl.Buildable, workdir) -> Callable[[], None] | N
   path = workdir / 'config.json'
   if not path.exists():
     return None
-  lines = review.values_diff_lines(review.saved_values(path, '--workdir'),
-                                   cli.effective_values(config))
+  lines = review.values_diff_lines(saved.saved_values(path, '--workdir'),
+                                   values.effective_values(config))
   if not lines:
     return None
   difference = '\n  '.join(lines)
-  bookkeeping = all(cli.parse_path(line.split(':')[0])[0] in BOOKKEEPING for line in lines)
+  bookkeeping = all(overrides.parse_path(line.split(':')[0])[0] in BOOKKEEPING for line in lines)
   if not bookkeeping and not _ACCEPT_CONFIG_CHANGE.value:
-    raise cli.UsageError(f'{workdir} holds a run whose saved config differs from this one:\n  '
-                         f'{difference}\nuse another --workdir, relaunch the saved config with '
-                         f'--fdl_config_file={path}, or pass --accept_config_change')
+    raise errors.UsageError(f'{workdir} holds a run whose saved config differs from this one:\n  '
+                            f'{difference}\nuse another --workdir, relaunch the saved config with '
+                            f'--fdl_config_file={path}, or pass --accept_config_change')
 
   def keep_old_config():
     stamp = time.strftime("%Y%m%d-%H%M%S")
     replaced = workdir / f'config.replaced_{stamp}.json'
     path.replace(replaced)
-    if (workdir / cli.EFFECTIVE).exists():
-      (workdir / cli.EFFECTIVE).replace(workdir / f'effective.replaced_{stamp}.json')
+    if (workdir / saved.EFFECTIVE).exists():
+      (workdir / saved.EFFECTIVE).replace(workdir / f'effective.replaced_{stamp}.json')
     logging.warning('Config changed on resume (old config kept as %s):\n  %s', replaced,
                     difference)
   return keep_old_config
@@ -203,8 +205,8 @@ def print_config(config: fdl.Buildable, experiment) -> None:
   from flax import nnx
   import jax
 
-  print('\n'.join(cli.flat_lines(config, with_source=_PROVENANCE.value,
-                                 defaults=not _HIDE_DEFAULTS.value)))
+  print('\n'.join(values.flat_lines(config, with_source=_PROVENANCE.value,
+                                    defaults=not _HIDE_DEFAULTS.value)))
   print(f'# derived: latent_shape = {experiment.latent_shape}; network.input_size = '
         f'{experiment.latent_shape[0]}, network.in_channels = {experiment.latent_shape[2]}, '
         f'network.num_classes = {experiment.data.num_classes}')
@@ -246,17 +248,17 @@ def _report(error: Exception, status: int) -> int:
 def _sample_arguments(num_classes: int) -> tuple[list[int] | None, float | None]:
   """--labels and --guidance_scale of --mode=sample, checked."""
   if _NUM_SAMPLES.value < 1:
-    raise cli.UsageError(f'--num_samples={_NUM_SAMPLES.value}; expected a positive count')
+    raise errors.UsageError(f'--num_samples={_NUM_SAMPLES.value}; expected a positive count')
   labels = None
   if _LABELS.value:
     try:
       labels = [int(label) for label in _LABELS.value]
     except ValueError:
-      raise cli.UsageError(f'--labels={",".join(_LABELS.value)}: expected comma-separated '
-                           f'integer class labels in 0..{num_classes - 1}') from None
+      raise errors.UsageError(f'--labels={",".join(_LABELS.value)}: expected comma-separated '
+                              f'integer class labels in 0..{num_classes - 1}') from None
   if _GUIDANCE.value is not None and not math.isfinite(_GUIDANCE.value):
-    raise cli.UsageError(f'--guidance_scale={_GUIDANCE.value}; expected a finite number '
-                         '(1: no guidance)')
+    raise errors.UsageError(f'--guidance_scale={_GUIDANCE.value}; expected a finite number '
+                            '(1: no guidance)')
   return labels, _GUIDANCE.value
 
 
@@ -266,11 +268,11 @@ def run_command() -> int:
   cpu_runtime.run_inline()  # before any backend starts
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if _STEP.value is not None and _MODE.value == 'train':
-    raise cli.UsageError(f'--step={_STEP.value} chooses the checkpoint of --mode=sample or '
-                         '--mode=eval; training resumes from the newest checkpoint')
+    raise errors.UsageError(f'--step={_STEP.value} chooses the checkpoint of --mode=sample or '
+                            '--mode=eval; training resumes from the newest checkpoint')
   if _CHECKPOINT.value and _MODE.value != 'import':
-    raise cli.UsageError(f'--checkpoint={_CHECKPOINT.value} is read by --mode=import only; to '
-                         'train from released weights set --fdl_set=init_from=FILE')
+    raise errors.UsageError(f'--checkpoint={_CHECKPOINT.value} is read by --mode=import only; '
+                            'to train from released weights set --fdl_set=init_from=FILE')
   workdir = resolve_workdir()
   config = resolve_config(workdir)
   if _RENDER.value or _DIFF_AGAINST.value or _EXPORT_PYTHON.value:
@@ -279,30 +281,28 @@ def run_command() -> int:
     from lib import import_release
 
     if workdir is None:
-      raise cli.UsageError('--mode=import needs --workdir=DIR, the run to create')
+      raise errors.UsageError('--mode=import needs --workdir=DIR, the run to create')
     import_release.run(_CHECKPOINT.value, config, workdir, _STEP.value)
     return 0
-  experiment = cli.build(config)
+  experiment = presets.build(config)
   if _PRINT_CONFIG.value:
     print_config(config, experiment)
     return 0
   if workdir is None:
-    raise cli.UsageError('--workdir is required to train, sample or evaluate')
+    raise errors.UsageError('--workdir is required to train, sample or evaluate')
   workdirs.check_usable(workdir)
-  from lib import train
+  from lib import evaluate, sample, train
   import jax
 
   cpu_runtime.keep_freed_memory()
   if _MODE.value == 'sample':
     labels, guidance = _sample_arguments(experiment.data.num_classes)
-    train.sample(experiment, workdir, _NUM_SAMPLES.value, labels, guidance,
-                 _SAMPLE_SEED.value, _STEP.value)
+    sample.sample(experiment, workdir, _NUM_SAMPLES.value, labels, guidance,
+                  _SAMPLE_SEED.value, _STEP.value)
     return 0
   if _MODE.value == 'eval':
-    from lib.eval import standalone
-
     experiment.check()
-    standalone.evaluate(experiment, workdir, _STEP.value)
+    evaluate.evaluate(experiment, workdir, _STEP.value)
     return 0
   # Training: everything that can be checked is checked before the workdir is touched; the
   # config is written (or replaced) only once the run's state is restored.
@@ -318,7 +318,7 @@ def run_command() -> int:
       if jax.process_index() == 0:
         if keep_old_config is not None:
           keep_old_config()
-        cli.write_config(config, workdir)
+        saved.write_config(config, workdir)
         workdirs.record_launch(workdir, step)
 
     step = train.train(experiment, workdir, on_start)
@@ -330,17 +330,17 @@ def run_command() -> int:
 
 def parse_flags(argv):
   """Fiddle's flag parser; a legacy --config file that fails to load (it is run while the
-  flags are parsed) is one error message and exit 2, as a cli.UsageError in main is."""
+  flags are parsed) is one error message and exit 2, as a errors.UsageError in main is."""
   try:
     return absl_flags.flags_parser(argv)
-  except legacy_files.LegacyFileError as e:
+  except config_files.LegacyFileError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing field
-    overrides = [arg for arg in argv[1:] if arg.startswith('--config.')]
-    if not overrides:
+    legacy_overrides = [arg for arg in argv[1:] if arg.startswith('--config.')]
+    if not legacy_overrides:
       raise
-    print(f'error: {" ".join(overrides)}: the legacy config has no field '
+    print(f'error: {" ".join(legacy_overrides)}: the legacy config has no field '
           f'{str(e).strip(chr(34) + chr(39))!r} (--config.FIELD '
           'overrides change existing fields, they cannot add any)', file=sys.stderr)
     sys.exit(2)

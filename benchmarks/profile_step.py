@@ -190,25 +190,26 @@ def profile(config, steps: int, warmup: int, top: int, dump_dir: str) -> dict:
 
 
 def main(argv) -> int:
-  from lib import cli
+  from lib import errors
+  from lib.config import overrides, presets
   from lib.experiment import ConfigError
 
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
     if not flags.FLAGS.fdl_config:
-      raise cli.UsageError('--fdl_config=PATH.py:PRESET is required')
-    config = cli.load_preset(flags.FLAGS.fdl_config)
+      raise errors.UsageError('--fdl_config=PATH.py:PRESET is required')
+    config = presets.load_preset(flags.FLAGS.fdl_config)
     for assignment in flags.FLAGS.fdl_set:
-      cli.apply_override(config, assignment)
+      overrides.apply_override(config, assignment)
     if flags.FLAGS.batch_size is not None:
-      cli.apply_override(config, f'data.batch_size={flags.FLAGS.batch_size}')
+      overrides.apply_override(config, f'data.batch_size={flags.FLAGS.batch_size}')
     dump_dir = tempfile.mkdtemp(prefix='fiddlediff_profile_')
     # Read when the backend starts, which no import above has done.
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={dump_dir} '
                                '--xla_dump_hlo_module_re=.*_step.*').strip()
     result = profile(config, flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.top, dump_dir)
-  except (cli.UsageError, ConfigError) as e:
+  except (errors.UsageError, ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(json.dumps(result, indent=1))

@@ -104,11 +104,12 @@ def jax_worker(conn, preset: str, batch_size: int, warmup: int) -> None:
   import numpy as np
 
   import train_step
-  from lib import cli, ema as ema_lib
+  from lib import ema as ema_lib
+  from lib.config import overrides, presets
   from lib.flow import sit
 
-  config = cli.load_preset(preset)
-  cli.apply_override(config, f'data.batch_size={batch_size}')
+  config = presets.load_preset(preset)
+  overrides.apply_override(config, f'data.batch_size={batch_size}')
   compiled = train_step.compile_step(config)
   experiment, run = compiled.experiment, compiled.run
   optimizer = config.optimizer

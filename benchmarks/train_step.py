@@ -168,23 +168,24 @@ def benchmark(config: fdl.Buildable, overrides: list[str], steps: int, warmup: i
 
 
 def main(argv) -> int:
-  from lib import cli
+  from lib import errors
+  from lib.config import overrides, presets
   from lib.experiment import ConfigError
 
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  overrides = list(flags.FLAGS.fdl_set)
+  assignments = list(flags.FLAGS.fdl_set)
   try:
     if not flags.FLAGS.fdl_config:
-      raise cli.UsageError('--fdl_config=PATH.py:PRESET is required')
-    config = cli.load_preset(flags.FLAGS.fdl_config)
-    for assignment in overrides:
-      cli.apply_override(config, assignment)
+      raise errors.UsageError('--fdl_config=PATH.py:PRESET is required')
+    config = presets.load_preset(flags.FLAGS.fdl_config)
+    for assignment in assignments:
+      overrides.apply_override(config, assignment)
     if flags.FLAGS.batch_size is not None:
-      cli.apply_override(config, f'data.batch_size={flags.FLAGS.batch_size}')
-    result = benchmark(config, overrides, flags.FLAGS.steps, flags.FLAGS.warmup,
+      overrides.apply_override(config, f'data.batch_size={flags.FLAGS.batch_size}')
+    result = benchmark(config, assignments, flags.FLAGS.steps, flags.FLAGS.warmup,
                        flags.FLAGS.real_data)
-  except (cli.UsageError, ConfigError) as e:
+  except (errors.UsageError, ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(json.dumps(result, indent=1))

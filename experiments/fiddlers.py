@@ -16,7 +16,7 @@ import inspect
 
 import fiddle as fdl
 
-from lib import cli
+from lib.config import overrides
 
 # Network arguments and their tiny values, set wherever the network class takes them (DiT,
 # LightningDiT, DDT: hidden_size/num_heads/depth or num_blocks; LightningDDT: encoder_* and
@@ -70,5 +70,5 @@ def tiny(config: fdl.Buildable, total_steps: int = 20, batch_size: int = 8) -> N
 def bf16(config: fdl.Buildable) -> None:
   """Computes in bfloat16 wherever a node takes a `dtype` (the network, and the RAE encoder
   and DINOv2 detector when present); parameters, optimizer state and EMA stay float32."""
-  for node in cli.nodes(config):
+  for node in overrides.nodes(config):
     _set_taken(node, {'dtype': 'bfloat16'})

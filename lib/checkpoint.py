@@ -4,6 +4,8 @@ A checkpoint `<workdir>/checkpoints/<step>` holds one pytree: the step, paramete
 optimizer state, EMA state and the network's fixed arrays (which may come from released
 weights, e.g. a fixed Fourier time basis). The data position and the random keys are pure
 functions of (seed, step), so the step is all a resumed run needs to continue exactly.
+Sampling and evaluation read a part of it (`restore(..., partial=True)`): the weights they use,
+never the optimizer's moments.
 Orbax writes into a temporary folder and renames it when complete, so a run killed
 while saving leaves its previous checkpoints intact and never a half-written one.
 
@@ -149,7 +151,8 @@ def newest_note(manager: 'ocp.CheckpointManager') -> str:
 
 # ------------------------------------------------------------------------------- restore
 def _verify(manager: 'ocp.CheckpointManager', step: int, state) -> None:
-  """Raises ValueError if `state` (restored from `step`) differs from what was saved."""
+  """Raises ValueError if `state` (restored from `step`, all of it or a part) differs from
+  what was saved: each restored array is compared with the digest recorded for its path."""
   digests, nonfinite = fingerprint(state)
   metadata_file = paths.Path(manager.directory) / str(step) / '_CHECKPOINT_METADATA'
   try:
@@ -197,15 +200,33 @@ def set_aside(manager: 'ocp.CheckpointManager', step: int, reason: str) -> str:
   return target
 
 
-def restore(manager: 'ocp.CheckpointManager', abstract_state, step: int | None = None):
+def _read(directory: paths.Path, abstract_state, partial: bool):
+  """The arrays of `abstract_state` (with `partial`, a part of the saved tree) from the tree
+  saved in `directory`, by a handler of its own (a damaged step must not leave state in the
+  manager). A tree whose metadata file is missing is damaged, whatever part is read."""
+  import orbax.checkpoint as ocp
+
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    handler.metadata(directory)  # raises FileNotFoundError without the tree's _METADATA
+    return handler.restore(directory, args=ocp.args.PyTreeRestore(
+        item=abstract_state, partial_restore=partial,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))
+  finally:
+    handler.close()
+
+
+def restore(manager: 'ocp.CheckpointManager', abstract_state, step: int | None = None,
+            partial: bool = False):
   """Restores the newest good checkpoint (or exactly `step`) into the structure and
   shardings of `abstract_state` (a pytree of `jax.ShapeDtypeStruct`); returns (step, state).
+  With `partial`, `abstract_state` may hold a part of the saved tree (sampling: the EMA
+  weights without the optimizer state); only its arrays are read, and verified against their
+  recorded digests.
 
   A checkpoint that fails to load or to verify is set aside (see the module docstring) with
   one log line naming it and why, and the next newest is tried. Raises `CheckpointError`
   when none (or not `step`) is good, listing what was found."""
-  import orbax.checkpoint as ocp
-
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
     if step not in steps:
@@ -218,11 +239,8 @@ def restore(manager: 'ocp.CheckpointManager', abstract_state, step: int | None =
   problems = []
   for candidate in steps:
     try:
-      # A checkpointer of its own: a damaged step must not leave state in the manager.
-      with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(
-            paths.Path(manager.directory) / str(candidate) / 'default',
-            abstract_state)
+      state = _read(paths.Path(manager.directory) / str(candidate) / 'default', abstract_state,
+                    partial)
       _verify(manager, candidate, state)
       reason = None
     except Exception as error:  # any damage: unreadable files, metadata, structure

@@ -1,6 +1,7 @@
 """Errors a user can cause, which `launch.py` reports as one message instead of a traceback.
 
     UserError          bad input: a flag, a config value, a path; exit status 2
+      UsageError       a command-line value that cannot be applied (`lib.config`)
       ConfigError      experiment values that contradict each other or are out of range
       DataError        data that cannot be read as configured (names the file)
       CheckpointError  no checkpoint of the workdir can be restored
@@ -14,6 +15,10 @@ traceback as well.
 
 class UserError(ValueError):
   """Bad input; nothing the message names has been changed."""
+
+
+class UsageError(UserError):
+  """A command-line value that cannot be applied; nothing has run."""
 
 
 class ConfigError(UserError):
@@ -38,7 +43,7 @@ class NonFiniteError(RuntimeError):
 
 def check_positive(**values) -> None:
   """Raises ValueError('name=value; expected ...') for the first value below 1 (None passes).
-  Building a config prefixes the node's path (`cli.build`): `checkpoint.max_to_keep=0; ...`."""
+  Building a config prefixes the node's path (`presets.build`): `checkpoint.max_to_keep=0; ...`."""
   for name, value in values.items():
     if value is not None and not (isinstance(value, (int, float)) and value >= 1):
       raise ValueError(f'{name}={value!r}; expected a positive number (at least 1)')

@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from lib import checkpoint as ckpt
-from lib import cli, errors, paths
+from lib import errors, paths
+from lib.config import presets, saved
 from lib.train import Run
 from lib.weights import registry, releases
 
@@ -58,13 +59,13 @@ def import_release(checkpoint: str, config: fdl.Buildable, workdir: str,
     errors.UserError (ConfigError, WeightsMismatch, ...): nothing was written.
   """
   release, changed = releases.apply(config, checkpoint, f'--checkpoint={checkpoint}')
-  experiment = cli.build(config)
+  experiment = presets.build(config)
   if experiment.init_from:
-    raise cli.UsageError(f'init_from={experiment.init_from!r} is set; the imported --checkpoint '
+    raise errors.UsageError(f'init_from={experiment.init_from!r} is set; the imported --checkpoint '
                          'already gives the weights: drop the init_from override')
   params = registry.import_file(checkpoint, experiment)
   folder = write_checkpoint(experiment, params, workdir, step)
-  cli.write_config(config, workdir)
+  saved.write_config(config, workdir)
   paths.write_atomic(paths.resolve(workdir, '--workdir') / 'imported_from.json', json.dumps({
       'checkpoint': os.fspath(paths.resolve(checkpoint, '--checkpoint')), 'step': step,
       'release': release.name, 'settings': changed}, indent=1))
@@ -75,7 +76,7 @@ def run(checkpoint: str | None, config: fdl.Buildable, workdir, step: int | None
   """`launch.py --mode=import`: `import_release`, then what was done and how to sample it.
   A file that cannot be read or imported is a `UserError` (launch.py's `error:` line)."""
   if not checkpoint:
-    raise cli.UsageError('--mode=import needs --checkpoint=FILE, the released weights '
+    raise errors.UsageError('--mode=import needs --checkpoint=FILE, the released weights '
                          '(.pt/.pth/.bin/.ckpt/.safetensors/.npz)')
   try:
     folder, changed = import_release(checkpoint, config, workdir, step or 0)

@@ -58,9 +58,9 @@ def check_credentials() -> None:
 
 def _run_config(workdir: paths.Path) -> dict:
   """`{path: value text}` of the run's effective values, if it saved them."""
-  from lib import cli
+  from lib.config import saved
 
-  file = workdir / cli.EFFECTIVE
+  file = workdir / saved.EFFECTIVE
   if not file.exists():
     return {}
   return {path: entry['value'] for path, entry in json.loads(file.read_text()).items()}

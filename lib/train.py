@@ -14,8 +14,6 @@ is a function of k, so a run resumed from the checkpoint of step k continues exa
 as the uninterrupted run would have.
 """
 
-import io
-import os
 import re
 import signal
 import time
@@ -31,7 +29,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lib import checkpoint as ckpt
 from lib import errors
-from lib import hooks
 from lib import paths
 from lib.experiment import Experiment
 from lib.sharding import Sharding
@@ -125,14 +122,19 @@ class Run:
     (or host) ever holds a full copy of a sharded array."""
     return jax.jit(self._create, out_shardings=self.state_shardings)()
 
-  def abstract_state(self):
+  def abstract_state(self, parts: tuple[str, ...] | None = None):
     """Shapes, dtypes and target shardings of the state (the restore target: a checkpoint
-    saved on another mesh is resharded into this one)."""
-    return ckpt.abstract(jax.eval_shape(self._create), self.state_shardings)
+    saved on another mesh is resharded into this one); with `parts`, of those entries only."""
+    abstract = ckpt.abstract(jax.eval_shape(self._create), self.state_shardings)
+    return abstract if parts is None else {part: abstract[part] for part in parts}
 
-  def restore(self, manager, step: int | None = None) -> int:
-    """Loads the newest (or the given) checkpoint of `manager` into `self.state`."""
-    step, self.state = ckpt.restore(manager, self.abstract_state(), step)
+  def restore(self, manager, step: int | None = None,
+              parts: tuple[str, ...] | None = None) -> int:
+    """Loads the newest (or the given) checkpoint of `manager` into `self.state`; with `parts`
+    (`lib.sample.RESTORED`, `lib.evaluate.RESTORED`), only those entries of the state: the
+    others (the optimizer's moments) are not read."""
+    step, self.state = ckpt.restore(manager, self.abstract_state(parts), step,
+                                    partial=parts is not None)
     return step
 
   def load_encoder(self):
@@ -407,39 +409,3 @@ def train(experiment: Experiment, workdir,
   paths.resolve(workdir, '--workdir').mkdir(parents=True, exist_ok=True)
   return Run(experiment, workdir).train(on_start)
 
-
-def sample(experiment: Experiment, workdir, num_samples: int,
-           labels: list[int] | None = None, guidance_scale: float | None = None,
-           seed: int = 0, step: int | None = None) -> str:
-  """Samples the EMA weights of checkpoint `step` (default: the newest good one) in `workdir`
-  into `samples.npz` (`images` uint8 NHWC, `labels` int32) and `samples.png`. Returns the npz
-  path."""
-  num_classes = experiment.data.num_classes
-  if labels:
-    bad = [label for label in labels if not 0 <= label < num_classes]
-    if bad:
-      raise errors.UserError(f'--labels {bad} outside the {num_classes} classes 0..'
-                             f'{num_classes - 1}')
-  if ckpt.latest_step(workdir) is None:
-    raise errors.CheckpointError(f'no checkpoint in {ckpt.directory(workdir)}; train first '
-                                 f'(--mode=train) or point --workdir at a trained run')
-  run = Run(experiment, workdir)
-  manager = experiment.checkpoint.manager(workdir, create=False)
-  run.load_encoder()
-  try:
-    step = run.restore(manager, step)
-  finally:
-    manager.close()
-  if labels:
-    label_array = np.resize(np.asarray(labels, np.int32), num_samples)
-  else:
-    label_array = np.arange(num_samples, dtype=np.int32) % run.num_classes
-  scale = experiment.sampler.guidance_scale if guidance_scale is None else guidance_scale
-  images = run.generate(label_array, scale, seed=seed)
-  path = run.workdir / 'samples.npz'
-  archive = io.BytesIO()
-  np.savez(archive, images=images, labels=label_array)
-  paths.write_atomic(path, archive.getvalue())
-  hooks.save_png(run.workdir / 'samples.png', hooks.image_grid(images))
-  logging.info('Wrote %d samples of step %d (guidance %g) to %s', num_samples, step, scale, path)
-  return str(path)

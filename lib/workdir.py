@@ -88,11 +88,11 @@ def record_launch(workdir, step: int) -> None:
   Fiddle and orbax versions, the devices and processes, and the step it starts from."""
   import importlib.metadata
 
-  from lib import cli
+  from lib.config import REPO_ROOT
 
   def git(*args) -> str | None:
     try:
-      return subprocess.run(['git', *args], cwd=cli.REPO_ROOT, capture_output=True, text=True,
+      return subprocess.run(['git', *args], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=30, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
       return None

@@ -17,7 +17,8 @@ import time
 import numpy as np
 import pytest
 
-from lib import cli, errors, hooks, paths, tracking
+from lib import errors, hooks, paths, tracking
+from lib.config import REPO_ROOT
 from lib import workdir as workdirs
 from tests.gcs_emulator import BUCKET
 from tests.test_train import TINY
@@ -26,12 +27,12 @@ NO_TENSORBOARD = '--fdl_set=writers.tensorboard=False'
 
 
 def launch(*args, wait=True, env=None):
-  command = [sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *args]
+  command = [sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args]
   environment = {**os.environ, **(env or {})}
   if not wait:
-    return subprocess.Popen(command, cwd=cli.REPO_ROOT, stdout=subprocess.DEVNULL,
+    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=environment)
-  return subprocess.run(command, cwd=cli.REPO_ROOT, capture_output=True, text=True,
+  return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
                         timeout=900, env=environment)
 
 
@@ -330,7 +331,7 @@ def test_a_bucket_run_survives_sigkill_samples_relaunches_and_is_tracked(gcs, tm
   assert not any(name.startswith('runs/x/lock') for name in names)  # released
   runs = json.loads((paths.resolve(workdir, '--workdir') / 'run.json').read_text())
   assert len(runs) == 2 and runs[1]['start_step'] >= 4
-  revision = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=cli.REPO_ROOT,
+  revision = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO_ROOT,
                             capture_output=True, text=True).stdout.strip()
   assert all(run['git_revision'] == revision and run['process_count'] == 1 and
              run['device_count'] >= 1 and '--workdir=' + workdir in run['command']

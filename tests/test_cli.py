@@ -7,12 +7,13 @@ import sys
 import fiddle as fdl
 import pytest
 
-from lib import cli
+from lib import errors
+from lib.config import REPO_ROOT, overrides, presets
 from lib.experiment import ConfigError
 
 
-def launch(*args, cwd=cli.REPO_ROOT):
-  return subprocess.run([sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *args],
+def launch(*args, cwd=REPO_ROOT):
+  return subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args],
                         capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
@@ -31,7 +32,7 @@ def test_nested_override_and_print_config():
 
 
 def test_preset_call_arguments_and_relative_paths(tmp_path):
-  result = launch(f'--fdl_config={cli.REPO_ROOT}/experiments/dit.py:s2(image_size=512)',
+  result = launch(f'--fdl_config={REPO_ROOT}/experiments/dit.py:s2(image_size=512)',
                   '--print_config', cwd=tmp_path)
   assert result.returncode == 0, result.stderr
   assert 'data.image_size = 512' in result.stdout
@@ -61,63 +62,63 @@ def test_bad_input_fails_before_running(args, message, tmp_path):
 
 
 def test_path_errors_suggest_the_closest_paths():
-  config = cli.load_preset('experiments/dit.py:digits')
-  with pytest.raises(cli.UsageError, match=r'Closest existing paths: data\.image_size'):
-    cli.apply_override(config, 'data.img_size=16')
-  with pytest.raises(cli.UsageError, match=r"its fields: .*hidden_size, depth"):
-    cli.apply_override(config, 'network.hiden_size=16')
-  with pytest.raises(cli.UsageError, match=r'evaluate has no field 3'):
-    cli.apply_override(config, 'evaluate[3].every_steps=3')
-  with pytest.raises(cli.UsageError, match='set one of its fields instead'):
-    cli.apply_override(config, 'data=3')
+  config = presets.load_preset('experiments/dit.py:digits')
+  with pytest.raises(errors.UsageError, match=r'Closest existing paths: data\.image_size'):
+    overrides.apply_override(config, 'data.img_size=16')
+  with pytest.raises(errors.UsageError, match=r"its fields: .*hidden_size, depth"):
+    overrides.apply_override(config, 'network.hiden_size=16')
+  with pytest.raises(errors.UsageError, match=r'evaluate has no field 3'):
+    overrides.apply_override(config, 'evaluate[3].every_steps=3')
+  with pytest.raises(errors.UsageError, match='set one of its fields instead'):
+    overrides.apply_override(config, 'data=3')
 
 
 def test_type_checks_and_coercions():
-  config = cli.load_preset('experiments/dit.py:digits')
-  cli.apply_override(config, 'optimizer.learning_rate=1')  # int -> float field
+  config = presets.load_preset('experiments/dit.py:digits')
+  overrides.apply_override(config, 'optimizer.learning_rate=1')  # int -> float field
   assert config.optimizer.learning_rate == 1.0 and isinstance(config.optimizer.learning_rate, float)
-  cli.apply_override(config, 'visualize.guidance_scales=[1, 4]')
+  overrides.apply_override(config, 'visualize.guidance_scales=[1, 4]')
   assert config.visualize.guidance_scales == (1.0, 4.0)
-  cli.apply_override(config, 'interface.time_dist=logit_normal')  # unquoted Literal string
+  overrides.apply_override(config, 'interface.time_dist=logit_normal')  # unquoted Literal string
   assert config.interface.time_dist == 'logit_normal'
-  cli.apply_override(config, 'optimizer.grad_clip_norm=None')
+  overrides.apply_override(config, 'optimizer.grad_clip_norm=None')
   assert config.optimizer.grad_clip_norm is None
-  cli.apply_override(config, 'evaluate[0].every_steps=7')
+  overrides.apply_override(config, 'evaluate[0].every_steps=7')
   assert config.evaluate[0].every_steps == 7
   for bad, message in [('network.depth=True', 'expects int, got True'),
                        ('interface.time_dist=gamma', "must be one of 'uniform', 'logit_normal'"),
                        ('network.num_heads="4"', 'expects int'),
                        ('total_steps=1e3', 'total_steps expects int, got 1000.0')]:
-    with pytest.raises(cli.UsageError, match=message):
-      cli.apply_override(config, bad)
+    with pytest.raises(errors.UsageError, match=message):
+      overrides.apply_override(config, bad)
 
 
 def test_override_provenance_is_the_flag():
   from fiddle import history  # noqa: F401  (history is recorded on every Buildable)
-  config = cli.load_preset('experiments/dit.py:digits')
-  cli.apply_override(config, 'network.depth=3')
+  config = presets.load_preset('experiments/dit.py:digits')
+  overrides.apply_override(config, 'network.depth=3')
   entry = config.network.__argument_history__['depth'][-1]
   assert entry.location.filename == '--fdl_set=network.depth=3'
 
 
 def test_derived_values_follow_overrides():
-  config = cli.load_preset('experiments/dit.py:xl2')
-  cli.apply_override(config, 'data.image_size=512')
+  config = presets.load_preset('experiments/dit.py:xl2')
+  overrides.apply_override(config, 'data.image_size=512')
   experiment = fdl.build(config)
   assert experiment.latent_shape == (64, 64, 4)
   assert experiment.network.keywords['input_size'] == 64
-  config = cli.load_preset('experiments/dit.py:digits')
-  cli.apply_override(config, 'data.image_size=16')
+  config = presets.load_preset('experiments/dit.py:digits')
+  overrides.apply_override(config, 'data.image_size=16')
   assert fdl.build(config).network.keywords['input_size'] == 16
 
 
 def test_inconsistent_values_name_both_sides():
-  config = cli.load_preset('experiments/dit.py:xl2')
-  cli.apply_override(config, 'network.patch_size=3')
+  config = presets.load_preset('experiments/dit.py:xl2')
+  overrides.apply_override(config, 'network.patch_size=3')
   with pytest.raises(ConfigError, match=r'network.patch_size=3 does not divide the latent size '
                                         r'32 \(data.image_size=256 / encoder.downsample_factor=8'):
     fdl.build(config)
-  config = cli.load_preset('experiments/dit.py:digits')
-  cli.apply_override(config, 'network.in_channels=3')
+  config = presets.load_preset('experiments/dit.py:digits')
+  overrides.apply_override(config, 'network.in_channels=3')
   with pytest.raises(ConfigError, match=r'network.in_channels=3 contradicts data.channels=1'):
     fdl.build(config)

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from lib import cli, cpu_runtime
+from lib import cpu_runtime
+from lib.config import REPO_ROOT
 
 # Page faults per execution of a computation with a 256 MiB temp buffer (tanh(a) before the
 # dot), in a fresh interpreter with or without the settings: the fewest of three executions
@@ -38,7 +39,7 @@ def _faults(mode: str) -> int:
   env = {k: v for k, v in os.environ.items()
          if k != 'GLIBC_TUNABLES' and k != 'JAX_CPU_ENABLE_ASYNC_DISPATCH'
          and not (k.startswith('MALLOC_') and k.endswith('_'))}
-  result = subprocess.run([sys.executable, '-c', PROBE, mode], check=True, cwd=cli.REPO_ROOT,
+  result = subprocess.run([sys.executable, '-c', PROBE, mode], check=True, cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True)
   return int(result.stdout.split()[-1])
 

@@ -346,9 +346,9 @@ def test_registered_importer_and_import_file(tmp_path):
   """`IMPORTERS` finds `import_ddt`; `import_file` (the path of `init_from` and of
   `launch.py --mode=import`) fills the preset's network from a released-layout
   file (the preset shrunk to the tiny size; 32x32 latents from the 256 data)."""
-  from lib import cli
+  from lib.config import presets
   assert registry.importer_for(DDT) is ddt_weights.import_ddt
-  config = cli.load_preset('experiments/ddt.py:xl2')
+  config = presets.load_preset('experiments/ddt.py:xl2')
   for name, value in TINY.items():
     setattr(config.network, name, value)
   experiment = fdl.build(config)

@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 
-from lib import cli
+from lib.config import REPO_ROOT
 from lib.data.digits import Digits
 from lib.eval import actions, digits_classifier
 
@@ -90,8 +90,8 @@ TINY = ['--fdl_config=experiments/dit.py:digits', '--fdl_set=network.hidden_size
 
 def test_standalone_eval_mode(tmp_path):
   def launch(*args):
-    result = subprocess.run([sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *args],
-                            cwd=cli.REPO_ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     return result
 
   result = launch(*TINY, f'--workdir={tmp_path}', '--mode=eval')

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from lib import cli
+from lib.config import REPO_ROOT
 from lib.data import extract_latents
 from lib.data.images import ImageFolder
 from lib.data.latents import LatentFolder
@@ -100,7 +100,7 @@ def test_command_line(tmp_path, weights):
        f'--out_dir={tmp_path / "latents"}', '--image_size=16', f'--weights_path={weights}',
        '--block_out_channels=8,8,8,8', '--layers_per_block=1', '--norm_num_groups=4',
        '--num_classes=1', '--batch_size=3'],
-      cwd=cli.REPO_ROOT, capture_output=True, text=True, timeout=300)
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'encoded 4 / 4' in result.stderr and 'wrote' in result.stderr
   LatentFolder(str(tmp_path / 'latents'), image_size=16, num_classes=1).check()

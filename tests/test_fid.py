@@ -202,7 +202,8 @@ def test_fid_action_in_a_training_run(tmp_path):
   import fiddle as fdl
   from flax import nnx
 
-  from lib import cli, train
+  from lib import train
+  from lib.config import overrides, presets
   from lib.data.digits import Digits
   from lib.eval import inception
 
@@ -222,11 +223,11 @@ def test_fid_action_in_a_training_run(tmp_path):
   stats.add(pool)
   fid.save_stats(str(tmp_path / 'ref.npz'), *stats.moments(), len(pool))
 
-  config = cli.load_preset('experiments/dit.py:digits')
+  config = presets.load_preset('experiments/dit.py:digits')
   for assignment in ('network.hidden_size=32', 'network.depth=1', 'network.num_heads=2',
                      'data.batch_size=8', 'total_steps=2', 'sampler.num_steps=2',
                      'visualize=None', 'report.every_steps=1000'):
-    cli.apply_override(config, assignment)
+    overrides.apply_override(config, assignment)
   config.evaluate = [fdl.Config(
       actions.FIDEvaluation, inception_weights=weights, reference_stats=str(tmp_path / 'ref.npz'),
       all_guidance_scales=(1.0,), all_eval_samples_nums=((10,),), eval_every_steps=((2,),),

@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from experiments import fiddlers
-from lib import cli, hooks
+from lib import errors, hooks
+from lib.config import REPO_ROOT, overrides, presets, values
 
 
 class ImageSize(fdl.Tag):
@@ -20,21 +21,21 @@ class ImageSize(fdl.Tag):
 
 
 def digits() -> fdl.Config:
-  return cli.load_preset('experiments/dit.py:digits')
+  return presets.load_preset('experiments/dit.py:digits')
 
 
 def test_fiddlers_by_name_file_and_module_apply_in_order():
   config = digits()
   for spec in ('tiny', 'tiny(total_steps=40, batch_size=4)', 'experiments/fiddlers.py:bf16'):
-    config = cli.apply_fiddler(config, spec)
+    config = presets.apply_fiddler(config, spec)
   assert (config.network.hidden_size, config.network.depth, config.network.num_heads) == \
       (64, 2, 2)
   assert (config.total_steps, config.data.batch_size, config.checkpoint.save_interval_steps) == \
       (40, 4, 20)
   assert config.network.dtype == 'bfloat16'
-  assert cli.value_source(config.network, 'hidden_size') == \
+  assert values.value_source(config.network, 'hidden_size') == \
       '--fiddler=tiny(total_steps=40, batch_size=4)'
-  other = cli.apply_fiddler(digits(), 'experiments.fiddlers:bf16')
+  other = presets.apply_fiddler(digits(), 'experiments.fiddlers:bf16')
   assert other.network.dtype == 'bfloat16' and other.network.depth == 4
 
 
@@ -47,7 +48,7 @@ def test_a_fiddler_may_return_a_new_config(tmp_path, monkeypatch):
       '  return config\n')
   monkeypatch.syspath_prepend(str(tmp_path))
   original = digits()
-  changed = cli.apply_fiddler(original, 'my_fiddlers:longer(steps=9)')
+  changed = presets.apply_fiddler(original, 'my_fiddlers:longer(steps=9)')
   assert changed.total_steps == 9 and original.total_steps == 2000
 
 
@@ -59,15 +60,15 @@ def test_a_fiddler_may_return_a_new_config(tmp_path, monkeypatch):
     ('tiny extra', "--fiddler='tiny extra': expected NAME"),
 ])
 def test_fiddler_errors_name_what_exists(spec, message):
-  with pytest.raises(cli.UsageError, match=message.replace('(', r'\(').replace(')', r'\)')):
-    cli.apply_fiddler(digits(), spec)
+  with pytest.raises(errors.UsageError, match=message.replace('(', r'\(').replace(')', r'\)')):
+    presets.apply_fiddler(digits(), spec)
 
 
-@pytest.mark.parametrize('path', cli.preset_files())
+@pytest.mark.parametrize('path', presets.preset_files())
 def test_tiny_shrinks_every_preset(path):
-  module = importlib.import_module(cli.module_name(path))
-  for name in cli.presets_of(module):
-    config = cli.apply_fiddler(cli.load_preset(f'{path}:{name}'), 'tiny')
+  module = importlib.import_module(presets.module_name(path))
+  for name in presets.presets_of(module):
+    config = presets.apply_fiddler(presets.load_preset(f'{path}:{name}'), 'tiny')
     experiment = fdl.build(config)
     params = nnx.state(nnx.eval_shape(experiment.make_network), nnx.Param)
     count = sum(x.size for x in jax.tree.leaves(params))
@@ -78,34 +79,34 @@ def test_tiny_shrinks_every_preset(path):
 def test_tags_set_every_tagged_field_with_type_checks():
   config = digits()
   fdl.add_tag(config.data, 'image_size', ImageSize)
-  cli.apply_tag_override(config, 'ImageSize=16')
+  overrides.apply_tag_override(config, 'ImageSize=16')
   assert config.data.image_size == 16
-  assert cli.value_source(config.data, 'image_size') == '--fdl_tags_set=ImageSize=16'
-  cli.apply_tag_override(config, f'{ImageSize.name}=12')  # module-qualified, as Fiddle's flag
+  assert values.value_source(config.data, 'image_size') == '--fdl_tags_set=ImageSize=16'
+  overrides.apply_tag_override(config, f'{ImageSize.name}=12')  # module-qualified, as Fiddle's flag
   assert config.data.image_size == 12
-  with pytest.raises(cli.UsageError, match=rf'--fdl_tags_set: {ImageSize.name} expects int, '
+  with pytest.raises(errors.UsageError, match=rf'--fdl_tags_set: {ImageSize.name} expects int, '
                                            r'got 2\.5'):
-    cli.apply_tag_override(config, 'ImageSize=2.5')
-  with pytest.raises(cli.UsageError, match=r"no field is tagged 'Size'; tags of this config: "
+    overrides.apply_tag_override(config, 'ImageSize=2.5')
+  with pytest.raises(errors.UsageError, match=r"no field is tagged 'Size'; tags of this config: "
                                            + ImageSize.name):
-    cli.apply_tag_override(config, 'Size=3')
-  with pytest.raises(cli.UsageError, match=r'this config has no tags; set fields with '
+    overrides.apply_tag_override(config, 'Size=3')
+  with pytest.raises(errors.UsageError, match=r'this config has no tags; set fields with '
                                            r'--fdl_set=PATH=VALUE'):
-    cli.apply_tag_override(digits(), 'ImageSize=3')
+    overrides.apply_tag_override(digits(), 'ImageSize=3')
 
 
 def test_a_field_below_a_none_node_says_how_to_create_it():
   config = digits()
-  cli.apply_override(config, 'profile=None')
-  with pytest.raises(cli.UsageError, match=(
+  overrides.apply_override(config, 'profile=None')
+  with pytest.raises(errors.UsageError, match=(
       r"profile is None, so profile\.num_profile_steps does not exist; create the Profile node "
       r"first: --fdl_set='profile=Profile\(num_profile_steps=\.\.\.\)' \(Profile fields: "
       r'num_profile_steps, first_profile')):
-    cli.apply_override(config, 'profile.num_profile_steps=5')
-  cli.apply_override(config, 'profile=Profile(num_profile_steps=3)')
-  cli.apply_override(config, 'profile.first_profile=2')
+    overrides.apply_override(config, 'profile.num_profile_steps=5')
+  overrides.apply_override(config, 'profile=Profile(num_profile_steps=3)')
+  overrides.apply_override(config, 'profile.first_profile=2')
   assert fdl.build(config).profile.num_profile_steps == 3
-  assert cli.value_source(config.profile, 'num_profile_steps') == \
+  assert values.value_source(config.profile, 'num_profile_steps') == \
       '--fdl_set=profile=Profile(num_profile_steps=3)'
   for assignment, message in (
       ('profile=SampleGrid()', 'profile holds a Profile node, not SampleGrid'),
@@ -114,29 +115,29 @@ def test_a_field_below_a_none_node_says_how_to_create_it():
       ('profile=Profile(num_profile_steps=2.5)', 'profile.num_profile_steps expects int'),
       ('visualize=Profile()', 'visualize holds a SampleGrid node, not Profile'),
       ('profile=5', "profile is a Profile node; set one of its fields")):
-    with pytest.raises(cli.UsageError, match=message.replace('(', r'\(').replace(')', r'\)')):
-      cli.apply_override(config, assignment)
-  cli.apply_override(config, 'visualize=None')
-  with pytest.raises(cli.UsageError, match=r"visualize holds a SampleGrid node or None, not 5; "
+    with pytest.raises(errors.UsageError, match=message.replace('(', r'\(').replace(')', r'\)')):
+      overrides.apply_override(config, assignment)
+  overrides.apply_override(config, 'visualize=None')
+  with pytest.raises(errors.UsageError, match=r"visualize holds a SampleGrid node or None, not 5; "
                                            r"e\.g\. --fdl_set='visualize=SampleGrid\(\)'"):
-    cli.apply_override(config, 'visualize=5')
-  cli.apply_override(config, 'visualize=SampleGrid(every_steps=5)')
+    overrides.apply_override(config, 'visualize=5')
+  overrides.apply_override(config, 'visualize=SampleGrid(every_steps=5)')
   assert fdl.build(config).visualize.every_steps == 5
 
 
 def test_every_preset_carries_a_profile_node():
-  for path in cli.preset_files():
-    module = importlib.import_module(cli.module_name(path))
-    for name in cli.presets_of(module):
-      profile = cli.load_preset(f'{path}:{name}').profile
+  for path in presets.preset_files():
+    module = importlib.import_module(presets.module_name(path))
+    for name in presets.presets_of(module):
+      profile = presets.load_preset(f'{path}:{name}').profile
       assert isinstance(profile, fdl.Config) and fdl.get_callable(profile) is hooks.Profile, name
 
 
 @pytest.mark.slow
 def test_launch_applies_fiddle_flags_and_rejects_misuse(tmp_path):
   def launch(*args):
-    return subprocess.run([sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *args],
-                          capture_output=True, text=True, cwd=cli.REPO_ROOT, timeout=600)
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
 
   result = launch('--fdl_config=experiments/dit.py:digits', '--fiddler=tiny',
                   '--fdl_set=profile.num_profile_steps=3', '--print_config')

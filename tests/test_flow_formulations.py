@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from lib import checkpoint as ckpt
-from lib import cli, ema
+from lib import ema
+from lib.config import overrides, presets
 from lib.flow import conventions, ddpm, edm, meanflow, samplers, sit
 from lib.flow.sit import mean_flat
 from tests.test_flow import MEAN, STD, GaussianField
@@ -520,9 +521,9 @@ def _train_steps(config, steps):
 
 
 def _tiny(spec):
-  config = cli.load_preset(spec)
+  config = presets.load_preset(spec)
   for assignment in TINY:
-    cli.apply_override(config, assignment)
+    overrides.apply_override(config, assignment)
   return config
 
 

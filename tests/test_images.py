@@ -162,14 +162,15 @@ def test_trains_a_pixel_model_through_the_trainer(tree, tmp_path):
 
   import fiddle as fdl
 
-  from lib import cli, train
+  from lib import train
+  from lib.config import overrides, presets
 
-  config = cli.load_preset('experiments/dit.py:digits')
+  config = presets.load_preset('experiments/dit.py:digits')
   config.data = fdl.Config(ImageFolder, data_dir=tree, image_size=8, batch_size=4, num_classes=3)
   for assignment in ('network.hidden_size=32', 'network.depth=1', 'network.num_heads=2',
                      'total_steps=2', 'log_every_steps=1', 'visualize=None',
                      'report.every_steps=1000'):
-    cli.apply_override(config, assignment)
+    overrides.apply_override(config, assignment)
   config.evaluate = []
   experiment = fdl.build(config)
   assert experiment.latent_shape == (8, 8, 3)

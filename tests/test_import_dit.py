@@ -44,7 +44,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lib import cli
+from lib.config import REPO_ROOT, overrides, presets
 from lib.models import dit, layers
 from lib.weights import dit as dit_weights
 from lib.weights import files, importer, registry
@@ -245,11 +245,11 @@ TINY = ['--fdl_config=experiments/dit.py:digits', '--fdl_set=network.hidden_size
         '--fdl_set=interface.network_time=data_at_0']
 
 
-def _tiny_experiment(*overrides: str):
+def _tiny_experiment(*extra: str):
   import fiddle as fdl
-  config = cli.load_preset('experiments/dit.py:digits')
-  for flag in TINY[1:] + list(overrides):
-    cli.apply_override(config, flag.removeprefix('--fdl_set='))
+  config = presets.load_preset('experiments/dit.py:digits')
+  for flag in TINY[1:] + list(extra):
+    overrides.apply_override(config, flag.removeprefix('--fdl_set='))
   return config, fdl.build(config)
 
 
@@ -272,7 +272,7 @@ def _random_release(experiment, path, seed: int = 1) -> dict[str, np.ndarray]:
 
 
 def _run(*args, timeout=600):
-  result = subprocess.run([sys.executable, *args], cwd=cli.REPO_ROOT, capture_output=True,
+  result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=timeout)
   assert result.returncode == 0, result.stderr[-3000:]
   return result
@@ -310,7 +310,7 @@ def test_import_command_writes_a_checkpoint_that_sample_mode_accepts(tmp_path):
 
   result = subprocess.run([sys.executable, 'launch.py', '--mode=import',
                            f'--checkpoint={release}', *TINY, f'--workdir={workdir}'],
-                          cwd=cli.REPO_ROOT, capture_output=True, text=True)
+                          cwd=REPO_ROOT, capture_output=True, text=True)
   assert result.returncode == 2 and 'already holds checkpoints' in result.stderr
 
 
@@ -322,7 +322,7 @@ def test_import_mode_needs_a_checkpoint_and_reports_one_that_does_not_fit(tmp_pa
   _random_release(experiment, release)
   config, _ = _tiny_experiment('network.depth=2')
   workdir = tmp_path / 'imported'
-  with pytest.raises(cli.UsageError, match='--mode=import needs --checkpoint=FILE'):
+  with pytest.raises(errors.UsageError, match='--mode=import needs --checkpoint=FILE'):
     import_release.run(None, config, workdir, None)
   with pytest.raises(errors.UserError, match=r'does not match this DiT: missing keys \(10\): '
                                              r'blocks\.1\.adaLN_modulation\.1\.bias'):
@@ -392,7 +392,7 @@ def test_init_from_needs_an_importer_for_the_network():
 
 def test_importer_lookup_accepts_unbuilt_config_nodes():
   from lib.models import lightning_dit
-  config = cli.load_preset('experiments/lightning_dit.py:s2')
+  config = presets.load_preset('experiments/lightning_dit.py:s2')
   assert importer.network_class(config.network) is lightning_dit.LightningDiT
   assert registry.importer_for(config.network) is \
       registry.IMPORTERS[lightning_dit.LightningDiT]

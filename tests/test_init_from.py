@@ -8,14 +8,15 @@ import pytest
 from flax import nnx
 
 from lib import checkpoint as ckpt
-from lib import cli, errors
+from lib import errors
+from lib.config import overrides, presets
 from lib.train import Run
 
 
 def test_imported_fixed_arrays_replace_the_constructors_and_survive_a_checkpoint(tmp_path):
-  config = cli.load_preset('experiments/dit.py:digits')
+  config = presets.load_preset('experiments/dit.py:digits')
   for assignment in ['network.hidden_size=16', 'network.depth=1', 'network.num_heads=2']:
-    cli.apply_override(config, assignment)
+    overrides.apply_override(config, assignment)
   experiment = fdl.build(config)
   run = Run(experiment, str(tmp_path))
   model = experiment.make_network(seed=3)
@@ -36,9 +37,9 @@ def test_imported_fixed_arrays_replace_the_constructors_and_survive_a_checkpoint
 
 
 def test_init_from_a_missing_file_names_the_field(tmp_path):
-  config = cli.load_preset('experiments/dit.py:digits')
+  config = presets.load_preset('experiments/dit.py:digits')
   for assignment in ['network.hidden_size=16', 'network.depth=1', 'network.num_heads=2']:
-    cli.apply_override(config, assignment)
+    overrides.apply_override(config, assignment)
   config.init_from = str(tmp_path / 'missing.pt')
   experiment = fdl.build(config)
   run = Run(experiment, str(tmp_path))

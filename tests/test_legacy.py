@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lib import cli, legacy, nn, registry, review
+from experiments.legacy import converter, registry
+from lib import nn
+from lib.config import REPO_ROOT, presets, review, saved
 from tests.legacy_configs import dit_imagenet, dit_imagenet_repa
 
 # Differences between a converted diffuse_nnx preset and its native preset that are intended
@@ -82,24 +84,24 @@ def legacy_config(name: str, options: str) -> ml_collections.ConfigDict:
 @pytest.mark.parametrize('name,options,native,allowed', CASES,
                          ids=[f'{case[0]}:{case[1]}' for case in CASES])
 def test_diffuse_nnx_preset_converts_to_its_native_preset(name, options, native, allowed):
-  if not os.path.exists(os.path.join(cli.REPO_ROOT, native.split(':')[0])):
+  if not os.path.exists(os.path.join(REPO_ROOT, native.split(':')[0])):
     pytest.skip(f'{native.split(":")[0]} is not written yet')
-  converted = legacy.convert(legacy_config(name, options))
+  converted = converter.convert(legacy_config(name, options))
   # Effective values: a native preset that states `take_gw=False` and a converted config that
   # leaves it at the default do not differ.
-  lines = review.diff_lines(cli.load_preset(native), converted)
+  lines = review.diff_lines(presets.load_preset(native), converted)
   unexplained = [line for line in lines if not any(line.startswith(p) for p, _ in allowed)]
   assert not unexplained, '\n'.join(unexplained)
   assert all(any(line.startswith(p) for line in lines) for p, _ in allowed), lines
   fdl.build(converted)  # derived sizes agree
-  assert review.normalized(converted) == converted  # saves and reloads as a run's config.json
+  assert saved.normalized(converted) == converted  # saves and reloads as a run's config.json
 
 
 def test_local_detector_weights_carry_over_and_hub_ids_do_not():
   config = dit_imagenet_repa.get_config('imagenet_raw_256-B_2')
-  assert legacy.convert(config).repa.detector.weights_path is None  # 'facebook/dinov2-base'
+  assert converter.convert(config).repa.detector.weights_path is None  # 'facebook/dinov2-base'
   config.repa.detector.pretrained_path = '/weights/dinov2-base/model.safetensors'
-  assert legacy.convert(config).repa.detector.weights_path == \
+  assert converter.convert(config).repa.detector.weights_path == \
       '/weights/dinov2-base/model.safetensors'
 
 
@@ -151,7 +153,7 @@ def test_registered_network_trains_through_the_normal_trainer(tmp_path, restored
   from lib import train
 
   registry.register('network', 'tiny_denoiser', TinyDenoiser)
-  config = legacy.convert(tiny_legacy_config())
+  config = converter.convert(tiny_legacy_config())
   assert config.network.__arguments__ == {'hidden_size': 16}  # derived sizes left to Experiment
   assert fdl.get_callable(config.optimizer.schedule).__name__ == 'cosine'
   assert train.train(fdl.build(config), str(tmp_path)) == 4
@@ -161,10 +163,10 @@ def test_registered_network_trains_through_the_normal_trainer(tmp_path, restored
 
 
 def test_registry_imports_lazily_and_refuses_a_taken_name(restored_registry):
-  code = ('import sys; from lib import registry\n'
+  code = ('import sys; from experiments.legacy import registry\n'
           'assert registry.resolve("ema", "ema").__name__ == "EMA"\n'
           'assert not [m for m in sys.modules if m.startswith("lib.models")], "model imported"\n')
-  subprocess.run([sys.executable, '-c', code], check=True, cwd=cli.REPO_ROOT)
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO_ROOT)
   with pytest.raises(registry.RegistryError, match="network 'dit' is already registered as "
                                                    'lib.models.dit:DiT'):
     registry.register('network', 'dit', TinyDenoiser)
@@ -206,14 +208,14 @@ def test_errors_name_the_field_and_the_alternatives(field, value, message):
   for parent in parents:
     node = node[parent]
   node[name] = value
-  with pytest.raises(legacy.LegacyConfigError, match=message):
-    legacy.convert(config)
+  with pytest.raises(converter.LegacyConfigError, match=message):
+    converter.convert(config)
 
 
 # ------------------------------------------------------------------------------- launch.py
 def launch(*args):
-  return subprocess.run([sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *args],
-                        capture_output=True, text=True, cwd=cli.REPO_ROOT, timeout=600)
+  return subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args],
+                        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
 
 
 def test_launch_prints_a_converted_config_with_overrides():

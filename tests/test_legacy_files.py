@@ -1,4 +1,4 @@
-"""diffuse_nnx config files load from the user's own checkout (lib/legacy_files.py): the file's
+"""diffuse_nnx config files load from the user's own checkout (lib/config_files.py): the file's
 project root is importable while it runs, each checkout gets its own `configs` package, a file
 that fails is one message (a known diffuse_nnx defect names its native replacement), and a
 converted run's provenance names the file."""
@@ -13,9 +13,10 @@ import jax
 import pytest
 from flax import nnx
 
-from lib import cli, legacy, legacy_files, review
+from experiments.legacy import config_files, converter
+from lib.config import REPO_ROOT, overrides, saved, values
 
-FIXTURES = os.path.join(cli.REPO_ROOT, 'tests', 'legacy_configs')
+FIXTURES = os.path.join(REPO_ROOT, 'tests', 'legacy_configs')
 FIXTURE_IMPORT = 'from tests.legacy_configs import'
 
 # diffuse_nnx's lightning_ddt_imagenet.py as published: it reads DiT sizes from a DDT preset.
@@ -64,7 +65,7 @@ def launch_from(folder: str, *args) -> subprocess.CompletedProcess:
   """launch.py run from `folder` as a migrating user runs it: nothing on PYTHONPATH."""
   environment = {'PATH': os.environ['PATH'], 'HOME': os.environ.get('HOME', folder),
                  'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2'}
-  return subprocess.run([sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *args],
+  return subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args],
                         capture_output=True, text=True, cwd=folder, env=environment,
                         timeout=600)
 
@@ -108,7 +109,7 @@ def test_launch_names_the_known_diffuse_nnx_defect(tmp_path):
 def test_checkout_files_convert_with_their_parameter_counts(checkout, monkeypatch, spec, count):
   monkeypatch.chdir(checkout)
   path = sys.path[:]
-  config = legacy.convert(legacy_files.load(spec))
+  config = converter.convert(config_files.load(spec))
   assert sys.path == path
   assert parameter_count(config) == count
 
@@ -126,7 +127,7 @@ def test_each_checkout_imports_its_own_configs_package(checkout, tmp_path, monke
   cached = lambda: {name: module for name, module in sys.modules.items()
                     if name.split('.')[0] == 'configs'}
   before = cached()
-  size = lambda folder: legacy_files.load(
+  size = lambda folder: config_files.load(
       f'{folder}/configs/dit_imagenet.py:imagenet_256-XL_2').network.hidden_size
   assert (size(checkout), size(other), size(checkout)) == (1152, 1024, 1152)
   assert cached() == before and sys.modules['configs'] is unrelated
@@ -136,25 +137,25 @@ def test_project_fixtures_load_from_any_working_directory(tmp_path, monkeypatch)
   from tests.legacy_configs import mf_imagenet
 
   monkeypatch.chdir(tmp_path)
-  loaded = legacy_files.load(f'{FIXTURES}/mf_imagenet.py:imagenet_256-B_2')
+  loaded = config_files.load(f'{FIXTURES}/mf_imagenet.py:imagenet_256-B_2')
   assert loaded == mf_imagenet.get_config('imagenet_256-B_2')
-  assert legacy_files.project_root(f'{FIXTURES}/mf_imagenet.py') == cli.REPO_ROOT
+  assert config_files.project_root(f'{FIXTURES}/mf_imagenet.py') == REPO_ROOT
 
 
 def test_project_root_is_the_folder_holding_the_imported_package(checkout, tmp_path,
                                                                   monkeypatch):
-  assert legacy_files.project_root(f'{checkout}/configs/mf_imagenet.py') == checkout
+  assert config_files.project_root(f'{checkout}/configs/mf_imagenet.py') == checkout
   (tmp_path / 'flat').mkdir()
   (tmp_path / 'flat' / 'specs.py').write_text('SIZE = 3\n')
   (tmp_path / 'flat' / 'exp.py').write_text(
       'import ml_collections\nimport specs\n\n\ndef get_config():\n'
       '  return ml_collections.ConfigDict(dict(size=specs.SIZE))\n')
-  assert legacy_files.project_root(str(tmp_path / 'flat' / 'exp.py')) == str(tmp_path / 'flat')
-  assert legacy_files.load(str(tmp_path / 'flat' / 'exp.py')).size == 3
+  assert config_files.project_root(str(tmp_path / 'flat' / 'exp.py')) == str(tmp_path / 'flat')
+  assert config_files.load(str(tmp_path / 'flat' / 'exp.py')).size == 3
   # a file outside the checkout importing its `configs`: the working directory
   (tmp_path / 'mine.py').write_text('from configs import common_specs\n')
   monkeypatch.chdir(checkout)
-  assert legacy_files.project_root(str(tmp_path / 'mine.py')) == checkout
+  assert config_files.project_root(str(tmp_path / 'mine.py')) == checkout
 
 
 @pytest.mark.parametrize('options,ending', [
@@ -172,8 +173,8 @@ def test_project_root_is_the_folder_holding_the_imported_package(checkout, tmp_p
 def test_known_defect_names_the_native_preset_of_the_size(tmp_path, monkeypatch, options,
                                                           ending):
   monkeypatch.chdir(make_checkout(tmp_path, {'lightning_ddt_imagenet.py': PUBLISHED_DDT}))
-  with pytest.raises(legacy_files.LegacyFileError) as error:
-    legacy_files.load(f'configs/lightning_ddt_imagenet.py:{options}')
+  with pytest.raises(config_files.LegacyFileError) as error:
+    config_files.load(f'configs/lightning_ddt_imagenet.py:{options}')
   assert str(error.value).endswith(ending), str(error.value)
 
 
@@ -181,32 +182,32 @@ def test_other_failures_name_the_file_the_options_and_the_error(tmp_path, monkey
   monkeypatch.chdir(tmp_path)
   (tmp_path / 'broken.py').write_text('def get_config(options):\n  return 1 / 0\n')
   (tmp_path / 'missing.py').write_text('import no_such_module\n')
-  with pytest.raises(legacy_files.LegacyFileError) as error:
-    legacy_files.load('broken.py:x')
+  with pytest.raises(config_files.LegacyFileError) as error:
+    config_files.load('broken.py:x')
   assert str(error.value) == ("--config=broken.py:x: broken.py: get_config('x') raised "
                               "ZeroDivisionError: division by zero (at broken.py:2 in "
                               "get_config)")
-  with pytest.raises(legacy_files.LegacyFileError, match="--config=missing.py: running "
+  with pytest.raises(config_files.LegacyFileError, match="--config=missing.py: running "
                      "missing.py raised ModuleNotFoundError: No module named 'no_such_module'"):
-    legacy_files.load('missing.py')
-  with pytest.raises(legacy_files.LegacyFileError, match="no file 'absent.py'"):
-    legacy_files.load('absent.py:x')
+    config_files.load('missing.py')
+  with pytest.raises(config_files.LegacyFileError, match="no file 'absent.py'"):
+    config_files.load('absent.py:x')
   (tmp_path / 'empty.py').write_text('X = 1\n')
-  with pytest.raises(legacy_files.LegacyFileError, match='empty.py defines no get_config'):
-    legacy_files.load('empty.py')
+  with pytest.raises(config_files.LegacyFileError, match='empty.py defines no get_config'):
+    config_files.load('empty.py')
 
 
 def test_a_converted_run_records_the_file_in_its_saved_provenance(checkout, tmp_path,
                                                                    monkeypatch):
   monkeypatch.chdir(checkout)
   spec = 'configs/mf_imagenet.py:imagenet_256-B_2'
-  source = legacy_files.source(spec, {'optimizer.b2': 0.9})
+  source = config_files.source(spec, {'optimizer.b2': 0.9})
   assert source == f'--config={checkout}/{spec} --config.optimizer.b2=0.9'
-  config = legacy.convert(legacy_files.load(spec), source)
-  cli.apply_override(config, 'seed=4')
-  printed = cli.flat_lines(config, with_source=True)
+  config = converter.convert(config_files.load(spec), source)
+  overrides.apply_override(config, 'seed=4')
+  printed = values.flat_lines(config, with_source=True)
   assert f'interface.t_mu = -0.4  # {source}' in printed
   assert 'seed = 4  # --fdl_set=seed=4' in printed
-  cli.write_config(config, str(tmp_path))
+  saved.write_config(config, str(tmp_path))
   assert (tmp_path / 'config.txt').read_text().splitlines() == printed
-  assert cli.flat_lines(review.load_config_file(str(tmp_path)), with_source=True) == printed
+  assert values.flat_lines(saved.load_config_file(str(tmp_path)), with_source=True) == printed

@@ -18,7 +18,8 @@ import pytest
 
 from experiments import dit
 from lib import checkpoint as ckpt
-from lib import cli, errors, train, workdir as workdirs
+from lib import errors, train, workdir as workdirs
+from lib.config import REPO_ROOT, overrides, presets
 from lib.eval import actions
 
 TINY = ['--fdl_set=network.hidden_size=32', '--fdl_set=network.depth=1',
@@ -29,19 +30,19 @@ TINY = ['--fdl_set=network.hidden_size=32', '--fdl_set=network.depth=1',
 
 
 def launch(workdir, *args, preset='digits(total_steps=20)', wait=True):
-  command = [sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'),
+  command = [sys.executable, os.path.join(REPO_ROOT, 'launch.py'),
              f'--fdl_config=experiments/dit.py:{preset}', *TINY, f'--workdir={workdir}', *args]
   if not wait:
-    return subprocess.Popen(command, cwd=cli.REPO_ROOT, stdout=subprocess.DEVNULL,
+    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-  return subprocess.run(command, cwd=cli.REPO_ROOT, capture_output=True, text=True,
+  return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
                         timeout=600)
 
 
 def tiny_config(total_steps=20):
   config = dit.digits(total_steps=total_steps)
   for assignment in TINY:
-    cli.apply_override(config, assignment.split('=', 1)[1])
+    overrides.apply_override(config, assignment.split('=', 1)[1])
   config.log_every_steps = 5
   config.visualize = None
   config.evaluate = []
@@ -269,8 +270,8 @@ def test_a_failed_launch_leaves_the_workdir_as_it_was(tmp_path):
     ('experiments/dit.py:digits(total_steps="ten")', 'total_steps expects int'),
 ])
 def test_preset_arguments_are_type_checked(spec, message):
-  with pytest.raises(cli.UsageError, match=message):
-    cli.load_preset(spec)
+  with pytest.raises(errors.UsageError, match=message):
+    presets.load_preset(spec)
 
 
 @pytest.mark.parametrize('assignment, message', [
@@ -282,9 +283,9 @@ def test_preset_arguments_are_type_checked(spec, message):
 ])
 def test_values_out_of_range_name_their_path(assignment, message):
   config = dit.digits()
-  cli.apply_override(config, assignment)
+  overrides.apply_override(config, assignment)
   with pytest.raises(errors.UserError, match=message):
-    cli.build(config)
+    presets.build(config)
 
 
 def test_a_malformed_dataset_json_is_named(tmp_path):
@@ -333,8 +334,8 @@ def test_bad_values_exit_2_with_one_message(tmp_path, args, message):
   (tmp_path / 'FILE').write_text('not a folder')
   args = [a.replace('=W', f'={tmp_path / "run"}').replace('=FILE', f'={tmp_path / "FILE"}')
           for a in args]
-  result = subprocess.run([sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *args],
-                          cwd=cli.REPO_ROOT, capture_output=True, text=True, timeout=300)
+  result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
   assert message in result.stderr.strip().splitlines()[-1]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib import cli, legacy
+from experiments.legacy import converter
+from lib.config import presets
 from lib.data import stream
 from lib.data.prepared import PreparedImages
 from lib.experiment import ConfigError
@@ -97,7 +98,7 @@ def test_missing_dataset_or_labels_or_wrong_size(tmp_path):
 
 
 def test_64px_preset_is_pixel_space_and_other_sizes_fail_clearly():
-  experiment = fdl.build(cli.load_preset('experiments/dit.py:b2(image_size=64)'))
+  experiment = fdl.build(presets.load_preset('experiments/dit.py:b2(image_size=64)'))
   assert isinstance(experiment.data, PreparedImages) and experiment.data.image_size == 64
   assert isinstance(experiment.encoder, PixelEncoder)
   assert experiment.latent_shape == (64, 64, 3)
@@ -106,14 +107,14 @@ def test_64px_preset_is_pixel_space_and_other_sizes_fail_clearly():
     with pytest.raises(ConfigError, match=r'image_size=\d+: no SD-VAE latent statistics for '
                                           r'this resolution \(known: 256, 512\); pixel space '
                                           r'is used at 64'):
-      cli.load_preset(spec)
+      presets.load_preset(spec)
 
 
 def test_legacy_default_option_reads_a_prepared_png_dataset(tmp_path):
   """diffuse_nnx's default `imagenet_64-B_2`: latent_dataset=True with the RGB encoder."""
   legacy_config = dit_imagenet.get_config('imagenet_64-B_2')
   legacy_config.data.data_dir = write_dataset(tmp_path / 'imagenet_64', size=64, as_zip=True)
-  experiment = fdl.build(legacy.convert(legacy_config))
+  experiment = fdl.build(converter.convert(legacy_config))
   assert isinstance(experiment.data, PreparedImages)
   experiment.data.check()
   batch = next(experiment.data.batches())
@@ -124,7 +125,7 @@ def test_64px_preset_trains_on_a_prepared_zip(tmp_path):
   from experiments import fiddlers
   from lib import train
 
-  config = cli.load_preset('experiments/dit.py:b2(image_size=64)')
+  config = presets.load_preset('experiments/dit.py:b2(image_size=64)')
   fiddlers.tiny(config)
   config.data.data_dir = write_dataset(tmp_path / 'imagenet_64', size=64, as_zip=True)
   config.data.batch_size = 4

@@ -10,10 +10,10 @@ import pytest
 from fiddle.experimental import serialization
 from flax import nnx
 
-from lib import cli
+from lib.config import REPO_ROOT, presets
 
-PRESETS = [(path, name) for path in cli.preset_files()
-           for name in cli.presets_of(importlib.import_module(cli.module_name(path)))]
+PRESETS = [(path, name) for path in presets.preset_files()
+           for name in presets.presets_of(importlib.import_module(presets.module_name(path)))]
 
 DIT_COUNTS = {'s2': 32_858_896, 'b2': 130_303_504, 'l2': 457_824_272, 'xl2': 674_816_272}
 
@@ -24,7 +24,7 @@ def test_every_preset_file_is_covered():
 
 @pytest.mark.parametrize('path,name', PRESETS)
 def test_preset_constructs_and_builds_abstractly(path, name):
-  config = cli.load_preset(f'{path}:{name}')
+  config = presets.load_preset(f'{path}:{name}')
   assert isinstance(config, fdl.Config)
   experiment = fdl.build(config)
   model = nnx.eval_shape(experiment.make_network)
@@ -38,7 +38,7 @@ def test_preset_constructs_and_builds_abstractly(path, name):
 
 @pytest.mark.parametrize('path,name', PRESETS)
 def test_preset_json_round_trip(path, name):
-  config = cli.load_preset(f'{path}:{name}')
+  config = presets.load_preset(f'{path}:{name}')
   assert serialization.load_json(serialization.dump_json(config)) == config
 
 
@@ -50,13 +50,13 @@ def test_config_paths_import_nothing_heavy_and_allocate_nothing():
           'from absl import flags\n'
           'import fiddle as fdl\n'
           'import launch\n'
-          'from lib import cli\n'
+          'from lib.config import presets\n'
           'dot = os.path.join(tempfile.mkdtemp(), "graph.dot")\n'
           'flags.FLAGS(["launch.py", "--render=" + dot, '
           '"--diff_against=experiments/dit.py:digits"])\n'
           'with contextlib.redirect_stdout(io.StringIO()) as out:\n'
           '  for spec in ["experiments/dit.py:xl2", "experiments/dit.py:digits"]:\n'
-          '    config = cli.load_preset(spec)\n'
+          '    config = presets.load_preset(spec)\n'
           '    launch.print_config(config, fdl.build(config))\n'
           '    assert launch.review_config(config) == 0\n'
           'assert "network parameters: 674,816,272" in out.getvalue(), out.getvalue()[-300:]\n'
@@ -65,7 +65,7 @@ def test_config_paths_import_nothing_heavy_and_allocate_nothing():
           'if m in sys.modules]\n'
           'assert not heavy, f"imported {heavy}"\n'
           'import jax; assert not jax.live_arrays(), jax.live_arrays()\n')
-  subprocess.run([sys.executable, '-c', code], check=True, cwd=cli.REPO_ROOT)
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO_ROOT)
 
 
 def test_presets_sample_at_their_best_guidance():
@@ -74,7 +74,7 @@ def test_presets_sample_at_their_best_guidance():
   from experiments import dit
   from lib.eval import actions
 
-  config = cli.load_preset('experiments/dit.py:digits')
+  config = presets.load_preset('experiments/dit.py:digits')
   quality, = [node for node in config.evaluate
               if fdl.get_callable(node) is actions.DigitsQuality]
   assert config.sampler.guidance_scale == dit.DIGITS_GUIDANCE == 3.0
@@ -86,7 +86,7 @@ def test_presets_sample_at_their_best_guidance():
   for path, name in PRESETS:
     if name == 'digits':
       continue
-    sampler = fdl.build(cli.load_preset(f'{path}:{name}').sampler)
+    sampler = fdl.build(presets.load_preset(f'{path}:{name}').sampler)
     got = (sampler.guidance_scale, sampler.guidance_interval)
     want = expected.get(path.split('/')[-1], 'a new preset file: add its best guidance here')
     assert got == want, (path, name, got)

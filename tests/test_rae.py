@@ -365,7 +365,8 @@ def test_rae_preset_trains_and_draws_reconstructions(files, tiny_dinov2, tmp_pat
   from PIL import Image
 
   from experiments import common
-  from lib import cli, train
+  from lib import train
+  from lib.config import presets
 
   rng = np.random.default_rng(5)
   for c in range(2):
@@ -374,7 +375,7 @@ def test_rae_preset_trains_and_draws_reconstructions(files, tiny_dinov2, tmp_pat
     for i in range(4):
       pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
       Image.fromarray(pixels).save(folder / f'{i}.JPEG', quality=95)
-  config = cli.load_preset('experiments/rae.py:s1')
+  config = presets.load_preset('experiments/rae.py:s1')
   config.data = fdl.Config(common.images.ImageFolder, data_dir=str(tmp_path / 'images'),
                            image_size=IMAGE, batch_size=4, num_classes=2, num_parallel_reads=1)
   for name, value in dict(encoder_weights=files['encoder'], decoder_weights=files['decoder'],

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib import cli, review
+from lib.config import overrides, presets, saved
 from lib.experiment import ConfigError
 from lib.import_release import import_release
 from lib.weights import files, registry, releases
@@ -36,11 +36,11 @@ SMALL = ['data.image_size=64', 'data.num_classes=10', 'network.hidden_size=64',
          'network.depth=2', 'network.num_heads=4', 'evaluate=[]']
 
 
-def small_config(preset: str, *overrides: str) -> fdl.Config:
+def small_config(preset: str, *extra: str) -> fdl.Config:
   """`preset` shrunk to the references' size: 8x8x4 latents, 10 classes, width 64, depth 2."""
-  config = cli.load_preset(preset)
-  for assignment in SMALL + list(overrides):
-    cli.apply_override(config, assignment)
+  config = presets.load_preset(preset)
+  for assignment in SMALL + list(extra):
+    overrides.apply_override(config, assignment)
   return config
 
 
@@ -97,13 +97,13 @@ def test_sit_release_imported_by_the_command_samples_sit_velocity(tmp_path):
   _, changed = import_release(path, small_config('experiments/dit.py:s2'),
                                              str(workdir))
   assert any('interface.network_time' in line for line in changed)
-  saved = review.load_config_file(str(workdir / 'config.json'))
-  assert saved.interface.network_time == 'data_at_1' and saved.network.learn_sigma
-  assert saved.encoder.final_std == 0.18215 and tuple(saved.encoder.raw_std) == (1.0,) * 4
+  loaded = saved.load_config_file(str(workdir / 'config.json'))
+  assert loaded.interface.network_time == 'data_at_1' and loaded.network.learn_sigma
+  assert loaded.encoder.final_std == 0.18215 and tuple(loaded.encoder.raw_std) == (1.0,) * 4
   provenance = open(workdir / 'config.txt').read()
   assert f'--checkpoint={path} (willisma/SiT release conventions)' in provenance
 
-  experiment = fdl.build(saved)
+  experiment = fdl.build(loaded)
   x, y = inputs()
   for t in TIMES:
     want = -torch_out(reference, x, np.full(4, 1 - t), y)  # dx/ds = data - noise; s = 1 - t
@@ -217,7 +217,7 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_clearly(tmp_path):
 
 def test_a_missing_init_from_file_leaves_the_config_for_a_resuming_run(tmp_path):
   config = small_config('experiments/dit.py:s2', f'init_from={tmp_path / "gone.pt"}')
-  before = review.dump_config(config)
+  before = saved.dump_config(config)
   releases.apply_init_from(config)
-  assert review.dump_config(config) == before
+  assert saved.dump_config(config) == before
   assert os.path.basename(config.init_from) == 'gone.pt'

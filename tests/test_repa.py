@@ -12,7 +12,8 @@ from PIL import Image
 
 from experiments import common
 from lib import checkpoint as ckpt
-from lib import cli, optim, train
+from lib import optim, train
+from lib.config import presets
 from lib.experiment import ConfigError
 from lib.flow import objective, repa, sit
 from lib.models import ddt, dinov2, dit, layers, lightning_ddt, lightning_dit
@@ -126,7 +127,7 @@ def test_an_interface_that_evaluates_the_network_twice_is_refused():
 def _tiny_config(tmp_path, weights_path=None) -> fdl.Config:
   """DiT (hidden 32, 2 blocks, patch 4) on 16x16 RGB JPEGs in pixel space: 16 tokens, aligned
   at block 1 with a 2-block, 32-wide random DINOv2 at resolution 56 (16 patch features)."""
-  config = cli.load_preset('experiments/dit_repa.py:s2')
+  config = presets.load_preset('experiments/dit_repa.py:s2')
   config.data = fdl.Config(common.images.ImageFolder, data_dir=str(tmp_path / 'images'),
                            image_size=16, batch_size=8, num_classes=3, num_parallel_reads=1)
   config.encoder = common.pixel_encoder()
@@ -183,7 +184,7 @@ def test_repa_needs_pixels_matching_tokens_and_a_single_evaluation_interface(tmp
   with pytest.raises(ConfigError, match=r'network sees 64 tokens .*patch_size=2.* gives 16 '
                                         r'patch features \(resolution=56\)'):
     fdl.build(bad)
-  latents = cli.load_preset('experiments/dit_repa.py:b2')
+  latents = presets.load_preset('experiments/dit_repa.py:b2')
   latents.data = common.imagenet_latents(256)
   with pytest.raises(ConfigError, match="data must yield pixels.*'posterior'"):
     fdl.build(latents)
@@ -196,11 +197,11 @@ def test_repa_needs_pixels_matching_tokens_and_a_single_evaluation_interface(tmp
 
 def test_presets_align_the_papers_blocks_with_dinov2_b_at_224():
   for name, depth in (('s2', 4), ('b2', 4), ('l2', 8), ('xl2', 8)):
-    experiment = fdl.build(cli.load_preset(f'experiments/dit_repa.py:{name}'))
+    experiment = fdl.build(presets.load_preset(f'experiments/dit_repa.py:{name}'))
     assert experiment.repa.depth == depth
     assert experiment.repa.detector.num_tokens == 256 == (experiment.latent_shape[0] // 2) ** 2
     assert experiment.repa.detector.feature_dim == 768
-  big = fdl.build(cli.load_preset('experiments/dit_repa.py:xl2(image_size=512)'))
+  big = fdl.build(presets.load_preset('experiments/dit_repa.py:xl2(image_size=512)'))
   assert big.repa.detector.resolution == 448 and big.repa.detector.num_tokens == 1024
 
 

@@ -12,11 +12,12 @@ import sys
 import fiddle as fdl
 import pytest
 
-from lib import cli, optim, review
+from lib import optim
+from lib.config import REPO_ROOT, overrides, presets, review, saved, values
 
 
-def launch(*args, cwd=cli.REPO_ROOT):
-  return subprocess.run([sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *args],
+def launch(*args, cwd=REPO_ROOT):
+  return subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args],
                         capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
@@ -36,7 +37,7 @@ def test_render_svg_names_the_main_components(tmp_path):
 
 def test_render_without_dot_writes_the_source_and_says_how_to_install(tmp_path, monkeypatch):
   monkeypatch.setattr(shutil, 'which', lambda name: None)
-  config = cli.load_preset('experiments/dit.py:digits')
+  config = presets.load_preset('experiments/dit.py:digits')
   warning = review.render(config, str(tmp_path / 'graph.svg'))
   assert 'apt-get install graphviz' in warning
   dot = (tmp_path / 'graph.dot').read_text()
@@ -46,7 +47,7 @@ def test_render_without_dot_writes_the_source_and_says_how_to_install(tmp_path, 
 
 
 def test_shared_nodes_are_drawn_once(tmp_path):
-  config = cli.load_preset('experiments/dit.py:digits')
+  config = presets.load_preset('experiments/dit.py:digits')
   config.evaluate = [config.visualize, config.visualize]  # one node reached by three paths
   review.render(config, str(tmp_path / 'shared.dot'))
   dot = (tmp_path / 'shared.dot').read_text()
@@ -70,7 +71,7 @@ def test_provenance_points_at_the_source_of_each_value():
                   '--fdl_set=sampler.num_steps=9')
   assert result.returncode == 0, result.stderr
   lines = {line.split(' = ')[0]: line for line in result.stdout.splitlines() if ' = ' in line}
-  dit_source = open(os.path.join(cli.REPO_ROOT, 'experiments/dit.py')).read().splitlines()
+  dit_source = open(os.path.join(REPO_ROOT, 'experiments/dit.py')).read().splitlines()
   depth_line = next(i + 1 for i, text in enumerate(dit_source) if 'network.depth = 4' in text)
   assert lines['network.depth'].endswith(f'# experiments/dit.py:{depth_line} (digits)')
   assert '# experiments/common.py:' in lines['network.mlp_ratio']  # a shared building block
@@ -96,10 +97,10 @@ def test_rendered_diff(tmp_path):
 
 
 def test_relaunch_from_a_saved_config_equals_the_original(tmp_path):
-  config = cli.load_preset('experiments/dit.py:digits')
-  cli.apply_override(config, 'network.depth=2')
-  (tmp_path / 'config.json').write_text(review.dump_config(config))
-  assert review.load_config_file(str(tmp_path / 'config.json')) == config
+  config = presets.load_preset('experiments/dit.py:digits')
+  overrides.apply_override(config, 'network.depth=2')
+  (tmp_path / 'config.json').write_text(saved.dump_config(config))
+  assert saved.load_config_file(str(tmp_path / 'config.json')) == config
   # in a fresh process, with one more override on top: exactly that override differs
   result = launch(f'--fdl_config_file={tmp_path}/config.json', '--fdl_set=seed=5',
                   f'--diff_against={tmp_path}')
@@ -110,16 +111,16 @@ def test_relaunch_from_a_saved_config_equals_the_original(tmp_path):
 
 
 def test_a_saved_config_keeps_where_each_value_was_set(tmp_path):
-  config = cli.load_preset('experiments/dit.py:digits')
-  cli.apply_override(config, 'network.depth=2')
-  cli.write_config(config, str(tmp_path))
-  printed = cli.flat_lines(config, with_source=True)
+  config = presets.load_preset('experiments/dit.py:digits')
+  overrides.apply_override(config, 'network.depth=2')
+  saved.write_config(config, str(tmp_path))
+  printed = values.flat_lines(config, with_source=True)
   assert 'network.depth = 2  # --fdl_set=network.depth=2' in printed
-  assert cli.flat_lines(review.load_config_file(str(tmp_path)), with_source=True) == printed
+  assert values.flat_lines(saved.load_config_file(str(tmp_path)), with_source=True) == printed
 
 
 def test_config_files_may_only_import_the_project_and_its_libraries(tmp_path):
-  config = json.loads(review.dump_config(cli.load_preset('experiments/dit.py:digits')))
+  config = json.loads(saved.dump_config(presets.load_preset('experiments/dit.py:digits')))
   text = json.dumps(config).replace('"module": "lib.models.dit"', '"module": "os"').replace(
       '"name": "DiT"', '"name": "system"')
   (tmp_path / 'config.json').write_text(text)
@@ -141,16 +142,16 @@ def test_resuming_with_a_different_config_shows_the_difference_and_refuses(tmp_p
   assert launch(*tiny).returncode == 0  # the same config resumes (nothing left to do)
   # The code changed a default since the run started: its effective.json says what it used.
   path, old_value, value, owner = CHANGED_DEFAULT
-  effective = json.loads((tmp_path / cli.EFFECTIVE).read_text())
+  effective = json.loads((tmp_path / saved.EFFECTIVE).read_text())
   assert effective[path] == {'value': value, 'default_of': owner}
   effective[path]['value'] = old_value
-  (tmp_path / cli.EFFECTIVE).write_text(json.dumps(effective))
+  (tmp_path / saved.EFFECTIVE).write_text(json.dumps(effective))
   changed_default = launch(*tiny)
   assert changed_default.returncode == 2
   assert f'{path}: {old_value} (default of {owner}) -> {value} (default of {owner})' in \
       changed_default.stderr
   effective[path]['value'] = value
-  (tmp_path / cli.EFFECTIVE).write_text(json.dumps(effective))
+  (tmp_path / saved.EFFECTIVE).write_text(json.dumps(effective))
   bookkeeping = launch(*tiny, '--fdl_set=checkpoint.max_to_keep=1')  # observation only
   assert bookkeeping.returncode == 0, bookkeeping.stderr
   accepted = launch(*tiny, '--fdl_set=optimizer.learning_rate=0.5', '--fdl_set=total_steps=3',
@@ -158,7 +159,7 @@ def test_resuming_with_a_different_config_shows_the_difference_and_refuses(tmp_p
   assert accepted.returncode == 0, accepted.stderr
   assert any(name.startswith('config.replaced_') for name in os.listdir(tmp_path))
   assert any(name.startswith('effective.replaced_') for name in os.listdir(tmp_path))
-  assert review.load_config_file(str(tmp_path)).optimizer.learning_rate == 0.5
+  assert saved.load_config_file(str(tmp_path)).optimizer.learning_rate == 0.5
 
 
 def test_exported_preset_rebuilds_an_equal_graph(tmp_path):
@@ -169,8 +170,8 @@ def test_exported_preset_rebuilds_an_equal_graph(tmp_path):
   spec = importlib.util.spec_from_file_location('my_digits', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  expected = cli.load_preset('experiments/dit.py:digits')
-  cli.apply_override(expected, 'network.depth=3')
+  expected = presets.load_preset('experiments/dit.py:digits')
+  overrides.apply_override(expected, 'network.depth=3')
   assert module.my_digits() == expected
 
 
@@ -206,7 +207,7 @@ def test_print_config_marks_defaults_and_hide_defaults_leaves_them_out():
 
 
 def test_html_tree_shows_defaults_marked(tmp_path):
-  config = cli.load_preset('experiments/dit.py:digits')
+  config = presets.load_preset('experiments/dit.py:digits')
   review.render(config, str(tmp_path / 'full.html'))
   page = (tmp_path / 'full.html').read_text()
   for path, value, owner in DIGITS_DEFAULTS:
@@ -218,10 +219,10 @@ def test_html_tree_shows_defaults_marked(tmp_path):
 
 
 def test_setting_a_default_explicitly_makes_no_difference():
-  digits = cli.load_preset('experiments/dit.py:digits')
-  explicit = cli.load_preset('experiments/dit.py:digits')
+  digits = presets.load_preset('experiments/dit.py:digits')
+  explicit = presets.load_preset('experiments/dit.py:digits')
   for path, value, _ in DIGITS_DEFAULTS:
-    cli.apply_override(explicit, f'{path}={value}')
+    overrides.apply_override(explicit, f'{path}={value}')
   assert review.diff_lines(digits, explicit) == []
 
 
@@ -238,31 +239,31 @@ def test_diff_of_presets_differing_only_in_a_class_default():
 
 
 def test_an_override_of_a_default_shows_the_flag_as_its_source():
-  config = cli.load_preset('experiments/dit.py:digits')
+  config = presets.load_preset('experiments/dit.py:digits')
   path, _, _ = DIGITS_DEFAULTS[-1]
-  cli.apply_override(config, f'{path}=5')
-  assert f'{path} = 5' in cli.flat_lines(config)
-  assert f'{path} = 5  # --fdl_set={path}=5' in cli.flat_lines(config, with_source=True)
-  assert f'{path} = 5' in cli.flat_lines(config, defaults=False)
+  overrides.apply_override(config, f'{path}=5')
+  assert f'{path} = 5' in values.flat_lines(config)
+  assert f'{path} = 5  # --fdl_set={path}=5' in values.flat_lines(config, with_source=True)
+  assert f'{path} = 5' in values.flat_lines(config, defaults=False)
 
 
 def test_saved_config_keeps_only_what_was_set_and_effective_json_has_the_defaults(tmp_path):
-  config = cli.load_preset('experiments/dit.py:digits')
-  cli.write_config(config, str(tmp_path))
-  assert sorted(os.listdir(tmp_path)) == ['config.json', 'config.txt', cli.EFFECTIVE]
-  saved = review.load_config_file(str(tmp_path))
-  assert saved == config
-  effective = json.loads((tmp_path / cli.EFFECTIVE).read_text())
+  config = presets.load_preset('experiments/dit.py:digits')
+  saved.write_config(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ['config.json', 'config.txt', saved.EFFECTIVE]
+  loaded = saved.load_config_file(str(tmp_path))
+  assert loaded == config
+  effective = json.loads((tmp_path / saved.EFFECTIVE).read_text())
   text = (tmp_path / 'config.txt').read_text().splitlines()
   for path, value, owner in DIGITS_DEFAULTS:
     node, name = path.split('.')
-    assert name not in getattr(saved, node).__arguments__  # not written as if a preset set it
+    assert name not in getattr(loaded, node).__arguments__  # not written as if a preset set it
     assert effective[path] == {'value': value, 'default_of': owner}
     assert f'{path} = {value}  # default of {owner}' in text
   assert effective['network.depth'] == {'value': '4'}
-  assert review.saved_values(str(tmp_path)) == effective == cli.effective_values(config)
-  os.remove(tmp_path / cli.EFFECTIVE)  # a run saved before effective.json: today's defaults
-  assert review.saved_values(str(tmp_path / 'config.json')) == effective
+  assert saved.saved_values(str(tmp_path)) == effective == values.effective_values(config)
+  os.remove(tmp_path / saved.EFFECTIVE)  # a run saved before effective.json: today's defaults
+  assert saved.saved_values(str(tmp_path / 'config.json')) == effective
 
 
 def _layer(width: int, rules: list = [('.*', 'data')],  # noqa: B006 (a mutable default)
@@ -272,33 +273,33 @@ def _layer(width: int, rules: list = [('.*', 'data')],  # noqa: B006 (a mutable 
 
 
 def test_defaults_that_are_nodes_functions_factories_or_mutable():
-  owner = cli.qualified_name(_layer)
+  owner = values.qualified_name(_layer)
   config = fdl.Config(_layer, width=3)
-  assert cli.flat_lines(config) == [
+  assert values.flat_lines(config) == [
       'width = 3',
       f"rules = [('.*', 'data')]  # default of {owner}",
       f'schedule = Partial[lib.optim.cosine]  # default of {owner}',
       f'schedule.warmup_steps = 5  # default of {owner}',
       'schedule.min_lr = 0.0  # default of lib.optim.cosine',
       f'activation = lib.optim.constant  # default of {owner}']
-  cli.apply_override(config, 'schedule.warmup_steps=9')  # edits this config's copy
-  cli.apply_override(config, "rules[0]=('x', 'y')")
-  cli.with_defaults(config).schedule.min_lr = 0.5
-  cli.with_defaults(fdl.Config(_layer, width=1)).rules.append(('z', 'z'))
+  overrides.apply_override(config, 'schedule.warmup_steps=9')  # edits this config's copy
+  overrides.apply_override(config, "rules[0]=('x', 'y')")
+  values.with_defaults(config).schedule.min_lr = 0.5
+  values.with_defaults(fdl.Config(_layer, width=1)).rules.append(('z', 'z'))
   defaults = inspect.signature(_layer).parameters
   assert defaults['schedule'].default.warmup_steps == 5
   assert defaults['schedule'].default == fdl.Partial(optim.cosine, warmup_steps=5)
   assert defaults['rules'].default == [('.*', 'data')]
   assert config.schedule.warmup_steps == 9 and config.rules == [('x', 'y')]
-  experiment = cli.load_preset('experiments/dit.py:digits')
+  experiment = presets.load_preset('experiments/dit.py:digits')
   del experiment.evaluate  # a dataclass field with a default_factory
-  assert 'evaluate = []  # default of lib.experiment.Experiment' in cli.flat_lines(experiment)
+  assert 'evaluate = []  # default of lib.experiment.Experiment' in values.flat_lines(experiment)
 
 
 def test_effective_values_survive_the_saved_json_of_every_preset():
   """A resumed run compares the launched config with what it saved: reloading must not read
   as a difference."""
-  for spec in [f'{path}:{name}' for path in cli.preset_files()
-               for name in cli.presets_of(importlib.import_module(cli.module_name(path)))]:
-    config = cli.load_preset(spec)
-    assert review.diff_lines(config, review.normalized(config)) == [], spec
+  for spec in [f'{path}:{name}' for path in presets.preset_files()
+               for name in presets.presets_of(importlib.import_module(presets.module_name(path)))]:
+    config = presets.load_preset(spec)
+    assert review.diff_lines(config, saved.normalized(config)) == [], spec

@@ -13,12 +13,12 @@ import pytest
 from PIL import Image
 
 from experiments import fiddlers
-from lib import cli, errors, hooks, train
-from lib.eval import standalone
+from lib import errors, evaluate, hooks, sample, train
+from lib.config import presets
 
 
 def tiny_digits(total_steps: int) -> fdl.Config:
-  config = cli.load_preset('experiments/dit.py:digits')
+  config = presets.load_preset('experiments/dit.py:digits')
   fiddlers.tiny(config, total_steps=total_steps, batch_size=16)
   config.checkpoint.max_to_keep = 2
   config.visualize.guidance_scales = (1.0, 3.0)
@@ -78,21 +78,21 @@ def test_sample_and_eval_choose_the_checkpoint(run, tmp_path):
   experiment = fdl.build(tiny_digits(4))
   images = {}
   for step in (2, 4):
-    with np.load(train.sample(experiment, run, 8, step=step)) as samples:
+    with np.load(sample.sample(experiment, run, 8, step=step)) as samples:
       images[step] = samples['images']
   assert not np.array_equal(images[2], images[4])
-  with np.load(train.sample(experiment, run, 8)) as samples:  # the newest
+  with np.load(sample.sample(experiment, run, 8)) as samples:  # the newest
     np.testing.assert_array_equal(samples['images'], images[4])
   with pytest.raises(errors.CheckpointError, match=r'no checkpoint of step 3 in .*checkpoints; '
                                               r'its checkpoints: 2, 4 \(choose one with --step'):
-    train.sample(experiment, run, 8, step=3)
+    sample.sample(experiment, run, 8, step=3)
   evaluated = str(tmp_path / 'evaluated')
   shutil.copytree(run, evaluated)
-  scalars = standalone.evaluate(experiment, evaluated, step=2)
+  scalars = evaluate.evaluate(experiment, evaluated, step=2)
   assert [r['step'] for r in records(evaluated) if 'eval/loss' in r] == [2]
   assert set(scalars) == {'eval/loss', 'eval/loss_ema'}
   with pytest.raises(errors.CheckpointError, match=r'its checkpoints: 2, 4'):
-    standalone.evaluate(experiment, evaluated, step=5)
+    evaluate.evaluate(experiment, evaluated, step=5)
 
 
 def test_a_trace_still_recording_when_the_run_ends_is_written_and_stopped(tmp_path):

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lib import cli, sharding
+from lib import sharding
+from lib.config import REPO_ROOT
 
 
 def run_on_8_devices(code: str, timeout=900) -> dict:
@@ -25,7 +26,7 @@ def run_on_8_devices(code: str, timeout=900) -> dict:
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], capture_output=True,
-                          text=True, cwd=cli.REPO_ROOT, env=env, timeout=timeout)
+                          text=True, cwd=REPO_ROOT, env=env, timeout=timeout)
   assert result.returncode == 0, result.stderr[-4000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -62,13 +63,14 @@ def test_mesh_sizes_resolve_and_mismatches_are_explained():
 TINY_RUN = '''
 import json, jax, numpy as np, fiddle as fdl
 from experiments import common
-from lib import cli, train
+from lib import train
+from lib.config import overrides, presets
 
-def run(layout, steps=3, **overrides):
-  config = cli.load_preset('experiments/dit.py:digits')
+def run(layout, steps=3):
+  config = presets.load_preset('experiments/dit.py:digits')
   for assignment in ['network.hidden_size=64', 'network.depth=2', 'network.num_heads=4',
                      'data.batch_size=16', 'visualize=None', 'evaluate=[]']:
-    cli.apply_override(config, assignment)
+    overrides.apply_override(config, assignment)
   config.sharding = layout
   experiment = fdl.build(config)
   r = train.Run(experiment, '/tmp/unused')
@@ -126,8 +128,9 @@ def test_xl_initialises_sharded_without_a_full_copy_anywhere():
   out = run_on_8_devices('''
 import json, jax, numpy as np, fiddle as fdl
 from experiments import common
-from lib import cli, train
-config = cli.load_preset('experiments/dit.py:xl2')
+from lib import train
+from lib.config import presets
+config = presets.load_preset('experiments/dit.py:xl2')
 config.sharding = common.fsdp()
 r = train.Run(fdl.build(config), '/tmp/unused')
 abstract = jax.eval_shape(r._create)
@@ -151,8 +154,9 @@ def test_b2_real_initialisation_bytes_per_device():
   out = run_on_8_devices('''
 import json, jax, fiddle as fdl
 from experiments import common
-from lib import cli, train
-config = cli.load_preset('experiments/dit.py:b2')
+from lib import train
+from lib.config import presets
+config = presets.load_preset('experiments/dit.py:b2')
 config.sharding = common.fsdp()
 r = train.Run(fdl.build(config), '/tmp/unused')
 state = r.initial_state()
@@ -170,8 +174,8 @@ print(json.dumps({'per_device': list(per_device.values()), 'total': total}))
 
 def test_batch_must_divide_the_batch_devices():
   out = run_on_8_devices(TINY_RUN + '''
-config = cli.load_preset('experiments/dit.py:digits')
-cli.apply_override(config, 'data.batch_size=12')
+config = presets.load_preset('experiments/dit.py:digits')
+overrides.apply_override(config, 'data.batch_size=12')
 try:
   train.Run(fdl.build(config), '/tmp/unused')
   print(json.dumps({'error': None}))
@@ -206,15 +210,15 @@ def launch_tiny(tmp_path, workdir, *args, devices=1, process=None):
   (tmp_path / 'scale_presets.py').write_text(PRESET)
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu', PYTHONPATH=str(tmp_path))
-  command = [sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'),
+  command = [sys.executable, os.path.join(REPO_ROOT, 'launch.py'),
              f'--fdl_config={tmp_path}/scale_presets.py:tiny' + args[0], f'--workdir={workdir}',
              *args[1:]]
   if process is not None:
     # stderr to a file: a pipe nobody reads while waiting for the other process would fill
     with open(tmp_path / f'process_{process}.log', 'w') as log:
-      return subprocess.Popen(command, cwd=cli.REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+      return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
                               stderr=log)
-  result = subprocess.run(command, cwd=cli.REPO_ROOT, env=env, capture_output=True, text=True,
+  result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
   assert result.returncode == 0, result.stderr[-4000:]
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from lib import cli
+from lib.config import REPO_ROOT
 
 TINY = ['--fdl_config=experiments/dit.py:digits', '--fdl_set=network.hidden_size=32',
         '--fdl_set=network.depth=1', '--fdl_set=network.num_heads=2',
@@ -23,12 +23,12 @@ TINY = ['--fdl_config=experiments/dit.py:digits', '--fdl_set=network.hidden_size
 
 
 def launch(workdir, *args, wait=True):
-  command = [sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *TINY,
+  command = [sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *TINY,
              f'--workdir={workdir}', *args]
   if not wait:
-    return subprocess.Popen(command, cwd=cli.REPO_ROOT, stdout=subprocess.DEVNULL,
+    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-  result = subprocess.run(command, cwd=cli.REPO_ROOT, capture_output=True, text=True,
+  result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return result
@@ -115,7 +115,7 @@ def test_sample_mode_writes_npz_and_grid(reference):
 
 
 def test_sample_mode_without_checkpoint_fails_clearly(tmp_path):
-  command = [sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *TINY,
+  command = [sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *TINY,
              f'--workdir={tmp_path}', '--mode=sample']
-  result = subprocess.run(command, cwd=cli.REPO_ROOT, capture_output=True, text=True)
+  result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
   assert result.returncode != 0 and 'no checkpoint in' in result.stderr

@@ -1,2 +1,3 @@
 """Sample-quality evaluation: the FID Inception network, FID / Inception Score, the periodic
-FID action and standalone evaluation, and the digits classifier metric of the CPU demo."""
+FID action (evaluating a checkpoint: `lib/evaluate.py`), and the digits classifier metric of the
+CPU demo."""

@@ -2,7 +2,7 @@
 
 Like `lib.hooks.SampleGrid`, each is a configured object whose `action(run)` returns a CLU
 periodic action bound to the running `lib.train.Run`, and whose `evaluate(run, step)` computes,
-writes to `run.writer` and returns its scalars now (what `lib.eval.standalone.evaluate` calls
+writes to `run.writer` and returns its scalars now (what `lib.evaluate.evaluate` calls
 on a finished checkpoint). Files (network weights, reference statistics) are checked and
 loaded in `action(run)`, at the start of training, never when a config is built.
 

@@ -49,7 +49,8 @@ import fiddle as fdl
 from absl import logging
 from fiddle import history
 
-from lib import cli, paths
+from lib import paths
+from lib.config import values
 from lib.encoders.sd_vae import StabilityVAE
 from lib.errors import ConfigError
 from lib.flow import ddpm, sit
@@ -193,7 +194,7 @@ def _same(current, value) -> bool:
 
 
 def _by_flag(node: fdl.Buildable, name: str) -> bool:
-  return cli.value_source(node, name).startswith('--fdl_set')
+  return values.value_source(node, name).startswith('--fdl_set')
 
 
 def _unknown_message(path: str) -> str:
@@ -226,7 +227,7 @@ def apply(config: fdl.Buildable, path: str, source: str) -> tuple[Release, list[
         fdl.get_callable(config.interface) is not release.interface:
       old = fdl.get_callable(config.interface).__qualname__
       config.interface = fdl.Config(release.interface)
-      changed.append(f'interface = {cli.qualified_name(release.interface)}() (was {old})')
+      changed.append(f'interface = {values.qualified_name(release.interface)}() (was {old})')
     for where, value in release.settings().items():
       node_name, name = where.split('.')
       node = getattr(config, node_name)
@@ -238,7 +239,7 @@ def apply(config: fdl.Buildable, path: str, source: str) -> tuple[Release, list[
       if _by_flag(node, name):
         what = f'a {release.name} release' if release.name else 'a checkpoint'
         raise ConfigError(f'{source} is {what}, which needs {where}={value!r}; '
-                          f'{cli.value_source(node, name)} contradicts it: drop that flag')
+                          f'{values.value_source(node, name)} contradicts it: drop that flag')
       setattr(node, name, value)
       changed.append(f'{where} = {value!r} (was {current!r})')
   for line in changed:
@@ -275,7 +276,7 @@ def check(experiment, path: str) -> None:
   interface = experiment.interface
   if type(interface) is not release.interface:
     problems.append(f'interface is {type(interface).__qualname__}, the release needs '
-                    f'{cli.qualified_name(release.interface)}')
+                    f'{values.qualified_name(release.interface)}')
   for where, value in release.settings().items():
     node_name, name = where.split('.')
     if node_name == 'interface':

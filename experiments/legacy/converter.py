@@ -1,14 +1,14 @@
 """Converts a diffuse_nnx config (willisma/diffuse_nnx: an ml_collections `ConfigDict` that
 names components by `*_class` strings) into this project's experiment graph.
 
-    config = legacy.convert(dit_imagenet.get_config('imagenet_256-XL_2'))  # fdl.Config(Experiment)
+    config = converter.convert(dit_imagenet.get_config('imagenet_256-XL_2'))  # fdl.Config
     python launch.py --config=configs/dit_imagenet.py:imagenet_256-XL_2 --config.optimizer.b2=0.95
 
-Each `*_class` string is resolved in `lib.registry`. The node starts from the block of
-`experiments/common.py` that native presets build that class with (BLOCKS), then the legacy
-fields are translated to the class's argument names and value conventions and set where they
-change it; a class without a block starts bare and gets every field given. So a diffuse_nnx preset
-converts to the native preset it mirrors, and the result prints, diffs, takes `--fdl_set`
+Each `*_class` string is resolved in `experiments.legacy.registry`. The node starts from the
+block of `experiments/common.py` that native presets build that class with (BLOCKS), then the
+legacy fields are translated to the class's argument names and value conventions and set where
+they change it; a class without a block starts bare and gets every field given. So a diffuse_nnx
+preset converts to the native preset it mirrors, and the result prints, diffs, takes `--fdl_set`
 overrides and trains like any preset.
 
 A field the target does not take is a LegacyConfigError naming its dotted path and the
@@ -31,11 +31,12 @@ from absl import logging
 from fiddle import history
 
 from experiments import common
-from lib import cli, hooks, registry, sharding
+from experiments.legacy import registry
+from lib import errors, hooks, sharding
 from lib.data import latents, prepared
 
 
-class LegacyConfigError(cli.UsageError):
+class LegacyConfigError(errors.UsageError):
   """A legacy config that cannot be converted; the message names the field or class string
   and the alternatives."""
 
@@ -138,7 +139,7 @@ TOP_LEVEL = (
 
 def convert(legacy, source: str | None = None) -> fdl.Config:
   """The experiment graph of a legacy `ConfigDict` (or nested dict). `source` (the --config
-  flag, `legacy_files.source`) is recorded as where every value was set (Fiddle's history), so
+  flag, `config_files.source`) is recorded as where every value was set (Fiddle's history), so
   `--print_config --provenance` and a run's config.txt name the user's file."""
   if source is None:
     return _graph(legacy)

@@ -1,4 +1,5 @@
-"""Evaluation of a finished (or paused) run: every evaluation action on a checkpoint.
+"""Evaluating a checkpoint: `launch.py --mode=eval`, every evaluation action of a finished
+(or paused) run.
 
     python launch.py --workdir=runs/xl2 --mode=eval        # the saved config, newest checkpoint
     python launch.py --workdir=runs/xl2 --mode=eval --step=100000
@@ -8,19 +9,23 @@ Runs `evaluate(run, step)` of each node of `experiment.evaluate` that has one (F
 evaluate every guidance scale and sample count of their schedule, not only those due at that
 step), with the EMA weights of the checkpoint, and writes the scalars at the checkpoint's step
 through the run's writers (log, TensorBoard, `metrics.jsonl`).
+
+Reads only what the actions use from the checkpoint (RESTORED: the trained and EMA weights,
+whose held-out losses `ValidationLoss` compares, and the network's fixed arrays), never the
+optimizer's moments.
 """
 
 import jax
 from absl import logging
 
 from lib import checkpoint as ckpt
-from lib import errors
+from lib import errors, train
+
+RESTORED = ('step', 'params', 'ema', 'buffers')  # the entries of the training state read
 
 
 def evaluate(experiment, workdir: str, step: int | None = None) -> dict[str, float]:
   """Evaluates checkpoint `step` (default: the newest) of `workdir`; returns the scalars."""
-  from lib import train
-
   actions = [hook for hook in experiment.evaluate if hasattr(hook, 'evaluate')]
   if not actions:
     raise errors.UserError('the experiment has no evaluation actions (`evaluate` is empty); '
@@ -36,7 +41,7 @@ def evaluate(experiment, workdir: str, step: int | None = None) -> dict[str, flo
       if prepare is not None:
         prepare(run)
     run.load_encoder()
-    step = run.restore(manager, step)
+    step = run.restore(manager, step, parts=RESTORED)
   finally:
     manager.close()
   run.writer = experiment.writers.create(workdir, jax.process_index() == 0)

@@ -1,5 +1,6 @@
 """Names of components, for configs that name them by string: diffuse_nnx's `*_class`
-fields (`network_class='dit'`), which `lib/legacy.py` turns into experiment graphs.
+fields (`network_class='dit'`), which `experiments/legacy/converter.py` turns into experiment
+graphs.
 
     registry.resolve('network', 'dit')              -> lib.models.dit.DiT
     registry.register('network', 'my_net', MyNet)   # a new name is one line,
@@ -96,7 +97,7 @@ def resolve(kind: str, name: str) -> Any:
   if name not in entries:
     raise RegistryError(f'unknown {kind} {name!r}; registered {kind} names: '
                         f'{", ".join(names(kind))} (register another with '
-                        f"lib.registry.register('{kind}', NAME, TARGET))")
+                        f"experiments.legacy.registry.register('{kind}', NAME, TARGET))")
   target = entries[name]
   if not isinstance(target, str):
     return target

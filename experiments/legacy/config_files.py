@@ -75,7 +75,8 @@ def importable(root: str):
   but imported from elsewhere (another checkout's `configs`) are set aside meanwhile, so the
   root's own are imported; afterwards the modules imported under those names are dropped and
   the set-aside ones restored. So a load never changes what an imported name refers to; what
-  it newly imports stays imported (a class the file registers in lib.registry stays there)."""
+  it newly imports stays imported (a class the file registers in experiments.legacy.registry
+  stays there)."""
   root = os.path.abspath(root)
   names = {os.path.splitext(entry)[0] for entry in os.listdir(root)
            if os.path.isdir(os.path.join(root, entry)) or entry.endswith('.py')}
