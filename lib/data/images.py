@@ -21,7 +21,7 @@ calls it through `tf.numpy_function` from parallel map threads; PIL releases the
 decoding and resampling, so the threads do run in parallel. Folders are listed and files
 read through `lib.paths` (etils epath), so `data_dir` may be a local folder or a gs:// URL.
 
-Random horizontal flips (`random_flip`, on by default; diffuse_nnx had none) are a
+Random horizontal flips (`random_flip`, on by default) are a
 function of (seed, position of the example in the global stream), not of a stateful RNG,
 so a resumed run flips exactly the images the uninterrupted run would have flipped.
 

@@ -13,7 +13,7 @@ Time is the noise level sigma in (0, inf): **sigma = 0 is data**, large sigma is
 
 sd = `x_sigma`, the data standard deviation (0.5). The ODE the samplers integrate is
 dx/dsigma = (x - D) / sigma from sigma_max down to 0 (`sampling_time_dist='karras'`), the
-score is (D - x) / sigma^2 (diffuse_nnx used the ODE tangent here; fixed), and the sampler's unit
+score is (D - x) / sigma^2, and the sampler's unit
 noise is scaled by sigma at the start (`noise_scale`).
 """
 

@@ -16,8 +16,7 @@ where v_g is the guided velocity (also the z-tangent, as the official code).
 
 Training draws, per sample:
   * t, r from the training distribution (logit-normal(-0.4, 1.0)), then t = max, r = min;
-    exactly int(B * fm_portion) samples, chosen at random (a random permutation, not the
-    first rows as in the official/diffuse_nnx code, whose choice depends on the batch order), get
+    exactly int(B * fm_portion) samples, chosen by a random permutation of the batch, get
     r = t (plain flow matching).
   * training-time guidance, for guidance_t_min <= t <= guidance_t_max:
         v_g = w v + (1 - w - k) v_uncond + k v_cond         (w = guidance_scale, k = mixture)
@@ -27,7 +26,7 @@ Training draws, per sample:
   * condition dropout: each sample independently (Bernoulli(cond_drop_ratio)) gets the null
     label and v_g = v.
 Loss per sample: L = sum_{H,W,C} (u - u_tgt)^2, adaptively weighted
-L / stop_grad((L + norm_eps)^norm_power). No resolution shift of t (as diffuse_nnx).
+L / stop_grad((L + norm_eps)^norm_power). No resolution shift of t.
 """
 
 from typing import Literal

@@ -15,7 +15,7 @@ network but is neither averaged by the EMA nor used for sampling. The network's 
 line up with the detector's: (H/p)(W/p) = (resolution/14)^2, e.g. 32x32 SD-VAE latents of
 256x256 images with p = 2 against DINOv2 at 224: 256 = 256.
 
-The paper aligns block 8 of SiT-L/XL and block 4 of SiT-B; diffuse_nnx's preset uses 4 for all.
+The paper aligns block 8 of SiT-L/XL and block 4 of SiT-B.
 `REPA` is a term of the training objective (`lib.flow.objective`): the projector is its
 trainable, the detector's weights its frozen state; h is read from the block outputs the
 network sows during the interface's one evaluation, so every network (DiT, LightningDiT,

@@ -22,8 +22,7 @@ Time grids (`sampling_time_dist`):
   * 'uniform': linspace(t_start, t_end, num_steps + 1), then the shift
     t <- s t / (1 + (s - 1) t), s = sqrt(t_shift_cur / t_shift_base).
   * 'karras' (EDM): sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) -
-    sigma_max^(1/rho)))^rho for i < N = num_steps, then a final 0: num_steps intervals in all
-    (diffuse_nnx's grid had one more).
+    sigma_max^(1/rho)))^rho for i < N = num_steps, then a final 0: num_steps intervals in all.
 
 The loop over grid intervals is one `lax.scan` for every sampler, so each compiles once.
 Subclasses define `step(drift, x, t, t_next, key, last)`, where `last` is a traced bool, true

@@ -17,7 +17,7 @@ A DiT with optional modern parts, each a constructor switch:
   * `rms_norm`: RMSNorm (eps 1e-6, learnt weight) for norm1/norm2/final norm (and the q/k
     norms), else LayerNorm without affine (eps 1e-6);
   * `use_rope`: EVA-02 2-D RoPE over the (H/p, W/p) grid with head_dim/2 per axis;
-  * `qk_norm`: separate q and k norms per head (diffuse_nnx shared one instance for both);
+  * `qk_norm`: separate q and k norms per head;
   * `adaln_shift`: 6-way adaLN (DiT); False is the official `wo_shift` (4-way, no shift);
   * `continuous_time_embed`: Gaussian-Fourier time features (RAE / diffuse_nnx's presets, width
     `freq_embed_size`) instead of DiT's GLIDE sinusoid (the official LightningDiT release).
