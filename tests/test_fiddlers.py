@@ -2,9 +2,6 @@
 any module), --fdl_tags_set, and creating a node below a None field with --fdl_set."""
 
 import importlib
-import os
-import subprocess
-import sys
 
 import fiddle as fdl
 import jax
@@ -13,6 +10,7 @@ from flax import nnx
 
 from experiments import fiddlers
 from lib import cli, hooks
+from tests.conftest import launch
 
 
 class ImageSize(fdl.Tag):
@@ -134,10 +132,6 @@ def test_every_preset_carries_a_profile_node():
 
 @pytest.mark.slow
 def test_launch_applies_fiddle_flags_and_rejects_misuse(tmp_path):
-  def launch(*args):
-    return subprocess.run([sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *args],
-                          capture_output=True, text=True, cwd=cli.REPO_ROOT, timeout=600)
-
   result = launch('--fdl_config=experiments/dit.py:digits', '--fiddler=tiny',
                   '--fdl_set=profile.num_profile_steps=3', '--print_config')
   assert result.returncode == 0, result.stderr

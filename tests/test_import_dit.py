@@ -46,6 +46,7 @@ from flax import nnx
 
 from lib import cli
 from lib.models import checkpoint_io, dit, import_weights, layers
+from tests.conftest import DIGITS, TINY_FLAGS
 
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
@@ -233,10 +234,7 @@ def test_read_state_dict_unwraps_training_checkpoints(tmp_path):
 
 
 # ------------------------------------------------------------------------------- end to end
-TINY = ['--fdl_config=experiments/dit.py:digits', '--fdl_set=network.hidden_size=32',
-        '--fdl_set=network.depth=1', '--fdl_set=network.num_heads=2',
-        '--fdl_set=data.batch_size=16', '--fdl_set=log_every_steps=1',
-        '--fdl_set=sampler.num_steps=2', '--fdl_set=visualize=None',
+TINY = [DIGITS, *TINY_FLAGS, '--fdl_set=log_every_steps=1', '--fdl_set=visualize=None',
         '--fdl_set=evaluate=[]',
         # the random test releases have no name of a release: their time convention is stated
         '--fdl_set=interface.network_time=data_at_0']
@@ -275,6 +273,7 @@ def _run(*args, timeout=600):
   return result
 
 
+@pytest.mark.slow
 def test_import_command_writes_a_checkpoint_that_sample_mode_accepts(tmp_path):
   from lib import checkpoint as ckpt
   from lib.train import Run
@@ -311,6 +310,7 @@ def test_import_command_writes_a_checkpoint_that_sample_mode_accepts(tmp_path):
   assert result.returncode == 2 and 'already holds checkpoints' in result.stderr
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_run_from_the_imported_weights(tmp_path):
   from lib.train import Run
 

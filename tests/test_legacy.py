@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from lib import cli, legacy, nn, registry, review
+from tests.conftest import launch
 from tests.legacy_configs import dit_imagenet, dit_imagenet_repa
 
 # Differences between a converted diffuse_nnx preset and its native preset that are intended
@@ -168,6 +169,7 @@ def test_registered_network_trains_through_the_normal_trainer(tmp_path, restored
   assert len(losses) == 4 and np.all(np.isfinite(losses)), losses
 
 
+@pytest.mark.slow
 def test_registry_imports_lazily_and_refuses_a_taken_name(restored_registry):
   code = ('import sys; from lib import registry\n'
           'assert registry.resolve("ema", "ema").__name__ == "EMA"\n'
@@ -219,11 +221,7 @@ def test_errors_name_the_field_and_the_alternatives(field, value, message):
 
 
 # ------------------------------------------------------------------------------- launch.py
-def launch(*args):
-  return subprocess.run([sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *args],
-                        capture_output=True, text=True, cwd=cli.REPO_ROOT, timeout=600)
-
-
+@pytest.mark.slow
 def test_launch_prints_a_converted_config_with_overrides():
   result = launch('--config=tests/legacy_configs/dit_imagenet.py:imagenet_256-B_2',
                   '--config.optimizer.b2=0.95', '--fdl_set=network.depth=6', '--print_config')
@@ -233,6 +231,7 @@ def test_launch_prints_a_converted_config_with_overrides():
   assert 'network = Partial[lib.models.dit.DiT]' in lines
 
 
+@pytest.mark.slow
 def test_launch_refuses_config_with_fdl_config():
   result = launch('--config=tests/legacy_configs/dit_imagenet.py:imagenet_256-B_2',
                   '--fdl_config=experiments/dit.py:b2', '--print_config')

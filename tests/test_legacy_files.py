@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from lib import cli, legacy, legacy_files, review
+from tests.conftest import launch
 
 FIXTURES = os.path.join(cli.REPO_ROOT, 'tests', 'legacy_configs')
 FIXTURE_IMPORT = 'from tests.legacy_configs import'
@@ -64,9 +65,7 @@ def launch_from(folder: str, *args) -> subprocess.CompletedProcess:
   """launch.py run from `folder` as a migrating user runs it: nothing on PYTHONPATH."""
   environment = {'PATH': os.environ['PATH'], 'HOME': os.environ.get('HOME', folder),
                  'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2'}
-  return subprocess.run([sys.executable, os.path.join(cli.REPO_ROOT, 'launch.py'), *args],
-                        capture_output=True, text=True, cwd=folder, env=environment,
-                        timeout=600)
+  return launch(*args, cwd=folder, env=environment, inherit_env=False)
 
 
 # ------------------------------------------------------------------------------- launch.py
