@@ -50,7 +50,7 @@ def test_a_fiddler_may_return_a_new_config(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('spec,message', [
-    ('nope', "experiments.fiddlers has no fiddler 'nope'; its fiddlers: bf16, tiny"),
+    ('nope', "experiments.fiddlers has no fiddler 'nope'; its fiddlers: bf16, digits, tiny"),
     ('tiny(steps=3)', 'experiments.fiddlers:tiny does not take these arguments'),
     ('experiments/nope.py:tiny', "--fiddler: no file 'experiments/nope.py'"),
     ('no_such_module:tiny', "cannot import 'no_such_module'"),
