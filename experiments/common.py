@@ -5,6 +5,10 @@ Each function returns a fresh, unbuilt Fiddle node; preset files combine them an
 override leaves. Nothing here allocates parameters, opens files or imports TensorFlow.
 Values that other values depend on (network input size and channels, number of
 classes) are not set here: `lib.experiment.Experiment` derives them when it is built.
+
+Networks are named by a variant `SIZE/PATCH` of their model's size table (`dit_network('XL/2')`,
+`decode_variant`); `variant_presets` makes a file's named presets (`xl2`) from its family
+function (`dit(variant, ...)`).
 """
 
 import inspect
