@@ -38,7 +38,7 @@ def test_preset_call_arguments_and_relative_paths(tmp_path):
     (['--fdl_config=experiments/nope.py:xl2'], "no file 'experiments/nope.py'; preset files: "
                                                "experiments/ddt.py, experiments/dit.py"),
     (['--fdl_config=experiments/dit.py:xl3'], "has no preset 'xl3'; its presets: b2, digits, "
-                                              "l2, s2, xl2"),
+                                              "dit, l2, s2, xl2"),
     (['--fdl_config=experiments/dit.py:xl2(depth=3)'], 'does not take these arguments'),
     (['--fdl_config=experiments/dit.py:xl2', '--fdl_set=network.dpeth=4'],
      "'network.dpeth' does not exist: network has no field 'dpeth'"),
