@@ -2,7 +2,7 @@
 
 The PyTorch reference `DiTwDDTHeadRef` is written here in plain torch from the facts of
 bytetriper/RAE a4d18c4 `src/stage2/models/DDT.py::DiTwDDTHead` (and `model_utils.py`), on the
-block modules of `tests/torch_reference.py` (`torch_modules`): Gaussian-Fourier time embedding (fixed W,
+block modules of `tests/torch_reference.py`: Gaussian-Fourier time embedding (fixed W,
 sin first), c = silu(t + y) with every adaLN applying SiLU again, encoder on `s_embedder(x) +
 pos_embed`, s = silu(t + s) per token, `s_projector` (Identity when the widths agree),
 decoder on `x_embedder(x)` conditioned per token, one `blocks` list numbering encoder blocks
