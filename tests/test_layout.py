@@ -1,5 +1,6 @@
 """Every import points down: no cycle among the modules of lib/ and experiments/, and lib never
 imports experiments (the presets, and the diffuse_nnx converter beside them, build on lib).
+Tests that start an interpreter are marked `slow`.
 
 The graph is read from the code's text (ast), module-level and in-function imports alike, so a
 cycle hidden inside a function counts too.
@@ -123,3 +124,53 @@ def test_the_graph_reader_sees_imports_and_cycles(tmp_path):
   assert cycles(graph) == [['lib.a', 'lib.b', 'lib.c']]
   assert describe(['lib.a', 'lib.b', 'lib.c'], graph) == \
       'lib.a -> lib.b, lib.b -> lib.c, lib.c -> lib.a'
+
+
+# ------------------------------------------------------------------------------- tests
+def unmarked_spawning_tests(path: str) -> list[str]:
+  """Tests of the file `path` that start an interpreter (`sys.executable`, or `launch` of
+  tests/conftest.py), directly or through the file's functions and fixtures, without the
+  `slow` mark on themselves or on the module (`pytestmark`)."""
+  tree = ast.parse(open(path).read(), path)
+  functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+  def direct(function) -> bool:
+    for node in ast.walk(function):
+      if isinstance(node, ast.Attribute) and ast.unparse(node) in ('sys.executable',
+                                                                   'conftest.launch'):
+        return True
+      if isinstance(node, ast.Call) and ast.unparse(node.func) == 'launch' and \
+          'launch' not in functions:
+        return True
+    return False
+
+  spawning = {name for name, function in functions.items() if direct(function)}
+  while True:  # through the file's helpers and fixtures
+    more = {name for name, function in functions.items() if name not in spawning and (
+        {n.id for n in ast.walk(function) if isinstance(n, ast.Name)}
+        | {a.arg for a in function.args.args}) & spawning}
+    if not more:
+      break
+    spawning |= more
+  module_mark = any(isinstance(node, ast.Assign) and 'pytestmark' in ast.unparse(node.targets[0])
+                    and 'slow' in ast.unparse(node.value) for node in tree.body)
+  return [] if module_mark else sorted(
+      name for name in spawning if name.startswith('test_')
+      and not any('slow' in ast.unparse(d) for d in functions[name].decorator_list))
+
+
+def test_tests_that_start_interpreters_are_marked_slow(tmp_path):
+  folder = os.path.join(cli.REPO_ROOT, 'tests')
+  unmarked = {name: tests for name in sorted(os.listdir(folder))
+              if name.startswith('test_') and name.endswith('.py')
+              for tests in [unmarked_spawning_tests(os.path.join(folder, name))] if tests}
+  assert not unmarked, f'mark these @pytest.mark.slow: {unmarked}'
+  example = tmp_path / 'test_example.py'
+  example.write_text('import sys\nimport pytest\nfrom tests.conftest import launch\n'
+                     'def run():\n  return launch("--help")\n'
+                     'def test_a():\n  run()\n'
+                     '@pytest.mark.slow\ndef test_b():\n  run()\n'
+                     'def test_c(fixture):\n  pass\n'
+                     'def fixture():\n  return [sys.executable]\n'
+                     'def test_d():\n  pass\n')
+  assert unmarked_spawning_tests(str(example)) == ['test_a', 'test_c']
