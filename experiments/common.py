@@ -5,7 +5,14 @@ Each function returns a fresh, unbuilt Fiddle node; preset files combine them an
 override leaves. Nothing here allocates parameters, opens files or imports TensorFlow.
 Values that other values depend on (network input size and channels, number of
 classes) are not set here: `lib.experiment.Experiment` derives them when it is built.
+
+Networks are named by a variant `SIZE/PATCH` of their model's size table (`dit_network('XL/2')`,
+`decode_variant`); `variant_presets` makes a file's named presets (`xl2`) from its family
+function (`dit(variant, ...)`).
 """
+
+import inspect
+from collections.abc import Callable, Mapping
 
 import fiddle as fdl
 
@@ -18,13 +25,8 @@ from lib.encoders import dinov2, pixels, rae, sd_vae
 from lib.models import ddt, dit, lightning_ddt, lightning_dit
 
 # ------------------------------------------------------------------------------- data
-IMAGENET_LATENT_DIRS = {
-    256: '/mnt/disks/data/imagenet_256',
-    512: '/mnt/disks/data/prepared/imagenet_512',
-}
-IMAGENET_PREPARED_DIRS = {  # EDM2 dataset_tool.py output: uint8 PNGs and dataset.json
-    64: '/mnt/disks/data/prepared/imagenet_64',
-}
+# Folders and weight files are the user's: no preset names a machine's path. A run whose
+# `data.data_dir` (or a weights field) is not set stops with an error naming the field.
 PIXEL_SIZES = (64,)  # resolutions trained in pixel space (diffuse_nnx's `RGB` encoder presets)
 
 
@@ -39,8 +41,6 @@ def _for_size(table: dict, image_size: int, what: str, remedy: str):
 def imagenet_latents(image_size: int = 256, batch_size: int = 256,
                      data_dir: str | None = None) -> fdl.Config:
   """Pre-extracted SD-VAE posteriors of ImageNet (diffuse_nnx's `imagenet_<size>` data presets)."""
-  data_dir = data_dir or _for_size(IMAGENET_LATENT_DIRS, image_size, 'ImageNet latent folder',
-                                  'give data_dir')
   return fdl.Config(latents.LatentFolder, data_dir=data_dir, image_size=image_size,
                     batch_size=batch_size, num_classes=1000)
 
@@ -49,8 +49,6 @@ def imagenet_prepared(image_size: int = 64, batch_size: int = 256,
                       data_dir: str | None = None) -> fdl.Config:
   """ImageNet uint8 images prepared at `image_size` by EDM2's dataset_tool.py, a folder or
   `.zip` (diffuse_nnx's `imagenet_64`)."""
-  data_dir = data_dir or _for_size(IMAGENET_PREPARED_DIRS, image_size,
-                                  'prepared ImageNet folder', 'give data_dir')
   return fdl.Config(prepared.PreparedImages, data_dir=data_dir, image_size=image_size,
                     batch_size=batch_size, num_classes=1000)
 
@@ -64,19 +62,12 @@ def imagenet_data(image_size: int = 256, batch_size: int = 256,
   return make(image_size, batch_size=batch_size, data_dir=data_dir)
 
 
-IMAGENET_RAW_DIRS = {  # diffuse_nnx's imagenet_raw_<size>; images under <dir>/train/<wnid>/
-    64: '/mnt/disks/raw_data/datasets/imagenet',
-    256: '/mnt/disks/data',
-    512: '/mnt/disks/raw_data/datasets/imagenet',
-}
-
-
 def imagenet_raw(image_size: int = 256, batch_size: int = 256,
                  data_dir: str | None = None) -> fdl.Config:
-  """ImageNet JPEGs, ADM center crop, random flips (diffuse_nnx's `imagenet_raw_<size>`)."""
-  return fdl.Config(images.ImageFolder,
-                    data_dir=data_dir or IMAGENET_RAW_DIRS.get(image_size, IMAGENET_RAW_DIRS[64]),
-                    image_size=image_size, batch_size=batch_size, num_classes=1000)
+  """ImageNet JPEGs under `data_dir/train/<wnid>/`, ADM center crop, random flips
+  (diffuse_nnx's `imagenet_raw_<size>`)."""
+  return fdl.Config(images.ImageFolder, data_dir=data_dir, image_size=image_size,
+                    batch_size=batch_size, num_classes=1000)
 
 
 def digits_data(batch_size: int = 128, image_size: int = 8) -> fdl.Config:
@@ -133,19 +124,56 @@ def rae_encoder(encoder_weights: str | None = None, decoder_weights: str | None 
 
 
 # ------------------------------------------------------------------------------- networks
-def dit_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fdl.Partial:
-  """DiT of a published size (`S`, `B`, `L`, `XL`); sizes are diffuse_nnx's
-  `_dit_network_presets`."""
+def decode_variant(variant: str, sizes: Mapping[str, object]) -> tuple[str, int]:
+  """`'XL/2'` -> `('XL', 2)`: a size of the model's size table `sizes` and the patch size (as
+  big_vision's `decode_variant`); a ConfigError naming the known sizes otherwise."""
+  size, slash, patch = variant.partition('/')
+  if size not in sizes or not slash or not patch.isdigit() or int(patch) < 1:
+    raise ConfigError(f'variant={variant!r}: expected SIZE/PATCH with SIZE one of '
+                      f'{", ".join(sizes)} and PATCH a positive integer, e.g. '
+                      f'{list(sizes)[-1]}/2')
+  return size, int(patch)
+
+
+def variant_presets(family: Callable[..., fdl.Config], *variants: str) -> tuple[Callable, ...]:
+  """One preset per variant: `family(variant, ...)` with the variant fixed, named as the variant
+  in lower case without its slash (`'XL/2'` -> `xl2`), taking `family`'s other arguments and
+  defined in `family`'s module, so `--fdl_config=experiments/dit.py:xl2` finds it:
+
+      s2, b2, l2, xl2 = common.variant_presets(dit, 'S/2', 'B/2', 'L/2', 'XL/2')
+  """
+  signature = inspect.signature(family)
+  others = [p for name, p in signature.parameters.items() if name != 'variant']
+
+  def preset_of(variant: str) -> Callable[..., fdl.Config]:
+    def preset(*args, **kwargs) -> fdl.Config:
+      return family(variant, *args, **kwargs)
+    preset.__name__ = preset.__qualname__ = variant.replace('/', '').lower()
+    preset.__module__ = family.__module__
+    preset.__doc__ = f'`{family.__name__}(variant={variant!r})`: see `{family.__name__}`.'
+    preset.__signature__ = signature.replace(parameters=others)
+    preset.__annotations__ = {k: v for k, v in family.__annotations__.items() if k != 'variant'}
+    return preset
+
+  return tuple(preset_of(variant) for variant in variants)
+
+
+def dit_network(variant: str = 'XL/2', **kwargs) -> fdl.Partial:
+  """DiT of a variant `SIZE/PATCH`, SIZE of `lib.models.dit.SIZES` (`S`, `B`, `L`, `XL`,
+  diffuse_nnx's `_dit_network_presets`)."""
+  size, patch_size = decode_variant(variant, dit.SIZES)
   hidden_size, depth, num_heads = dit.SIZES[size]
   return fdl.Partial(dit.DiT, patch_size=patch_size, hidden_size=hidden_size, depth=depth,
                      num_heads=num_heads, mlp_ratio=4.0, class_dropout_prob=0.1,
                      freq_embed_size=256, **kwargs)
 
 
-def lightning_dit_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fdl.Partial:
-  """LightningDiT of a diffuse_nnx network size (`S`, `B`, `L`, `XL` of `_dit_network_presets`)
-  with diffuse_nnx's `lightning_dit_imagenet` switches: Gaussian-Fourier time embedding of width
-  512, SwiGLU, RoPE, RMSNorm, 6-way adaLN, no qk-norm, no dropout."""
+def lightning_dit_network(variant: str = 'XL/2', **kwargs) -> fdl.Partial:
+  """LightningDiT of a diffuse_nnx network size (`S`, `B`, `L`, `XL` of `lib.models.dit.SIZES`,
+  `_dit_network_presets`) with diffuse_nnx's `lightning_dit_imagenet` switches:
+  Gaussian-Fourier time embedding of width 512, SwiGLU, RoPE, RMSNorm, 6-way adaLN, no
+  qk-norm, no dropout."""
+  size, patch_size = decode_variant(variant, dit.SIZES)
   hidden_size, depth, num_heads = dit.SIZES[size]
   return fdl.Partial(lightning_dit.LightningDiT, **{
       'patch_size': patch_size, 'hidden_size': hidden_size, 'depth': depth,
@@ -155,10 +183,12 @@ def lightning_dit_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fd
       'mlp_dropout': 0.0, 'attn_w_dropout': 0.0, 'attn_o_dropout': 0.0, **kwargs})
 
 
-def ddt_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fdl.Partial:
-  """LightningDDT (RAE DiT-DH) of a diffuse_nnx `_ddt_network_presets` size (`S`: encoder 384 x 12
-  blocks, 6 heads; `XL`: 1152 x 28, 16 heads; both with a 2-block, 2048-wide, 16-head decoder)
-  and diffuse_nnx's `lightning_ddt_imagenet` switches (as `lightning_dit_network`)."""
+def ddt_network(variant: str = 'XL/2', **kwargs) -> fdl.Partial:
+  """LightningDDT (RAE DiT-DH) of a `lib.models.lightning_ddt.SIZES` size (diffuse_nnx's
+  `_ddt_network_presets`; `S`: encoder 384 x 12 blocks, 6 heads; `XL`: 1152 x 28, 16 heads;
+  both with a 2-block, 2048-wide, 16-head decoder) and diffuse_nnx's `lightning_ddt_imagenet`
+  switches (as `lightning_dit_network`)."""
+  size, patch_size = decode_variant(variant, lightning_ddt.SIZES)
   enc_hidden, enc_heads, enc_blocks, dec_hidden, dec_heads, dec_blocks = \
       lightning_ddt.SIZES[size]
   return fdl.Partial(lightning_ddt.LightningDDT, **{
@@ -171,10 +201,11 @@ def ddt_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fdl.Partial:
       'mlp_dropout': 0.0, 'attn_w_dropout': 0.0, 'attn_o_dropout': 0.0, **kwargs})
 
 
-def mcg_ddt_network(size: str = 'XL', patch_size: int = 2, **kwargs) -> fdl.Partial:
+def mcg_ddt_network(variant: str = 'XL/2', **kwargs) -> fdl.Partial:
   """MCG-NJU DDT (`lib.models.ddt.DDT`, not the RAE DiT-DH of `ddt_network`) of a size in
   `lib.models.ddt.SIZES` (`XL`: 1152 wide, 16 heads, 28 blocks of which 22 encoder, the
   released "22en6de"); label dropout 0.1 as the official trainer."""
+  size, patch_size = decode_variant(variant, ddt.SIZES)
   hidden_size, num_heads, num_blocks, num_encoder_blocks = ddt.SIZES[size]
   return fdl.Partial(ddt.DDT, **{
       'patch_size': patch_size, 'hidden_size': hidden_size, 'num_heads': num_heads,
@@ -285,21 +316,13 @@ def run_services(save_every_steps: int = 50_000, max_to_keep: int = 8,
 
 
 # ------------------------------------------------------------------------------- evaluation
-FID_STATS = {  # diffuse_nnx's `stat_dir` reference statistics (EDM2 pickles; ADM .npz also work)
-    64: '/mnt/disks/data/stats/imagenet_64.pkl',
-    256: '/mnt/disks/data/stats/imagenet_256.pkl',
-    512: '/mnt/disks/data/stats/imagenet_512.pkl',
-}
-INCEPTION_WEIGHTS = '/mnt/disks/data/stats/pt_inception-2015-12-05-6726825d.pth'
-
-
-def fid_evaluation(image_size: int = 256, inception_weights: str | None = None,
-                   reference_stats: str | None = None, **kwargs) -> fdl.Config:
+def fid_evaluation(inception_weights: str | None = None, reference_stats: str | None = None,
+                   **kwargs) -> fdl.Config:
   """Periodic FID / IS with diffuse_nnx's `eval` schedule: cfg 1.0 FID-10K every 25k and FID-50K
-  every 100k steps, cfg 1.5 FID-50K every 100k; class-balanced labels."""
+  every 100k steps, cfg 1.5 FID-50K every 100k; class-balanced labels. `reference_stats`: the
+  statistics of the training data's resolution (EDM2 `.pkl` or ADM `.npz`)."""
   return fdl.Config(eval_actions.FIDEvaluation,
-                    inception_weights=inception_weights or INCEPTION_WEIGHTS,
-                    reference_stats=reference_stats or FID_STATS.get(image_size),
+                    inception_weights=inception_weights, reference_stats=reference_stats,
                     all_guidance_scales=(1.0, 1.5),
                     all_eval_samples_nums=((10_000, 50_000), (50_000,)),
                     eval_every_steps=((25_000, 100_000), (100_000,)), **kwargs)
@@ -316,7 +339,7 @@ def experiment(**nodes) -> fdl.Config:
   including its periodic FID evaluation at the data's image size; sampling (Heun, 32 steps)
   at the published best guidance `SIT_GUIDANCE`."""
   defaults = dict(
-      evaluate=[fid_evaluation(nodes['data'].image_size)],
+      evaluate=[fid_evaluation()],
       interface=sit_interface(),
       optimizer=adamw(),
       ema=fdl.Config(ema.EMA, decay=0.9999),

@@ -40,14 +40,15 @@ from experiments import common
 GUIDANCE = {256: 2.0, 512: 3.0}  # the release configs' `guidance`
 
 
-def xl2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """DDT-XL/2 22en6de (1152 wide, 16 heads, 22 encoder + 6 decoder blocks; 674,646,352
-  parameters at 256), the released ImageNet model's recipe (see the module docstring)."""
+def ddt(variant: str = 'XL/2', image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
+  """MCG-NJU DDT of `variant` (`SIZE/PATCH`, sizes of `lib.models.ddt.SIZES`) with the
+  released ImageNet model's recipe (see the module docstring); XL/2 is DDT-XL/2 22en6de (1152
+  wide, 16 heads, 22 encoder + 6 decoder blocks; 674,646,352 parameters at 256)."""
   latent_elements = (image_size // 8) ** 2 * 4
   config = common.experiment(
       data=common.imagenet_latents(image_size, batch_size=256, data_dir=data_dir),
       encoder=common.sd_vae_scaled_encoder(),
-      network=common.mcg_ddt_network('XL', patch_size=2),
+      network=common.mcg_ddt_network(variant),
       interface=common.sit_interface(time_dist='logit_normal', t_mu=0.0, t_sigma=1.0,
                                      t_shift_base=latent_elements,
                                      network_time='data_at_1'),
@@ -58,3 +59,6 @@ def xl2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
       total_steps=4_000_000)
   config.ema.decay = 0.9999
   return config
+
+
+xl2, = common.variant_presets(ddt, 'XL/2')

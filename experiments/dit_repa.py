@@ -20,36 +20,21 @@ The DINOv2 weights are a local file:
 
 import fiddle as fdl
 
-from experiments import common
+from experiments import common, dit
 
 ALIGNED_BLOCK = {'S': 4, 'B': 4, 'L': 8, 'XL': 8}
 
 
-def _imagenet(size: str, image_size: int, data_dir: str | None) -> fdl.Config:
-  return common.experiment(
-      data=common.imagenet_raw(image_size, batch_size=256, data_dir=data_dir),
-      encoder=common.imagenet_encoder(image_size),
-      network=common.dit_network(size, patch_size=2),
-      repa=common.repa_alignment(image_size, depth=ALIGNED_BLOCK[size]),
-      sampler=common.euler_maruyama(250, guidance_scale=1.8, guidance_interval=(0.0, 0.7)),
-      sharding=common.fsdp())
+def dit_repa(variant: str = 'XL/2', image_size: int = 256,
+             data_dir: str | None = None) -> fdl.Config:
+  """DiT of `variant` + REPA at block `ALIGNED_BLOCK[size]` on raw ImageNet at `image_size`,
+  as deltas on `dit.dit` (XL/2: 675M + 8.13M projector parameters)."""
+  config = dit.dit(variant, image_size, data_dir)
+  config.data = common.imagenet_raw(image_size, batch_size=256, data_dir=data_dir)
+  config.repa = common.repa_alignment(image_size, depth=ALIGNED_BLOCK[variant.split('/')[0]])
+  config.sampler = common.euler_maruyama(250, guidance_scale=1.8, guidance_interval=(0.0, 0.7))
+  config.sharding = common.fsdp()
+  return config
 
 
-def s2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """DiT-S/2 + REPA at block 4."""
-  return _imagenet('S', image_size, data_dir)
-
-
-def b2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """DiT-B/2 + REPA at block 4."""
-  return _imagenet('B', image_size, data_dir)
-
-
-def l2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """DiT-L/2 + REPA at block 8."""
-  return _imagenet('L', image_size, data_dir)
-
-
-def xl2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """DiT-XL/2 + REPA at block 8 (675M + 8.13M projector parameters)."""
-  return _imagenet('XL', image_size, data_dir)
+s2, b2, l2, xl2 = common.variant_presets(dit_repa, 'S/2', 'B/2', 'L/2', 'XL/2')

@@ -3,6 +3,7 @@
     python launch.py --fdl_config=experiments/dit.py:digits --fiddler=tiny --workdir=/tmp/smoke
     python launch.py --fdl_config=experiments/lightning_dit.py:xl2 --fiddler=bf16 --print_config
     python launch.py --fdl_config=experiments/dit.py:b2 --fiddler='tiny(total_steps=40)' ...
+    python launch.py --fdl_config=experiments/lightning_dit.py:s2 --fiddler=digits --workdir=...
 
 A fiddler is a function `fiddler(config, **literals)` that changes the config in place (or
 returns a new one), as in Fiddle. `launch.py` applies `--fiddler`s in order after the preset,
@@ -16,6 +17,8 @@ import inspect
 
 import fiddle as fdl
 
+from experiments import common
+from lib import hooks, optim
 from lib.config import overrides
 
 # Network arguments and their tiny values, set wherever the network class takes them (DiT,
@@ -65,6 +68,33 @@ def tiny(config: fdl.Buildable, total_steps: int = 20, batch_size: int = 8) -> N
       scales = len(evaluation.all_guidance_scales)
       evaluation.all_eval_samples_nums = ((16,),) * scales
       evaluation.eval_every_steps = ((every,),) * scales
+
+
+def digits(config: fdl.Buildable, total_steps: int = 2000) -> None:
+  """Moves an experiment of a DiT-shaped network (`hidden_size`, `depth`, `num_heads`: DiT,
+  LightningDiT) onto scikit-learn's bundled 8x8 digits in pixel space, the CPU demo (minutes):
+  a 128-wide network of 4 blocks and 4 heads, batch 128, AdamW at lr 1e-3 with gradient norms
+  clipped at 1 and a cosine schedule (200 warmup steps, down to 1e-5), the validation loss every
+  500 steps in place of the evaluations, EMA 0.995, checkpoints every 500 steps (2 kept),
+  100-sample grids every 1000 steps, `total_steps` steps. The family's objective, sampler and
+  Adam b2 stay as they are."""
+  config.data = common.digits_data(batch_size=128, image_size=8)
+  config.encoder = common.pixel_encoder()
+  config.network.hidden_size = 128
+  config.network.depth = 4
+  config.network.num_heads = 4
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.grad_clip_norm = 1.0
+  config.optimizer.schedule = fdl.Partial(optim.cosine, warmup_steps=200, min_lr=1e-5)
+  config.evaluate = [fdl.Config(hooks.ValidationLoss, every_steps=500, batch_size=256)]
+  config.total_steps = total_steps
+  services = common.run_services(save_every_steps=500, max_to_keep=2, keep_period=None,
+                                 log_every_steps=100)
+  for name, node in services.items():
+    setattr(config, name, node)
+  config.ema.decay = 0.995
+  config.visualize.every_steps = 1000
+  config.visualize.num_samples = 100
 
 
 def bf16(config: fdl.Buildable) -> None:

@@ -19,30 +19,24 @@ CFG number on these latents (its 1.13 uses AutoGuidance on RAE latents).
 
 import fiddle as fdl
 
-from experiments import common
+from experiments import common, lightning_dit
 
 # diffuse_nnx's lightning_ddt sampler kwargs.
 SAMPLER_RANGE = dict(t_start=1.0, t_end=0.0, t_shift_base=4096, t_shift_cur=16 * 16 * 768)
 
 
-def _imagenet(size: str, patch_size: int, image_size: int, data_dir: str | None) -> fdl.Config:
-  config = common.experiment(
-      data=common.imagenet_data(image_size, batch_size=1024, data_dir=data_dir),
-      encoder=common.imagenet_encoder(image_size),
-      network=common.ddt_network(size, patch_size),
-      interface=common.sit_interface(time_dist='logit_normal'),
-      optimizer=common.adamw(learning_rate=2e-4, b2=0.95),
-      sharding=common.fsdp(),
-      sampler=common.heun(32, guidance_scale=common.SIT_GUIDANCE, **SAMPLER_RANGE))
+def lightning_ddt(variant: str = 'XL/2', image_size: int = 256,
+                  data_dir: str | None = None) -> fdl.Config:
+  """LightningDDT of `variant` (`SIZE/PATCH`, sizes of `lib.models.lightning_ddt.SIZES`) on
+  ImageNet at `image_size`: the LightningDiT recipe with this network, EMA 0.9995 and
+  diffuse_nnx's sampler range (S/2: encoder 384 x 12 blocks, 6 heads, decoder 2048 x 2,
+  16 heads, 192.99M parameters; XL/2: encoder 1152 x 28 blocks, 16 heads, 834.43M)."""
+  config = lightning_dit.lightning_dit(image_size=image_size, data_dir=data_dir)
+  config.network = common.ddt_network(variant)
+  for name, value in SAMPLER_RANGE.items():
+    setattr(config.sampler, name, value)
   config.ema.decay = 0.9995
   return config
 
 
-def s2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """LightningDDT-S/2: encoder 384 x 12 blocks (6 heads), decoder 2048 x 2 (16 heads); 192.99M."""
-  return _imagenet('S', 2, image_size, data_dir)
-
-
-def xl2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """LightningDDT-XL/2: encoder 1152 x 28 blocks (16 heads), decoder 2048 x 2; 834.43M."""
-  return _imagenet('XL', 2, image_size, data_dir)
+s2, xl2 = common.variant_presets(lightning_ddt, 'S/2', 'XL/2')

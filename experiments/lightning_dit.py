@@ -13,34 +13,23 @@ of the 32 channels of its VA-VAE latents and do not carry over; EMA 0.9999.
 
 import fiddle as fdl
 
-from experiments import common
+from experiments import common, dit
 
 
-def _imagenet(size: str, patch_size: int, image_size: int, data_dir: str | None) -> fdl.Config:
-  return common.experiment(
-      data=common.imagenet_data(image_size, batch_size=1024, data_dir=data_dir),
-      encoder=common.imagenet_encoder(image_size),
-      network=common.lightning_dit_network(size, patch_size),
-      interface=common.sit_interface(time_dist='logit_normal'),
-      optimizer=common.adamw(learning_rate=2e-4, b2=0.95),
-      sharding=common.fsdp())
+def lightning_dit(variant: str = 'XL/2', image_size: int = 256,
+                  data_dir: str | None = None) -> fdl.Config:
+  """LightningDiT of `variant` (`SIZE/PATCH`, sizes of `lib.models.dit.SIZES`) on ImageNet at
+  `image_size`, as deltas on `dit.dit` (parameters at 256: S/2 32.97M, B/2 130.53M, where
+  diffuse_nnx counts 256 more as its fixed Fourier W is a Param; L/2 458.12M; XL/2 675.22M,
+  diffuse_nnx's `commands/dit_imagenet.sh` run)."""
+  config = dit.dit(variant, image_size, data_dir)
+  config.data.batch_size = 1024
+  config.network = common.lightning_dit_network(variant)
+  config.interface.time_dist = 'logit_normal'
+  config.optimizer.learning_rate = 2e-4
+  config.optimizer.b2 = 0.95
+  config.sharding = common.fsdp()
+  return config
 
 
-def s2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """LightningDiT-S/2 (32.97M parameters at 256)."""
-  return _imagenet('S', 2, image_size, data_dir)
-
-
-def b2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """LightningDiT-B/2 (130.53M; diffuse_nnx counts 256 more: its fixed Fourier W is a Param)."""
-  return _imagenet('B', 2, image_size, data_dir)
-
-
-def l2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """LightningDiT-L/2 (458.12M)."""
-  return _imagenet('L', 2, image_size, data_dir)
-
-
-def xl2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """LightningDiT-XL/2 (675.22M), diffuse_nnx's `commands/dit_imagenet.sh` run."""
-  return _imagenet('XL', 2, image_size, data_dir)
+s2, b2, l2, xl2 = common.variant_presets(lightning_dit, 'S/2', 'B/2', 'L/2', 'XL/2')

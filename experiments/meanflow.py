@@ -14,24 +14,21 @@ the bundled 8x8 digits, for the CPU.
 
 import fiddle as fdl
 
-from experiments import common
-from lib import hooks, optim
+from experiments import common, dit, fiddlers
 
 
-def _network(size: str, patch_size: int) -> fdl.Partial:
-  network = common.dit_network(size, patch_size, take_dt=True, take_gw=False)
-  network.class_dropout_prob = 0.0  # diffuse_nnx's enable_dropout=False: dropped in the interface
-  return network
-
-
-def _imagenet(size: str, patch_size: int, image_size: int, data_dir: str | None) -> fdl.Config:
-  config = common.experiment(
-      data=common.imagenet_data(image_size, batch_size=256, data_dir=data_dir),
-      encoder=common.imagenet_encoder(image_size),
-      network=_network(size, patch_size),
-      interface=common.meanflow_interface(),
-      optimizer=common.adamw(learning_rate=1e-4, b2=0.95),
-      sampler=common.euler_jump(1))
+def meanflow(variant: str = 'XL/2', image_size: int = 256,
+             data_dir: str | None = None) -> fdl.Config:
+  """MeanFlow DiT of `variant` on ImageNet at `image_size`, as deltas on `dit.dit` (B/2: the
+  paper's MF-B/2; XL/2: diffuse_nnx's `commands/mf_imagenet.sh`, batch 256)."""
+  config = dit.dit(variant, image_size, data_dir)
+  config.network.take_dt = True
+  config.network.take_gw = False
+  # diffuse_nnx's enable_dropout=False: the interface drops the conditions
+  config.network.class_dropout_prob = 0.0
+  config.interface = common.meanflow_interface()
+  config.optimizer.b2 = 0.95
+  config.sampler = common.euler_jump(1)
   config.visualize.guidance_scales = (1.0,)
   # Guidance is baked in by training: FID at cfg 1 only (diffuse_nnx repeats it at cfg 1.5).
   fid = config.evaluate[0]
@@ -41,45 +38,11 @@ def _imagenet(size: str, patch_size: int, image_size: int, data_dir: str | None)
   return config
 
 
-def s2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """MeanFlow DiT-S/2."""
-  return _imagenet('S', 2, image_size, data_dir)
-
-
-def b2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """MeanFlow DiT-B/2 (the paper's MF-B/2)."""
-  return _imagenet('B', 2, image_size, data_dir)
-
-
-def l2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """MeanFlow DiT-L/2."""
-  return _imagenet('L', 2, image_size, data_dir)
-
-
-def xl2(image_size: int = 256, data_dir: str | None = None) -> fdl.Config:
-  """MeanFlow DiT-XL/2 (diffuse_nnx's `commands/mf_imagenet.sh`: `imagenet_256-XL_2`, batch 256)."""
-  return _imagenet('XL', 2, image_size, data_dir)
+s2, b2, l2, xl2 = common.variant_presets(meanflow, 'S/2', 'B/2', 'L/2', 'XL/2')
 
 
 def digits(total_steps: int = 2000) -> fdl.Config:
   """A small one-step MeanFlow DiT on the bundled 8x8 digits, in pixel space (CPU minutes)."""
-  config = common.experiment(
-      data=common.digits_data(batch_size=128, image_size=8),
-      encoder=common.pixel_encoder(),
-      network=_network('S', 2),
-      interface=common.meanflow_interface(),
-      optimizer=common.adamw(learning_rate=1e-3, b2=0.95, grad_clip_norm=1.0,
-                             schedule=fdl.Partial(optim.cosine, warmup_steps=200, min_lr=1e-5)),
-      sampler=common.euler_jump(1),
-      evaluate=[fdl.Config(hooks.ValidationLoss, every_steps=500, batch_size=256)],
-      total_steps=total_steps,
-      **common.run_services(save_every_steps=500, max_to_keep=2, keep_period=None,
-                            log_every_steps=100))
-  config.network.hidden_size = 128
-  config.network.depth = 4
-  config.network.num_heads = 4
-  config.ema.decay = 0.995
-  config.visualize.every_steps = 1000
-  config.visualize.num_samples = 100
-  config.visualize.guidance_scales = (1.0,)
+  config = meanflow('S/2')
+  fiddlers.digits(config, total_steps)
   return config

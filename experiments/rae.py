@@ -25,28 +25,21 @@ diffuse_nnx's `pretrained_ckpt` (a released DiT-DH checkpoint, left to the calle
 
 import fiddle as fdl
 
-from experiments import common
-from experiments.lightning_ddt import SAMPLER_RANGE
+from experiments import common, lightning_ddt
 
 
-def _imagenet(size: str, data_dir: str | None) -> fdl.Config:
-  config = common.experiment(
-      data=common.imagenet_raw(256, batch_size=1024, data_dir=data_dir),
-      encoder=common.rae_encoder(),
-      network=common.ddt_network(size, patch_size=1),
-      interface=common.sit_interface(time_dist='logit_normal'),
-      optimizer=common.adamw(learning_rate=2e-4, b2=0.95),
-      sampler=common.euler(50, **SAMPLER_RANGE))
-  config.ema.decay = 0.9995
+def rae(variant: str = 'XL/1', data_dir: str | None = None) -> fdl.Config:
+  """DiT-DH of `variant` (LightningDDT, sizes of `lib.models.lightning_ddt.SIZES`) on RAE
+  latents of raw ImageNet 256: the LightningDDT recipe with the RAE encoder, Euler-50 and
+  replicated state (XL/1: 838M parameters; S/1: 196M, the size RAE trains as its AutoGuidance
+  guide)."""
+  config = lightning_ddt.lightning_ddt(variant, 256, data_dir)
+  config.data = common.imagenet_raw(256, batch_size=1024, data_dir=data_dir)
+  config.encoder = common.rae_encoder()
+  config.sampler = common.euler(50, **lightning_ddt.SAMPLER_RANGE)
+  config.sharding = common.replicated()
   config.visualize.reconstructions = True
   return config
 
 
-def xl1(data_dir: str | None = None) -> fdl.Config:
-  """DiT-DH-XL/1 (LightningDDT-XL, patch 1) on RAE latents: 838M parameters."""
-  return _imagenet('XL', data_dir)
-
-
-def s1(data_dir: str | None = None) -> fdl.Config:
-  """DiT-DH-S/1 on RAE latents (196M; the size RAE trains as its AutoGuidance guide)."""
-  return _imagenet('S', data_dir)
+xl1, s1 = common.variant_presets(rae, 'XL/1', 'S/1')

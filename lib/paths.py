@@ -43,9 +43,12 @@ def is_url(value: os.PathLike | str) -> bool:
   return scheme(value) is not None
 
 
-def resolve(value: os.PathLike | str, what: str) -> epath.Path:
-  """`value` as an `epath.Path`; UserError naming `what` (the flag or field) when its URL
-  scheme is not one this project handles. Local paths are made absolute."""
+def resolve(value: os.PathLike | str | None, what: str) -> epath.Path:
+  """`value` as an `epath.Path`; UserError naming `what` (the flag or field) when it is not
+  set or its URL scheme is not one this project handles. Local paths are made absolute."""
+  if value is None:
+    raise errors.UserError(f'{what} is not set; set it to a local path or '
+                           f'{", ".join(s + "://BUCKET/PATH" for s in SCHEMES)}')
   text = os.fspath(value)
   kind = scheme(text)
   if kind is None:

@@ -4,6 +4,7 @@ bucket, W&B tracking (offline), run.json, and bad input that fails before anythi
 The launches use tests/test_train.py's tiny digits network; bucket runs turn TensorBoard off
 (TensorFlow's GCS client cannot be pointed at the emulator; see tests/gcs_emulator.py)."""
 
+import functools
 import glob
 import json
 import os
@@ -11,7 +12,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -20,20 +20,13 @@ import pytest
 from lib import errors, hooks, paths, tracking
 from lib.config import REPO_ROOT
 from lib import workdir as workdirs
+from tests import conftest
 from tests.gcs_emulator import BUCKET
-from tests.test_train import TINY
+from tests.test_train import RUN as TINY
+
+launch = functools.partial(conftest.launch, timeout=900)  # runs in a bucket are slower
 
 NO_TENSORBOARD = '--fdl_set=writers.tensorboard=False'
-
-
-def launch(*args, wait=True, env=None):
-  command = [sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args]
-  environment = {**os.environ, **(env or {})}
-  if not wait:
-    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=environment)
-  return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
-                        timeout=900, env=environment)
 
 
 def losses(folder) -> dict[int, float]:
@@ -228,8 +221,7 @@ def test_a_bucket_workdir_is_locked_by_a_precondition_write(gcs, caplog):
                                                  f'{os.getpid()}'):
       workdirs.WorkdirLock(workdir).acquire()
   assert not lock.exists()  # released: deleted
-  dead = int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
-                            capture_output=True, text=True).stdout)
+  dead = int(subprocess.run(['sh', '-c', 'echo $$'], capture_output=True, text=True).stdout)
   for holder, reason in (({'host': socket.gethostname(), 'pid': dead}, 'its process has ended'),
                          ({'host': 'elsewhere', 'pid': 1, 'heartbeat': time.time() - 3600},
                           'no heartbeat for')):
@@ -366,7 +358,7 @@ def test_a_bucket_run_survives_sigkill_samples_relaunches_and_is_tracked(gcs, tm
   result = launch(f'--fdl_config_file={workdir}/config.json',
                   '--fdl_set=total_steps=2', f'--workdir={again}', env=tracked)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f'runs/relaunched/checkpoints/2/commit_success.txt' in objects('runs/relaunched/')
+  assert 'runs/relaunched/checkpoints/2/commit_success.txt' in objects('runs/relaunched/')
 
 
 @pytest.mark.slow

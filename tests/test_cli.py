@@ -1,8 +1,6 @@
 """launch.py's config handling: presets by path, checked overrides, derived values."""
 
 import os
-import subprocess
-import sys
 
 import fiddle as fdl
 import pytest
@@ -10,13 +8,10 @@ import pytest
 from lib import errors
 from lib.config import REPO_ROOT, overrides, presets
 from lib.experiment import ConfigError
+from tests.conftest import launch
 
 
-def launch(*args, cwd=REPO_ROOT):
-  return subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args],
-                        capture_output=True, text=True, cwd=cwd, timeout=600)
-
-
+@pytest.mark.slow
 def test_nested_override_and_print_config():
   result = launch('--fdl_config=experiments/dit.py:b2', '--print_config',
                   '--fdl_set=optimizer.learning_rate=2e-4', '--fdl.network.depth=6',
@@ -31,6 +26,7 @@ def test_nested_override_and_print_config():
          f'(computed abstractly)' in lines
 
 
+@pytest.mark.slow
 def test_preset_call_arguments_and_relative_paths(tmp_path):
   result = launch(f'--fdl_config={REPO_ROOT}/experiments/dit.py:s2(image_size=512)',
                   '--print_config', cwd=tmp_path)
@@ -43,7 +39,7 @@ def test_preset_call_arguments_and_relative_paths(tmp_path):
     (['--fdl_config=experiments/nope.py:xl2'], "no file 'experiments/nope.py'; preset files: "
                                                "experiments/ddt.py, experiments/dit.py"),
     (['--fdl_config=experiments/dit.py:xl3'], "has no preset 'xl3'; its presets: b2, digits, "
-                                              "l2, s2, xl2"),
+                                              "dit, l2, s2, xl2"),
     (['--fdl_config=experiments/dit.py:xl2(depth=3)'], 'does not take these arguments'),
     (['--fdl_config=experiments/dit.py:xl2', '--fdl_set=network.dpeth=4'],
      "'network.dpeth' does not exist: network has no field 'dpeth'"),
@@ -54,6 +50,7 @@ def test_preset_call_arguments_and_relative_paths(tmp_path):
     (['--fdl_config=experiments/dit.py:xl2', '--fdl_set=network.input_size=16'],
      'network.input_size=16 contradicts data.image_size=256 / encoder.downsample_factor=8 = 32'),
 ])
+@pytest.mark.slow
 def test_bad_input_fails_before_running(args, message, tmp_path):
   result = launch(*args, f'--workdir={tmp_path}/run')
   assert result.returncode == 2

@@ -14,7 +14,6 @@ randomised before its state dict is imported, so zero-initialised layers hide no
 """
 
 import functools
-import math
 import types
 
 import fiddle as fdl
@@ -29,16 +28,20 @@ from lib.models.ddt import DDT
 from lib.weights import ddt as ddt_weights
 from lib.weights import registry
 from lib.weights.torch_layout import torch_shape
-from test_lightning_dit import (count_params, forward, inputs, jax_inputs, max_relative_error,
-                                randomize_torch, run_torch, state_dict_numpy)
+from tests.torch_reference import (count_params, forward, inputs, jax_inputs, max_relative_error,
+                                   randomize_torch, run_torch, state_dict_numpy, torch_modules)
 
 
 # ------------------------------------------------------------------------------------- reference
 @functools.cache
 def reference() -> types.SimpleNamespace:
-  torch = pytest.importorskip('torch')
+  """DDTRef on the shared blocks of `tests/torch_reference.py` (RMSNorm, the sinusoidal time
+  embedding with max_period 10, the label table, modulate) and DDT's own."""
+  shared = torch_modules()
+  torch = shared.torch
   tnn = torch.nn
   F = torch.nn.functional
+  RMSNorm, modulate = shared.RMSNorm, shared.modulate
 
   def freqs_cis_2d(head_dim, height, width, theta=10000.0, scale=16.0):
     """Complex (height*width, head_dim/2) rotations: per frequency a column pair, a row pair."""
@@ -55,20 +58,6 @@ def reference() -> types.SimpleNamespace:
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(pairs * cis[None, :, None]).flatten(3).type_as(x)
 
-  def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
-
-  class RMSNorm(tnn.Module):
-    def __init__(self, dim, eps=1e-6):
-      super().__init__()
-      self.eps = eps
-      self.weight = tnn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-      x32 = x.float()
-      normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-      return self.weight * normed.to(x.dtype)
-
   class Embed(tnn.Module):
     def __init__(self, in_features, dim):
       super().__init__()
@@ -76,26 +65,6 @@ def reference() -> types.SimpleNamespace:
 
     def forward(self, x):
       return self.proj(x)
-
-  class TimestepEmbedder(tnn.Module):
-    def __init__(self, dim, freq=256, max_period=10.0):
-      super().__init__()
-      self.freq, self.max_period = freq, max_period
-      self.mlp = tnn.Sequential(tnn.Linear(freq, dim), tnn.SiLU(), tnn.Linear(dim, dim))
-
-    def forward(self, t):
-      half = self.freq // 2
-      k = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32) / half)
-      args = t.float()[:, None] * k[None]
-      return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
-
-  class LabelEmbedder(tnn.Module):
-    def __init__(self, rows, dim):
-      super().__init__()
-      self.embedding_table = tnn.Embedding(rows, dim)
-
-    def forward(self, y):
-      return self.embedding_table(y)
 
   class Attention(tnn.Module):
     def __init__(self, dim, heads):
@@ -159,8 +128,8 @@ def reference() -> types.SimpleNamespace:
       patch_dim = in_channels * patch * patch
       self.x_embedder = Embed(patch_dim, dim)
       self.s_embedder = Embed(patch_dim, dim)
-      self.t_embedder = TimestepEmbedder(dim)
-      self.y_embedder = LabelEmbedder(num_classes + 1, dim)
+      self.t_embedder = shared.TimestepEmbedder(dim, max_period=10.0)
+      self.y_embedder = shared.LabelEmbedder(num_classes, dim)
       self.final_layer = FinalLayer(dim, patch_dim)
       self.blocks = tnn.ModuleList([Block(dim, heads) for _ in range(num_blocks)])
 

@@ -3,16 +3,14 @@ standalone `--mode=eval` on a tiny trained digits run."""
 
 import json
 import os
-import subprocess
-import sys
 import types
 
 import numpy as np
 import pytest
 
-from lib.config import REPO_ROOT
 from lib.data.digits import Digits
 from lib.eval import actions, digits_classifier
+from tests.conftest import DIGITS, TINY_FLAGS, launch
 
 
 class DigitsRun:
@@ -79,21 +77,14 @@ def test_rejects_other_data():
     actions.DigitsQuality().prepare(run)
 
 
-TINY = ['--fdl_config=experiments/dit.py:digits', '--fdl_set=network.hidden_size=32',
-        '--fdl_set=network.depth=1', '--fdl_set=network.num_heads=2',
-        '--fdl_set=data.batch_size=16', '--fdl_set=total_steps=3',
-        '--fdl_set=visualize.every_steps=1000', '--fdl_set=visualize.num_samples=4',
-        '--fdl_set=sampler.num_steps=2', '--fdl_set=evaluate[0].every_steps=1000',
-        '--fdl_set=evaluate[1].every_steps=1000', '--fdl_set=evaluate[1].num_samples=20',
-        '--fdl_set=evaluate[1].guidance_scales=(1.0,)', '--fdl_set=report.every_steps=1000']
+# The tiny digits run for 3 steps, its DigitsQuality (20 samples, cfg 1) only at the end.
+TINY = [DIGITS, *TINY_FLAGS, '--fdl_set=total_steps=3', '--fdl_set=evaluate[1].every_steps=1000',
+        '--fdl_set=evaluate[1].num_samples=20', '--fdl_set=evaluate[1].guidance_scales=(1.0,)',
+        '--fdl_set=report.every_steps=1000']
 
 
+@pytest.mark.slow
 def test_standalone_eval_mode(tmp_path):
-  def launch(*args):
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    return result
-
   result = launch(*TINY, f'--workdir={tmp_path}', '--mode=eval')
   assert result.returncode == 2 and 'no checkpoint' in result.stderr
   result = launch(*TINY, f'--workdir={tmp_path}')

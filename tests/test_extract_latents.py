@@ -93,6 +93,7 @@ def test_other_processes_files_keep_the_folder_incomplete(tmp_path, weights):
                                  num_classes=3, process_index=1, process_count=2)
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path, weights):
   make_tree(tmp_path / 'images', classes=CLASSES[:1])
   result = subprocess.run(

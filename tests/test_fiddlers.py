@@ -2,18 +2,15 @@
 any module), --fdl_tags_set, and creating a node below a None field with --fdl_set."""
 
 import importlib
-import os
-import subprocess
-import sys
 
 import fiddle as fdl
 import jax
 import pytest
 from flax import nnx
 
-from experiments import fiddlers
 from lib import errors, hooks
-from lib.config import REPO_ROOT, overrides, presets, values
+from lib.config import overrides, presets, values
+from tests.conftest import launch
 
 
 class ImageSize(fdl.Tag):
@@ -53,7 +50,7 @@ def test_a_fiddler_may_return_a_new_config(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('spec,message', [
-    ('nope', "experiments.fiddlers has no fiddler 'nope'; its fiddlers: bf16, tiny"),
+    ('nope', "experiments.fiddlers has no fiddler 'nope'; its fiddlers: bf16, digits, tiny"),
     ('tiny(steps=3)', 'experiments.fiddlers:tiny does not take these arguments'),
     ('experiments/nope.py:tiny', "--fiddler: no file 'experiments/nope.py'"),
     ('no_such_module:tiny', "cannot import 'no_such_module'"),
@@ -135,10 +132,6 @@ def test_every_preset_carries_a_profile_node():
 
 @pytest.mark.slow
 def test_launch_applies_fiddle_flags_and_rejects_misuse(tmp_path):
-  def launch(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
-
   result = launch('--fdl_config=experiments/dit.py:digits', '--fiddler=tiny',
                   '--fdl_set=profile.num_profile_steps=3', '--print_config')
   assert result.returncode == 0, result.stderr

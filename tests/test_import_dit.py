@@ -49,6 +49,7 @@ from lib.models import dit, layers
 from lib.weights import dit as dit_weights
 from lib.weights import files, importer, registry
 from lib.weights.torch_layout import from_torch, torch_shape
+from tests.conftest import DIGITS, TINY_FLAGS
 
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
@@ -236,10 +237,7 @@ def test_read_state_dict_unwraps_training_checkpoints(tmp_path):
 
 
 # ------------------------------------------------------------------------------- end to end
-TINY = ['--fdl_config=experiments/dit.py:digits', '--fdl_set=network.hidden_size=32',
-        '--fdl_set=network.depth=1', '--fdl_set=network.num_heads=2',
-        '--fdl_set=data.batch_size=16', '--fdl_set=log_every_steps=1',
-        '--fdl_set=sampler.num_steps=2', '--fdl_set=visualize=None',
+TINY = [DIGITS, *TINY_FLAGS, '--fdl_set=log_every_steps=1', '--fdl_set=visualize=None',
         '--fdl_set=evaluate=[]',
         # the random test releases have no name of a release: their time convention is stated
         '--fdl_set=interface.network_time=data_at_0']
@@ -278,6 +276,7 @@ def _run(*args, timeout=600):
   return result
 
 
+@pytest.mark.slow
 def test_import_command_writes_a_checkpoint_that_sample_mode_accepts(tmp_path):
   from lib import checkpoint as ckpt
   from lib.train import Run
@@ -330,6 +329,7 @@ def test_import_mode_needs_a_checkpoint_and_reports_one_that_does_not_fit(tmp_pa
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_run_from_the_imported_weights(tmp_path):
   from lib.train import Run
 

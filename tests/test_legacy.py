@@ -19,6 +19,7 @@ from flax import nnx
 from experiments.legacy import converter, registry
 from lib import nn
 from lib.config import REPO_ROOT, presets, review, saved
+from tests.conftest import launch
 from tests.legacy_configs import dit_imagenet, dit_imagenet_repa
 
 # Differences between a converted diffuse_nnx preset and its native preset that are intended
@@ -44,6 +45,13 @@ TRACKER_NAMES = [
      "diffuse_nnx's exp_name names the tracker run (used once writers.wandb=True)"),
     ("writers.wandb_project: 'fiddlediff' (default of lib.hooks.Writers) -> ",
      "diffuse_nnx's project_name names the tracker project")]
+
+# In every case: diffuse_nnx's presets name folders of its own machines (/mnt/disks/...).
+MACHINE_PATHS = [(
+    f'{field}: None -> ',
+    "diffuse_nnx's presets name folders of its machines; the native presets leave the data and "
+    'the FID statistics to the caller')
+    for field in ('data.data_dir', 'evaluate[0].reference_stats')]
 
 SAMPLING_GUIDANCE = (
     'sampler.guidance_scale: 1.5 -> ',
@@ -87,6 +95,7 @@ def test_diffuse_nnx_preset_converts_to_its_native_preset(name, options, native,
   if not os.path.exists(os.path.join(REPO_ROOT, native.split(':')[0])):
     pytest.skip(f'{native.split(":")[0]} is not written yet')
   converted = converter.convert(legacy_config(name, options))
+  allowed = allowed + MACHINE_PATHS
   # Effective values: a native preset that states `take_gw=False` and a converted config that
   # leaves it at the default do not differ.
   lines = review.diff_lines(presets.load_preset(native), converted)
@@ -162,6 +171,7 @@ def test_registered_network_trains_through_the_normal_trainer(tmp_path, restored
   assert len(losses) == 4 and np.all(np.isfinite(losses)), losses
 
 
+@pytest.mark.slow
 def test_registry_imports_lazily_and_refuses_a_taken_name(restored_registry):
   code = ('import sys; from experiments.legacy import registry\n'
           'assert registry.resolve("ema", "ema").__name__ == "EMA"\n'
@@ -213,11 +223,7 @@ def test_errors_name_the_field_and_the_alternatives(field, value, message):
 
 
 # ------------------------------------------------------------------------------- launch.py
-def launch(*args):
-  return subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args],
-                        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
-
-
+@pytest.mark.slow
 def test_launch_prints_a_converted_config_with_overrides():
   result = launch('--config=tests/legacy_configs/dit_imagenet.py:imagenet_256-B_2',
                   '--config.optimizer.b2=0.95', '--fdl_set=network.depth=6', '--print_config')
@@ -227,6 +233,7 @@ def test_launch_prints_a_converted_config_with_overrides():
   assert 'network = Partial[lib.models.dit.DiT]' in lines
 
 
+@pytest.mark.slow
 def test_launch_refuses_config_with_fdl_config():
   result = launch('--config=tests/legacy_configs/dit_imagenet.py:imagenet_256-B_2',
                   '--fdl_config=experiments/dit.py:b2', '--print_config')

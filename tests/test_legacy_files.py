@@ -15,6 +15,7 @@ from flax import nnx
 
 from experiments.legacy import config_files, converter
 from lib.config import REPO_ROOT, overrides, saved, values
+from tests.conftest import launch
 
 FIXTURES = os.path.join(REPO_ROOT, 'tests', 'legacy_configs')
 FIXTURE_IMPORT = 'from tests.legacy_configs import'
@@ -65,9 +66,7 @@ def launch_from(folder: str, *args) -> subprocess.CompletedProcess:
   """launch.py run from `folder` as a migrating user runs it: nothing on PYTHONPATH."""
   environment = {'PATH': os.environ['PATH'], 'HOME': os.environ.get('HOME', folder),
                  'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2'}
-  return subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args],
-                        capture_output=True, text=True, cwd=folder, env=environment,
-                        timeout=600)
+  return launch(*args, cwd=folder, env=environment, inherit_env=False)
 
 
 # ------------------------------------------------------------------------------- launch.py

@@ -2,7 +2,7 @@
 
 The PyTorch reference `DiTwDDTHeadRef` is written here in plain torch from the facts of
 bytetriper/RAE a4d18c4 `src/stage2/models/DDT.py::DiTwDDTHead` (and `model_utils.py`), on the
-block modules of `test_lightning_dit.torch_modules`: Gaussian-Fourier time embedding (fixed W,
+block modules of `tests/torch_reference.py`: Gaussian-Fourier time embedding (fixed W,
 sin first), c = silu(t + y) with every adaLN applying SiLU again, encoder on `s_embedder(x) +
 pos_embed`, s = silu(t + s) per token, `s_projector` (Identity when the widths agree),
 decoder on `x_embedder(x)` conditioned per token, one `blocks` list numbering encoder blocks
@@ -20,9 +20,9 @@ from lib import nn
 from lib.weights import lightning
 from lib.weights.importer import WeightsMismatch
 from lib.models.lightning_ddt import LightningDDT
-from test_lightning_dit import (count_params, forward, inputs, jax_inputs, max_relative_error,
-                                randomize, randomize_torch, run_torch, state_dict_numpy,
-                                torch_modules)
+from tests.torch_reference import (count_params, forward, inputs, jax_inputs, max_relative_error,
+                                   randomize, randomize_torch, run_torch, state_dict_numpy,
+                                   torch_modules)
 
 
 def ddt_reference_class():

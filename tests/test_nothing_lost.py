@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import types
 
@@ -19,30 +18,23 @@ import pytest
 from experiments import dit
 from lib import checkpoint as ckpt
 from lib import errors, train, workdir as workdirs
-from lib.config import REPO_ROOT, overrides, presets
+from lib.config import overrides, presets
 from lib.eval import actions
+from tests import conftest
 
-TINY = ['--fdl_set=network.hidden_size=32', '--fdl_set=network.depth=1',
-        '--fdl_set=network.num_heads=2', '--fdl_set=data.batch_size=16',
-        '--fdl_set=visualize.every_steps=1000', '--fdl_set=visualize.num_samples=4',
-        '--fdl_set=sampler.num_steps=2', '--fdl_set=evaluate[0].every_steps=1000',
-        '--fdl_set=checkpoint.save_interval_steps=5']
+CHECKPOINT_EVERY_5 = 'checkpoint.save_interval_steps=5'
 
 
 def launch(workdir, *args, preset='digits(total_steps=20)', wait=True):
-  command = [sys.executable, os.path.join(REPO_ROOT, 'launch.py'),
-             f'--fdl_config=experiments/dit.py:{preset}', *TINY, f'--workdir={workdir}', *args]
-  if not wait:
-    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-  return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
-                        timeout=600)
+  """launch.py on the tiny digits `preset` of experiments/dit.py, checkpointed every 5 steps."""
+  return conftest.launch(f'--fdl_config=experiments/dit.py:{preset}', *conftest.TINY_FLAGS,
+                         f'--fdl_set={CHECKPOINT_EVERY_5}', f'--workdir={workdir}', *args,
+                         wait=wait)
 
 
 def tiny_config(total_steps=20):
-  config = dit.digits(total_steps=total_steps)
-  for assignment in TINY:
-    overrides.apply_override(config, assignment.split('=', 1)[1])
+  config = conftest.tiny_digits(CHECKPOINT_EVERY_5,
+                                preset=f'experiments/dit.py:digits(total_steps={total_steps})')
   config.log_every_steps = 5
   config.visualize = None
   config.evaluate = []
@@ -209,8 +201,7 @@ def test_a_held_workdir_is_refused_with_the_holder(tmp_path):
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, caplog):
-  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
-                        capture_output=True, text=True).stdout.strip()
+  dead = subprocess.run(['sh', '-c', 'echo $$'], capture_output=True, text=True).stdout.strip()
   (tmp_path / 'lock').write_text(json.dumps({'host': 'h', 'pid': int(dead), 'started': 't'}))
   lock = workdirs.WorkdirLock(str(tmp_path))
   lock.acquire()
@@ -334,8 +325,7 @@ def test_bad_values_exit_2_with_one_message(tmp_path, args, message):
   (tmp_path / 'FILE').write_text('not a folder')
   args = [a.replace('=W', f'={tmp_path / "run"}').replace('=FILE', f'={tmp_path / "FILE"}')
           for a in args]
-  result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  result = conftest.launch(*args, timeout=300)
   assert result.returncode == 2, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
   assert message in result.stderr.strip().splitlines()[-1]

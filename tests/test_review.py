@@ -6,25 +6,20 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import fiddle as fdl
 import pytest
 
 from lib import optim
 from lib.config import REPO_ROOT, overrides, presets, review, saved, values
-
-
-def launch(*args, cwd=REPO_ROOT):
-  return subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *args],
-                        capture_output=True, text=True, cwd=cwd, timeout=600)
+from tests.conftest import launch
 
 
 MAIN_COMPONENTS = ['Experiment', 'Digits', 'PixelEncoder', 'DiT', 'SiT', 'adamw', 'EMA', 'Heun',
                    'Checkpointing']
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which('dot') is None, reason='graphviz `dot` is not installed')
 def test_render_svg_names_the_main_components(tmp_path):
   result = launch('--fdl_config=experiments/dit.py:digits', f'--render={tmp_path}/graph.svg')
@@ -58,6 +53,7 @@ def test_shared_nodes_are_drawn_once(tmp_path):
   assert page.count('Config[lib.hooks.SampleGrid]') == 1 and page.count('shared with') == 2
 
 
+@pytest.mark.slow
 def test_html_tree_is_foldable_with_sources(tmp_path):
   result = launch('--fdl_config=experiments/dit.py:digits', f'--render={tmp_path}/graph.html')
   assert result.returncode == 0, result.stderr
@@ -66,19 +62,22 @@ def test_html_tree_is_foldable_with_sources(tmp_path):
   assert 'network.depth = 4' in page and 'experiments/dit.py:' in page
 
 
+@pytest.mark.slow
 def test_provenance_points_at_the_source_of_each_value():
   result = launch('--fdl_config=experiments/dit.py:digits', '--print_config', '--provenance',
                   '--fdl_set=sampler.num_steps=9')
   assert result.returncode == 0, result.stderr
   lines = {line.split(' = ')[0]: line for line in result.stdout.splitlines() if ' = ' in line}
-  dit_source = open(os.path.join(REPO_ROOT, 'experiments/dit.py')).read().splitlines()
-  depth_line = next(i + 1 for i, text in enumerate(dit_source) if 'network.depth = 4' in text)
-  assert lines['network.depth'].endswith(f'# experiments/dit.py:{depth_line} (digits)')
+  # the digits demo is the `digits` fiddler on DiT-S/2
+  source = open(os.path.join(REPO_ROOT, 'experiments/fiddlers.py')).read().splitlines()
+  depth_line = next(i + 1 for i, text in enumerate(source) if 'network.depth = 4' in text)
+  assert lines['network.depth'].endswith(f'# experiments/fiddlers.py:{depth_line} (digits)')
   assert '# experiments/common.py:' in lines['network.mlp_ratio']  # a shared building block
   assert lines['network.mlp_ratio'].endswith('(dit_network)')
   assert lines['sampler.num_steps'].endswith('# --fdl_set=sampler.num_steps=9')
 
 
+@pytest.mark.slow
 def test_diff_of_b2_against_xl2_lists_exactly_the_size_fields():
   result = launch('--fdl_config=experiments/dit.py:b2', '--diff_against=experiments/dit.py:xl2')
   assert result.returncode == 0, result.stderr
@@ -87,6 +86,7 @@ def test_diff_of_b2_against_xl2_lists_exactly_the_size_fields():
                                         'network.num_heads: 16 -> 12']
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which('dot') is None, reason='graphviz `dot` is not installed')
 def test_rendered_diff(tmp_path):
   result = launch('--fdl_config=experiments/dit.py:b2', '--diff_against=experiments/dit.py:xl2',
@@ -96,6 +96,7 @@ def test_rendered_diff(tmp_path):
   assert '768' in svg and '1152' in svg
 
 
+@pytest.mark.slow
 def test_relaunch_from_a_saved_config_equals_the_original(tmp_path):
   config = presets.load_preset('experiments/dit.py:digits')
   overrides.apply_override(config, 'network.depth=2')
@@ -119,6 +120,7 @@ def test_a_saved_config_keeps_where_each_value_was_set(tmp_path):
   assert values.flat_lines(saved.load_config_file(str(tmp_path)), with_source=True) == printed
 
 
+@pytest.mark.slow
 def test_config_files_may_only_import_the_project_and_its_libraries(tmp_path):
   config = json.loads(saved.dump_config(presets.load_preset('experiments/dit.py:digits')))
   text = json.dumps(config).replace('"module": "lib.models.dit"', '"module": "os"').replace(
@@ -129,6 +131,7 @@ def test_config_files_may_only_import_the_project_and_its_libraries(tmp_path):
   assert 'refers to code outside the project' in result.stderr
 
 
+@pytest.mark.slow
 def test_resuming_with_a_different_config_shows_the_difference_and_refuses(tmp_path):
   tiny = ['--fdl_config=experiments/dit.py:digits', '--fdl_set=network.hidden_size=16',
           '--fdl_set=network.depth=1', '--fdl_set=network.num_heads=2', '--fdl_set=total_steps=2',
@@ -162,6 +165,7 @@ def test_resuming_with_a_different_config_shows_the_difference_and_refuses(tmp_p
   assert saved.load_config_file(str(tmp_path)).optimizer.learning_rate == 0.5
 
 
+@pytest.mark.slow
 def test_exported_preset_rebuilds_an_equal_graph(tmp_path):
   path = tmp_path / 'my_digits.py'
   result = launch('--fdl_config=experiments/dit.py:digits', '--fdl_set=network.depth=3',

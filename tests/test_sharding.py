@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from lib import sharding
 from lib.config import REPO_ROOT
+from tests.conftest import launch
 
 
 def run_on_8_devices(code: str, timeout=900) -> dict:
@@ -87,6 +88,7 @@ def run(layout, steps=3):
 '''
 
 
+@pytest.mark.slow
 def test_fsdp_replicated_and_single_device_steps_agree():
   out = run_on_8_devices(TINY_RUN + '''
 fsdp_layout = common.fsdp()
@@ -122,6 +124,7 @@ print(json.dumps(results))
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_xl_initialises_sharded_without_a_full_copy_anywhere():
   """DiT-XL/2 with FSDP on 8 devices: the compiled initialisation's per-device output is
   about 1/8 of the state, and every large array is split."""
@@ -150,6 +153,7 @@ print(json.dumps({'total': total, 'params': params, 'per_device': per_device,
   assert out['largest_unsplit'] < 4 * 2**20 + 1  # only arrays under FSDP's 4 MiB threshold
 
 
+@pytest.mark.slow
 def test_b2_real_initialisation_bytes_per_device():
   out = run_on_8_devices('''
 import json, jax, fiddle as fdl
@@ -172,6 +176,7 @@ print(json.dumps({'per_device': list(per_device.values()), 'total': total}))
   assert max(out['per_device']) < out['total'] / 4
 
 
+@pytest.mark.slow
 def test_batch_must_divide_the_batch_devices():
   out = run_on_8_devices(TINY_RUN + '''
 config = presets.load_preset('experiments/dit.py:digits')
@@ -208,18 +213,15 @@ def tiny(fsdp: bool = False):
 
 def launch_tiny(tmp_path, workdir, *args, devices=1, process=None):
   (tmp_path / 'scale_presets.py').write_text(PRESET)
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu', PYTHONPATH=str(tmp_path))
-  command = [sys.executable, os.path.join(REPO_ROOT, 'launch.py'),
-             f'--fdl_config={tmp_path}/scale_presets.py:tiny' + args[0], f'--workdir={workdir}',
+  command = [f'--fdl_config={tmp_path}/scale_presets.py:tiny' + args[0], f'--workdir={workdir}',
              *args[1:]]
   if process is not None:
     # stderr to a file: a pipe nobody reads while waiting for the other process would fill
     with open(tmp_path / f'process_{process}.log', 'w') as log:
-      return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=log)
-  result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+      return launch(*command, env=env, wait=False, stderr=log)
+  result = launch(*command, env=env, timeout=900)
   assert result.returncode == 0, result.stderr[-4000:]
 
 
@@ -232,6 +234,7 @@ def losses(workdir) -> dict[int, float]:
   return out
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_into_another_mesh_and_continues(tmp_path):
   first = tmp_path / 'eight'
   launch_tiny(tmp_path, first, '(fsdp=True)', devices=8)
@@ -249,6 +252,7 @@ def test_checkpoint_restores_into_another_mesh_and_continues(tmp_path):
                                [reference[s] for s in (4, 5, 6)], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   single = tmp_path / 'single'
   launch_tiny(tmp_path, single, '()')

@@ -3,34 +3,27 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from lib.config import REPO_ROOT
+from tests.conftest import DIGITS, TINY_FLAGS, launch
 
-TINY = ['--fdl_config=experiments/dit.py:digits', '--fdl_set=network.hidden_size=32',
-        '--fdl_set=network.depth=1', '--fdl_set=network.num_heads=2',
-        '--fdl_set=data.batch_size=16', '--fdl_set=log_every_steps=1',
-        '--fdl_set=checkpoint.save_interval_steps=5', '--fdl_set=checkpoint.max_to_keep=3',
-        '--fdl_set=visualize.every_steps=1000', '--fdl_set=visualize.num_samples=4',
-        '--fdl_set=sampler.num_steps=2', '--fdl_set=evaluate[0].every_steps=1000',
-        '--fdl_set=visualize.reconstructions=True',
-        '--fdl_set=optimizer.schedule.warmup_steps=3']
+pytestmark = pytest.mark.slow  # every test trains in launch.py interpreters
+
+# The tiny digits run, logged every step, checkpointed every 5 steps (3 kept), its first grid
+# with reconstructions, 3 warmup steps.
+RUN = (DIGITS, *TINY_FLAGS, '--fdl_set=log_every_steps=1',
+       '--fdl_set=checkpoint.save_interval_steps=5', '--fdl_set=checkpoint.max_to_keep=3',
+       '--fdl_set=visualize.reconstructions=True', '--fdl_set=optimizer.schedule.warmup_steps=3')
 
 
-def launch(workdir, *args, wait=True):
-  command = [sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *TINY,
-             f'--workdir={workdir}', *args]
-  if not wait:
-    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-  result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+def train(workdir, *args, wait=True):
+  """launch.py on the tiny digits run in `workdir`; a run waited for must succeed."""
+  result = launch(*RUN, f'--workdir={workdir}', *args, wait=wait)
+  if wait:
+    assert result.returncode == 0, result.stderr[-3000:]
   return result
 
 
@@ -59,7 +52,7 @@ def checkpoints(workdir) -> list[int]:
 def reference(tmp_path_factory):
   """An uninterrupted 40-step run."""
   workdir = tmp_path_factory.mktemp('reference')
-  launch(workdir, '--fdl_set=total_steps=40')
+  train(workdir, '--fdl_set=total_steps=40')
   return workdir
 
 
@@ -77,7 +70,7 @@ def test_run_writes_config_metrics_checkpoints_and_samples(reference):
 
 
 def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(reference, tmp_path):
-  process = launch(tmp_path, '--fdl_set=total_steps=40', wait=False)
+  process = train(tmp_path, '--fdl_set=total_steps=40', wait=False)
   deadline = time.time() + 300
   while not checkpoints(tmp_path) and time.time() < deadline:
     time.sleep(0.02)
@@ -86,13 +79,13 @@ def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(reference, tmp_p
   process.wait()
   killed_at = checkpoints(tmp_path)
   assert killed_at and max(killed_at) < 40
-  launch(tmp_path, '--fdl_set=total_steps=40')
+  train(tmp_path, '--fdl_set=total_steps=40')
   assert losses(tmp_path) == losses(reference)
 
 
 def test_sigterm_writes_a_checkpoint_then_resumes(reference, tmp_path):
-  process = launch(tmp_path, '--fdl_set=total_steps=40',
-                   '--fdl_set=checkpoint.save_interval_steps=1000', wait=False)
+  process = train(tmp_path, '--fdl_set=total_steps=40',
+                  '--fdl_set=checkpoint.save_interval_steps=1000', wait=False)
   deadline = time.time() + 300
   while not losses_so_far(tmp_path) and time.time() < deadline:  # training has started
     time.sleep(0.02)
@@ -100,13 +93,13 @@ def test_sigterm_writes_a_checkpoint_then_resumes(reference, tmp_path):
   assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
   saved = checkpoints(tmp_path)
   assert len(saved) == 1 and 0 < saved[0] < 40  # the preemption checkpoint
-  launch(tmp_path, '--fdl_set=total_steps=40')
+  train(tmp_path, '--fdl_set=total_steps=40')
   assert losses(tmp_path) == losses(reference)
 
 
 def test_sample_mode_writes_npz_and_grid(reference):
   # without --guidance_scale: the preset's sampling guidance (the digits demo's 3)
-  result = launch(reference, '--mode=sample', '--num_samples=6', '--labels=3,7')
+  result = train(reference, '--mode=sample', '--num_samples=6', '--labels=3,7')
   with np.load(os.path.join(reference, 'samples.npz')) as samples:
     assert samples['images'].dtype == np.uint8 and samples['images'].shape == (6, 8, 8, 1)
     np.testing.assert_array_equal(samples['labels'], [3, 7, 3, 7, 3, 7])
@@ -115,7 +108,5 @@ def test_sample_mode_writes_npz_and_grid(reference):
 
 
 def test_sample_mode_without_checkpoint_fails_clearly(tmp_path):
-  command = [sys.executable, os.path.join(REPO_ROOT, 'launch.py'), *TINY,
-             f'--workdir={tmp_path}', '--mode=sample']
-  result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+  result = launch(*RUN, f'--workdir={tmp_path}', '--mode=sample')
   assert result.returncode != 0 and 'no checkpoint in' in result.stderr

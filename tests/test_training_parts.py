@@ -1,6 +1,5 @@
 """Optimizers, schedules, EMA and the data order, in isolation."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -155,7 +155,7 @@ def _graph(legacy) -> fdl.Config:
       data=data, encoder=encoder, network=_network(fields, built_data, built_encoder),
       interface=_interface(fields), optimizer=_optimizer(fields, built_data.batch_size),
       sampler=_sampler(fields), ema=_ema(fields), sharding=_sharding(fields),
-      **_services(fields, built_data.image_size, stat_dir))
+      **_services(fields, stat_dir))
   repa = _repa(fields, built_data.image_size)
   if repa is not None:
     nodes['repa'] = repa
@@ -313,7 +313,7 @@ def _tactic(tactic, path: str) -> fdl.Config:
                     min_size_mb=4.0)
 
 
-def _services(fields, image_size: int, stat_dir: str | None) -> dict:
+def _services(fields, stat_dir: str | None) -> dict:
   """Checkpointing, logging, visualisation and evaluation nodes."""
   checkpoint = fields.pop('checkpoint', {})
   options = checkpoint.pop('options', {})
@@ -331,7 +331,7 @@ def _services(fields, image_size: int, stat_dir: str | None) -> dict:
   services['visualize'] = _visualize(fields, evaluation.get('seed'))
   services['evaluate'] = []
   if evaluation.pop('on', False):
-    fid = common.fid_evaluation(image_size)
+    fid = common.fid_evaluation()
     _apply(fid, {'stat_dir': stat_dir} if stat_dir else {}, 'data',
            {'stat_dir': 'reference_stats'})
     _apply(fid, evaluation, 'eval')
