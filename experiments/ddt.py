@@ -20,10 +20,11 @@
     [0, 0.7], the half near the data).
 
 Differences from the release that remain: the release trains with the REPA loss (DINOv2-B
-features aligned to block 8 through a 3-layer projector, weight 0.5), which this framework does
-not implement, so training here is the plain flow-matching part; and its Euler grid is 249
-equal steps from s = 0 to 0.96 plus a last step of 0.04 (`last_step`), where ours is 250
-equal steps.
+features aligned to block 8 through a 3-layer projector, weight 0.5); REPA aligns features of
+the clean images, so it needs raw images encoded on the fly (the `dit_repa.py` graph, whose
+`repa` term works with this network too), while this preset reads pre-extracted latents and
+trains the flow-matching part; and the release's Euler grid is 249 equal steps from s = 0 to
+0.96 plus a last step of 0.04 (`last_step`), where ours is 250 equal steps.
 
 Released weights (`MCG-NJU/DDT-XL-22en6de-R256` / `-R512`, Lightning checkpoints; the
 importer takes `ema_denoiser.*`):

@@ -4,7 +4,7 @@ provenance (Fiddle's history) and flat printouts.
     flat_lines(config)       -> ['data.batch_size = 256', ...]
     effective_values(config) -> {'sampler.guidance_scale': {'value': '1.0',
                                  'default_of': 'lib.flow.samplers.Heun'}, ...}
-    value_source(node, 'depth') -> 'experiments/dit.py:57 (digits)'
+    value_source(node, 'depth') -> 'experiments/fiddlers.py:84 (digits)'
 """
 
 import copy
@@ -159,7 +159,7 @@ def flat_lines(config: fdl.Buildable, with_source: bool = False,
   """One `path = value` line per leaf, preceded by a `path = Config[target]` line for each
   node, so the printout names every component. With `defaults`, arguments left at their
   constructor defaults are listed too, marked `# default of lib.flow.samplers.Heun`.
-  `with_source` appends where every other value was set (`# experiments/dit.py:57 (digits)`,
+  `with_source` appends where every other value was set (`# experiments/fiddlers.py:84 (digits)`,
   or the --fdl_set flag)."""
   lines = []
   for path, text, parent, name in _entries(with_defaults(config) if defaults else config):
