@@ -169,12 +169,12 @@ def dit_network(variant: str = 'XL/2', **kwargs) -> fdl.Partial:
 
 
 def lightning_dit_network(variant: str = 'XL/2', **kwargs) -> fdl.Partial:
-  """LightningDiT of a diffuse_nnx network size (`S`, `B`, `L`, `XL` of `lib.models.dit.SIZES`,
-  `_dit_network_presets`) with diffuse_nnx's `lightning_dit_imagenet` switches:
-  Gaussian-Fourier time embedding of width 512, SwiGLU, RoPE, RMSNorm, 6-way adaLN, no
-  qk-norm, no dropout."""
-  size, patch_size = decode_variant(variant, dit.SIZES)
-  hidden_size, depth, num_heads = dit.SIZES[size]
+  """LightningDiT of a variant `SIZE/PATCH`, SIZE of `lib.models.lightning_dit.SIZES` (`S`,
+  `B`, `L`, `XL` as diffuse_nnx's `_dit_network_presets`, and `1p0B`, `1p6B`) with
+  diffuse_nnx's `lightning_dit_imagenet` switches: Gaussian-Fourier time embedding of width
+  512, SwiGLU, RoPE, RMSNorm, 6-way adaLN, no qk-norm, no dropout."""
+  size, patch_size = decode_variant(variant, lightning_dit.SIZES)
+  hidden_size, depth, num_heads = lightning_dit.SIZES[size]
   return fdl.Partial(lightning_dit.LightningDiT, **{
       'patch_size': patch_size, 'hidden_size': hidden_size, 'depth': depth,
       'num_heads': num_heads, 'mlp_ratio': 4.0, 'class_dropout_prob': 0.1,

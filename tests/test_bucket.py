@@ -107,7 +107,7 @@ def test_data_weights_and_statistics_are_read_from_a_bucket(gcs, tmp_path):
   from lib.data.latents import LatentFolder
   from lib.eval import fid
   from lib.weights import files as weight_files
-  from tests.test_images import make_tree
+  from tests.data.test_images import make_tree
 
   make_tree(tmp_path / 'images')
   upload(tmp_path / 'images', f'gs://{BUCKET}/data/images')
@@ -122,7 +122,7 @@ def test_data_weights_and_statistics_are_read_from_a_bucket(gcs, tmp_path):
     break
 
   from lib.data.prepared import PreparedImages
-  from tests.test_prepared import write_dataset
+  from tests.data.test_prepared import write_dataset
   for as_zip in (False, True):  # EDM2 datasets: a folder, or a .zip read member by member
     data_dir = write_dataset(tmp_path / f'prepared_{as_zip}', as_zip=as_zip)
     url = f'gs://{BUCKET}/data/prepared_{as_zip}'

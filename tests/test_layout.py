@@ -161,8 +161,11 @@ def unmarked_spawning_tests(path: str) -> list[str]:
 
 def test_tests_that_start_interpreters_are_marked_slow(tmp_path):
   folder = os.path.join(REPO_ROOT, 'tests')
-  unmarked = {name: tests for name in sorted(os.listdir(folder))
-              if name.startswith('test_') and name.endswith('.py')
+  files = sorted(os.path.relpath(os.path.join(root, name), folder)
+                 for root, _, names in os.walk(folder) for name in names
+                 if name.startswith('test_') and name.endswith('.py'))
+  assert len(files) > 30 and 'models/test_dit.py' in files  # the walk reaches the packages
+  unmarked = {name: tests for name in files
               for tests in [unmarked_spawning_tests(os.path.join(folder, name))] if tests}
   assert not unmarked, f'mark these @pytest.mark.slow: {unmarked}'
   example = tmp_path / 'test_example.py'

@@ -36,8 +36,9 @@ from flax import nnx
 from lib import nn
 from lib.models import layers
 
-# (hidden_size, depth, num_heads) of the published sizes (hustvl `LightningDiT_*`).
-SIZES = {'B': (768, 12, 12), 'L': (1024, 24, 16), 'XL': (1152, 28, 16),
+# (hidden_size, depth, num_heads): hustvl's `LightningDiT_*` sizes, and S (DiT-S, which
+# diffuse_nnx's LightningDiT presets also offer).
+SIZES = {'S': (384, 12, 6), 'B': (768, 12, 12), 'L': (1024, 24, 16), 'XL': (1152, 28, 16),
          '1p0B': (1536, 24, 24), '1p6B': (1792, 28, 28)}
 
 

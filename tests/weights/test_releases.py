@@ -26,8 +26,8 @@ from lib.experiment import ConfigError
 from lib.import_release import import_release
 from lib.weights import files, registry, releases
 from lib.train import Run
-from tests import test_import_dit as dit_reference
-from tests import test_lightning_dit as lightning_reference
+from tests.weights import test_import_dit as dit_reference
+from tests.models import test_lightning_dit as lightning_reference
 
 torch = pytest.importorskip('torch')
 

@@ -14,7 +14,7 @@ from lib.data import extract_latents
 from lib.data.images import ImageFolder
 from lib.data.latents import LatentFolder
 from lib.encoders import sd_vae
-from tests.test_images import CLASSES, NUM_EXAMPLES, make_tree
+from tests.data.test_images import CLASSES, NUM_EXAMPLES, make_tree
 
 # four levels (downsampling 8, as LatentFolder expects), tiny widths
 TINY = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)

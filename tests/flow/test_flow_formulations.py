@@ -12,7 +12,7 @@ from lib import ema
 from lib.config import overrides, presets
 from lib.flow import conventions, ddpm, edm, meanflow, samplers, sit
 from lib.flow.sit import mean_flat
-from tests.test_flow import MEAN, STD, GaussianField
+from tests.flow.test_flow import MEAN, STD, GaussianField
 
 
 # ------------------------------------------------------------------------------- toys

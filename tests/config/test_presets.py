@@ -139,6 +139,9 @@ def test_variant_preset_takes_its_family_arguments_but_the_variant():
 def test_any_variant_of_the_size_table():
   config = presets.load_preset('experiments/dit.py:dit(variant="B/4")')
   assert (config.network.hidden_size, config.network.patch_size) == (768, 4)
+  config = presets.load_preset('experiments/lightning_dit.py:lightning_dit(variant="1p0B/2")')
+  assert (config.network.hidden_size, config.network.depth, config.network.num_heads) == \
+      (1536, 24, 24)  # LightningDiT's own size table, beyond DiT's sizes
   assert common.decode_variant('XL/1', {'S': 0, 'XL': 0}) == ('XL', 1)
   for bad in ('XXL/2', 'XL', 'XL/0', 'XL/two'):
     with pytest.raises(errors.ConfigError, match=rf"variant='{bad}': expected SIZE/PATCH with "
