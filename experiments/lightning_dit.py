@@ -18,13 +18,14 @@ from experiments import common, dit
 
 def lightning_dit(variant: str = 'XL/2', image_size: int = 256,
                   data_dir: str | None = None) -> fdl.Config:
-  """LightningDiT of `variant` (`SIZE/PATCH`, sizes of `lib.models.dit.SIZES`) on ImageNet at
-  `image_size`, as deltas on `dit.dit` (parameters at 256: S/2 32.97M, B/2 130.53M, where
-  diffuse_nnx counts 256 more as its fixed Fourier W is a Param; L/2 458.12M; XL/2 675.22M,
-  diffuse_nnx's `commands/dit_imagenet.sh` run)."""
-  config = dit.dit(variant, image_size, data_dir)
+  """LightningDiT of `variant` (`SIZE/PATCH`, sizes of `lib.models.lightning_dit.SIZES`) on
+  ImageNet at `image_size`, as deltas on `dit.dit` (parameters at 256: S/2 32.97M, B/2 130.53M,
+  where diffuse_nnx counts 256 more as its fixed Fourier W is a Param; L/2 458.12M; XL/2
+  675.22M, diffuse_nnx's `commands/dit_imagenet.sh` run)."""
+  network = common.lightning_dit_network(variant)
+  config = dit.dit(image_size=image_size, data_dir=data_dir)  # its network is replaced
   config.data.batch_size = 1024
-  config.network = common.lightning_dit_network(variant)
+  config.network = network
   config.interface.time_dist = 'logit_normal'
   config.optimizer.learning_rate = 2e-4
   config.optimizer.b2 = 0.95
