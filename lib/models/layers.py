@@ -202,7 +202,8 @@ _forward_mode_depth = 0
 @contextlib.contextmanager
 def forward_mode():
   """Networks traced inside take formulations JAX differentiates in forward mode too, for
-  losses that call the network under `jax.jvp` (MeanFlow's du/dt); a trace-time setting."""
+  losses that call the network under `jax.jvp` (MeanFlow's du/dt): plain attention and
+  LayerNorm instead of their reverse-mode-only custom gradients; a trace-time setting."""
   global _forward_mode_depth
   _forward_mode_depth += 1
   try:
@@ -345,14 +346,14 @@ def layer_norm(hidden_size: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> 'Layer
   return LayerNorm(1e-6, dtype=dtype)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def normalize(x: jax.Array, eps: float) -> jax.Array:
   """(x - mean) / sqrt(var + eps) over the last axis (two-pass variance, as torch). Its
-  derivative is written in terms of the output y and 1/std per row, so that is all the
-  backward pass keeps (flax's LayerNorm keeps three arrays of x's size), and it works in
-  forward mode too:  dy = (dx - mean(dx) - y mean(dx y)) / std  (self-adjoint, so the
-  backward pass is the same expression in the cotangent)."""
-  return _normalize(x, eps)[0]
+  gradient keeps only the output y and 1/std per row (flax's LayerNorm keeps three arrays of
+  x's size):  dx = (g - mean(g) - y mean(g y)) / std. That gradient is reverse-mode only;
+  inside `forward_mode()` plain autodiff is used instead."""
+  if _forward_mode_depth:
+    return _normalize(x, eps)[0]
+  return _normalize_reverse(x, eps)
 
 
 def _normalize(x, eps):
@@ -361,13 +362,25 @@ def _normalize(x, eps):
   return centred * inverse_std, inverse_std
 
 
-@normalize.defjvp
-def _normalize_jvp(eps, primals, tangents):
-  (x,), (dx,) = primals, tangents
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _normalize_reverse(x: jax.Array, eps: float) -> jax.Array:
+  return _normalize(x, eps)[0]
+
+
+def _normalize_forward(x, eps):
   normed, inverse_std = _normalize(x, eps)
-  mean_dx = jnp.mean(dx, axis=-1, keepdims=True)
-  mean_dxy = jnp.mean(dx * normed, axis=-1, keepdims=True)
-  return normed, inverse_std * (dx - mean_dx - normed * mean_dxy)
+  return normed, (normed, inverse_std)
+
+
+def _normalize_backward(eps, residuals, g):
+  del eps
+  normed, inverse_std = residuals
+  mean_g = jnp.mean(g, axis=-1, keepdims=True)
+  mean_gy = jnp.mean(g * normed, axis=-1, keepdims=True)
+  return (inverse_std * (g - mean_g - normed * mean_gy),)
+
+
+_normalize_reverse.defvjp(_normalize_forward, _normalize_backward)
 
 
 class LayerNorm(nn.Module):

@@ -83,6 +83,22 @@ def test_layer_norm_matches_flax_and_keeps_output_and_inverse_std():
   assert sum(r.size for r in _residuals(flax_norm, x)) > 2 * x.size
 
 
+def test_forward_mode_switches_to_layers_jax_can_differentiate_in_forward_mode():
+  """MeanFlow differentiates the network with jax.jvp, which the reverse-only custom gradients
+  of the CPU attention and LayerNorm refuse; inside `forward_mode()` the plain ones are used,
+  with the same values."""
+  x, tangent = _normal((2, 16, 32), 0), _normal((2, 16, 32), 1)
+  q, k, v = (_normal((2, 16, 4, 8), seed) for seed in (2, 3, 4))
+  norm = layers.layer_norm(32, rngs=nnx.Rngs(0))
+  for fn, primals, tangents in ((norm, (x,), (tangent,)),
+                                (layers.attention, (q, k, v), (q, k, v))):
+    with pytest.raises(TypeError, match='custom_vjp'):
+      jax.jvp(fn, primals, tangents)
+    with layers.forward_mode():
+      out, _ = jax.jvp(fn, primals, tangents)
+    np.testing.assert_allclose(out, fn(*primals), atol=2e-6)
+
+
 @pytest.mark.parametrize('make,message', [
     (lambda: dit.DiT(9, 4, 10, patch_size=2, rngs=nnx.Rngs(0)),
      'input_size=9 is not divisible by patch_size=2'),
