@@ -8,7 +8,7 @@ fiddlediff: the real jitted step of `lib.train.Run` for `experiments/dit.py:s2` 
 -> AdamW -> EMA, on a synthetic batch of 32x32x8 posterior moments.
 
 PyTorch: diffusers' `DiTTransformer2DModel` set to the official DiT (facebookresearch/DiT
-`models.py`, as `tests/test_import_dit.py` pins it): adaLN-Zero, LayerNorm eps 1e-6, tanh GELU,
+`models.py`, as `tests/weights/test_import_dit.py` pins it): adaLN-Zero, LayerNorm eps 1e-6, tanh GELU,
 one time/label embedder shared by all blocks with the official sinusoid frequencies, no learned
 sigma; the step of the official `train.py` with SiT's loss: the same posterior sample and
 normalisation, label dropout once per sample, t ~ U(0, 1), x_t = (1 - t) x + t n, loss =

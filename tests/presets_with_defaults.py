@@ -1,4 +1,4 @@
-"""Two presets for tests/test_review.py that differ only through a class default: the digits
+"""Two presets for tests/config/test_review.py that differ only through a class default: the digits
 demo sampled with Heun (guidance_scale defaults to 1) or with GuidedHeun (defaults to 4)."""
 
 import inspect

@@ -9,7 +9,7 @@ Gaussian-Fourier embedding; facebookresearch/DiT for the sinusoidal time embeddi
 module tree and state-dict keys, fused qkv with bias, RMSNorm in float32, SwiGLU `w12`/`w3`,
 EVA-02 interleaved 2-D RoPE tables (rows first), timm `PatchEmbed` as a Conv2d, NCHW in and
 out. timm, einops and fairscale are not needed. The model references (LightningDiT here,
-DiT-DH in tests/test_lightning_ddt.py, MCG-NJU DDT in tests/test_ddt.py) build on its blocks.
+DiT-DH in tests/models/test_lightning_ddt.py, MCG-NJU DDT in tests/models/test_ddt.py) build on its blocks.
 """
 
 import functools
