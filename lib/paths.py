@@ -66,6 +66,15 @@ def is_file(value: os.PathLike | str, what: str) -> bool:
   return resolve(value, what).is_file()
 
 
+def require_file(field: str, path: str | None, expected: str) -> None:
+  """Fails naming `field` when the file `path` (a weights or statistics file a node reads) is
+  not set or does not exist; `expected` says what it should be."""
+  if not path:
+    raise ValueError(f'{field} is not set: set it to {expected}')
+  if not is_file(path, field):
+    raise FileNotFoundError(f'{field}={path!r} does not exist; expected {expected}')
+
+
 def files_under(folder: epath.Path) -> Iterator[str]:
   """The relative POSIX paths of all files below `folder` (one listing per folder, local or
   in a bucket; epath's `walk` names a bucket's folders without their `gs://`)."""

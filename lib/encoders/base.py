@@ -17,17 +17,6 @@ and `model` too and compute features instead.
 
 from flax import nnx
 
-from lib import paths
-
-
-def require_file(field: str, path: str | None, expected: str) -> None:
-  """Fails naming `field` when the weights file `path` is not set or does not exist;
-  `expected` says what it should be."""
-  if path is None:
-    raise ValueError(f'{field} is not set: set it to {expected}')
-  if not paths.is_file(path, field):
-    raise FileNotFoundError(f'{field}={path!r} does not exist; expected {expected}')
-
 
 class FrozenNode:
   """A node over (at most) one frozen network, built abstractly from `network()`.

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lib.encoders.base import FrozenNode, require_file
+from lib import paths
+from lib.encoders.base import FrozenNode
 from lib.models.dinov2 import (IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, PRETRAINED_GRID, SIZES,
                                DINOv2ViT, resample_pos_embed, resize_bicubic)
 from lib.weights.dinov2 import import_state_dict
@@ -90,7 +91,7 @@ class DINOv2(FrozenNode):
 
   def load(self) -> nnx.State:
     """The weights from `weights_path` (pos table resampled once for pos_embed='resampled')."""
-    require_file('DINOv2.weights_path', self.weights_path,
+    paths.require_file('DINOv2.weights_path', self.weights_path,
                  'a local DINOv2 weights file, e.g. `model.safetensors` of facebook/dinov2-base '
                  '(or facebook/dinov2-with-registers-base with registers=True), or the '
                  'torch-hub `dinov2_vitb14_pretrain.pth`')

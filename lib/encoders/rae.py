@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lib.encoders.base import FrozenNode, require_file
+from lib import paths
+from lib.encoders.base import FrozenNode
 from lib.encoders.dinov2 import DINOv2
 from lib.models import dinov2
 from lib.models.rae import DECODER_DEFAULTS, ViTMAEDecoder
@@ -103,13 +104,13 @@ class RAE(FrozenNode):
 
   def load(self) -> dict:
     """{'encoder': DINOv2 state, 'decoder': decoder state, 'mean', 'var': (g, g, C)}."""
-    require_file('encoder.encoder_weights', self.encoder_weights,
+    paths.require_file('encoder.encoder_weights', self.encoder_weights,
                   'the Hugging Face `model.safetensors` of facebook/dinov2-with-registers-'
                   + _HF_SIZE_NAMES.get(self.dinov2.size, self.dinov2.size))
-    require_file('encoder.decoder_weights', self.decoder_weights,
+    paths.require_file('encoder.decoder_weights', self.decoder_weights,
                   'an RAE decoder state dict, e.g. decoders/dinov2/wReg_base/ViTXL_n08/model.pt '
                   'of nyu-visionx/RAE-collections')
-    require_file('encoder.stats_path', self.stats_path,
+    paths.require_file('encoder.stats_path', self.stats_path,
                   'RAE latent stats, e.g. stats/dinov2/wReg_base/imagenet1k/stat.pt of '
                   'nyu-visionx/RAE-collections ({"mean": None or (C, g, g), "var": (C, g, g)})')
     decoder = import_decoder_state_dict(read_state_dict(self.decoder_weights),

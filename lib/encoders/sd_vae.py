@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lib.encoders.base import FrozenNode, require_file
+from lib import paths
+from lib.encoders.base import FrozenNode
 from lib.models.sd_vae import AutoencoderKL
 from lib.weights.files import read_state_dict
 from lib.weights.sd_vae import import_diffusers_state_dict
@@ -55,7 +56,7 @@ class StabilityVAE(FrozenNode):
 
   def load(self) -> nnx.State:
     """The VAE weights from `weights_path`, without allocating random ones first."""
-    require_file('encoder.weights_path', self.weights_path,
+    paths.require_file('encoder.weights_path', self.weights_path,
                  'a local diffusers AutoencoderKL weights file, '
                  '`diffusion_pytorch_model.safetensors` (or .bin), e.g. from '
                  'stabilityai/sd-vae-ft-mse')

@@ -288,12 +288,8 @@ def abstract(fc_bias: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
 
 def check_weights(path: str | None, field: str = 'inception_weights') -> None:
   """Fails at once, naming `field`, when the weights file is not there."""
-  if not path:
-    raise ValueError(f'{field} is not set: set it to a local copy of pytorch-fid\'s '
-                     f'{WEIGHTS_FILE} (the FID Inception-v3 weights)')
-  if not paths.is_file(path, field):
-    raise FileNotFoundError(f'{field}={path!r} does not exist; expected pytorch-fid\'s '
-                            f'{WEIGHTS_FILE} (the FID Inception-v3 weights)')
+  paths.require_file(field, path, f'a local copy of pytorch-fid\'s {WEIGHTS_FILE} (the FID '
+                     'Inception-v3 weights)')
 
 
 def load(path: str, fc_bias: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
