@@ -239,17 +239,27 @@ def test_repa_trains_the_projector_and_aligns(image_tree, tiny_dinov2):
   assert min(jax.tree.leaves(moved)) > 0  # every projector array is trained
 
 
+def _sgd_run(image_tree, tiny_dinov2, coefficient: float, network=None):
+  """(run at its initial state, experiment) of the tiny REPA config with `repa.coefficient`
+  and plain SGD, so that updates are proportional to the gradients; `network` replaces the
+  config's."""
+  config = _tiny_config(image_tree, tiny_dinov2)
+  if network is not None:
+    config.network = network
+  config.repa.coefficient = coefficient
+  config.optimizer = fdl.Partial(optim.sgd, learning_rate=0.1)
+  experiment = fdl.build(config)
+  run = train.Run(experiment, str(image_tree / 'run'))
+  run.load_encoder()
+  run.load_objective()
+  run.state = run.initial_state()
+  return run, experiment
+
+
 def test_alignment_gradient_reaches_the_network(image_tree, tiny_dinov2):
   updated = []
   for coefficient in (0.0, 0.5):
-    config = _tiny_config(image_tree, tiny_dinov2)
-    config.repa.coefficient = coefficient
-    config.optimizer = fdl.Partial(optim.sgd, learning_rate=0.1)  # updates proportional to grads
-    experiment = fdl.build(config)
-    run = train.Run(experiment, str(image_tree / 'run'))
-    run.load_encoder()
-    run.load_objective()
-    run.state = run.initial_state()
+    run, experiment = _sgd_run(image_tree, tiny_dinov2, coefficient)
     _steps(run, experiment, 1)
     updated.append(jax.device_get(run.state['params']['x_embedder']['proj']['kernel'][...]))
   assert np.abs(updated[0] - updated[1]).max() > 1e-6
@@ -261,17 +271,10 @@ def test_repa_aligns_the_condition_encoder_of_a_ddt(image_tree, tiny_dinov2):
   sized from its tokens and trained, and the alignment gradient reaches the encoder's patch
   embedding (`s_embedder`)."""
   updated = []
+  network = fdl.Partial(ddt.DDT, patch_size=4, hidden_size=32, num_heads=2, num_blocks=2,
+                        num_encoder_blocks=1)
   for coefficient in (0.0, 0.5):
-    config = _tiny_config(image_tree, tiny_dinov2)
-    config.network = fdl.Partial(ddt.DDT, patch_size=4, hidden_size=32, num_heads=2,
-                                 num_blocks=2, num_encoder_blocks=1)
-    config.repa.coefficient = coefficient
-    config.optimizer = fdl.Partial(optim.sgd, learning_rate=0.1)  # updates proportional to grads
-    experiment = fdl.build(config)
-    run = train.Run(experiment, str(image_tree / 'run'))
-    run.load_encoder()
-    run.load_objective()
-    run.state = run.initial_state()
+    run, experiment = _sgd_run(image_tree, tiny_dinov2, coefficient, network)
     assert run.state['projector']['fc1']['kernel'].shape == (32, 64)
     projector0 = jax.device_get(run.state['projector'])
     (metrics,) = _steps(run, experiment, 1)
