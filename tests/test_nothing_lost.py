@@ -320,6 +320,10 @@ def test_a_truncated_image_met_while_training_is_named(tmp_path):
     (['--fdl_config=experiments/dit.py:digits', '--workdir=FILE'], 'is an existing file'),
     (['--config=tests/legacy_configs/dit_imagenet.py:imagenet_256-B_2',
       '--config.nonexistent=3', '--print_config'], "has no field 'nonexistent'"),
+    (['--fdl_config=experiments/dit.py:digits', '--workdir=W', '--checkpoint=model.pt'],
+     '--checkpoint=model.pt is read by --mode=import only'),
+    (['--fdl_config=experiments/dit.py:digits', '--mode=import', '--checkpoint=model.pt'],
+     '--mode=import needs --workdir=DIR, the run to create'),
 ])
 def test_bad_values_exit_2_with_one_message(tmp_path, args, message):
   (tmp_path / 'FILE').write_text('not a folder')
