@@ -1,0 +1,239 @@
+"""Sweeps, run comparison and Slurm submission (lib/config/sweeps.py, lib/cluster/), the
+submissions on a real local Slurm cluster (tests/slurm_cluster.py)."""
+
+import json
+import os
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from lib import errors
+from lib.cluster import compare, slurm
+from lib.config import sweeps
+from tests.conftest import DIGITS, TINY_FLAGS, launch, tiny_digits
+
+# The tiny digits run as a preset with FSDP (every array split over the processes' devices).
+PRESET = '''
+from experiments import common
+from lib.config import overrides, presets
+from tests.conftest import TINY
+
+def tiny(total_steps: int = 6):
+  config = presets.load_preset('experiments/dit.py:digits')
+  for assignment in TINY:
+    overrides.apply_override(config, assignment)
+  config.total_steps = total_steps
+  config.log_every_steps = 1
+  config.checkpoint.save_interval_steps = 1000
+  config.sharding = common.fsdp()
+  config.sharding.rules[0][1].min_size_mb = 0.0
+  return config
+'''
+SWEEP = ('--sweep=optimizer.learning_rate=1e-3,3e-3', '--sweep=seed=0,1')
+SWEEP_FLAGS = (DIGITS, *TINY_FLAGS, '--fdl_set=total_steps=2', '--fdl_set=log_every_steps=1',
+               '--fdl_set=evaluate[0].every_steps=2', *SWEEP)
+MEMBERS = ['000_optimizer.learning_rate=1e-3_seed=0', '001_optimizer.learning_rate=1e-3_seed=1',
+           '002_optimizer.learning_rate=3e-3_seed=0', '003_optimizer.learning_rate=3e-3_seed=1']
+
+
+def losses(workdir) -> dict[int, float]:
+  return {step: value for step, value in
+          compare._metrics(compare.paths.resolve(workdir, 'test'))['train/loss']}
+
+
+def wait_for_queue_empty(cluster, timeout: float = 900) -> None:
+  deadline = time.time() + timeout
+  while cluster.run('squeue', '-h').stdout.strip():
+    assert time.time() < deadline, cluster.run('squeue').stdout
+    time.sleep(1)
+
+
+# ------------------------------------------------------------------------------- in-process
+def test_sweep_values_split_outside_brackets_and_members_are_the_product():
+  assert sweeps.split_values('1e-3, (1, 2),"a,b",[3]') == ['1e-3', '(1, 2)', '"a,b"', '[3]']
+  members = sweeps.expand([sweeps.parse_axis('optimizer.learning_rate=1e-3,3e-3'),
+                           sweeps.parse_axis('seed=0,1')])
+  assert [member.name for member in members] == MEMBERS
+  assert members[1].assignments == ('optimizer.learning_rate=1e-3', 'seed=1')
+  assert sweeps.Member(7, ("evaluate[0].scales=(1.0, 'x/y')",)).name == \
+      "007_evaluate-0-.scales=-1.0-x-y-"
+  for spec in ('seed', 'seed=', 'seed=1,,2'):
+    with pytest.raises(errors.UsageError, match='expected PATH=VALUE1,VALUE2'):
+      sweeps.parse_axis(spec)
+  with pytest.raises(errors.UsageError, match='swept twice'):
+    sweeps.expand([sweeps.parse_axis('seed=0,1'), sweeps.parse_axis('seed=2')])
+
+
+def test_a_bad_sweep_value_names_its_member():
+  config = tiny_digits()
+  members = sweeps.expand([sweeps.parse_axis("data.batch_size=8,'many'")])
+  assert sweeps.member_config(config, members[0]).data.batch_size == 8
+  assert config.data.batch_size == 16  # the base config is not changed
+  with pytest.raises(errors.UsageError, match="member 001_data.batch_size=-many-: .*"
+                                              "data.batch_size expects int"):
+    sweeps.member_config(config, members[1])
+  missing = sweeps.expand([sweeps.parse_axis('optimizer.learning_rat=1e-3')])[0]
+  with pytest.raises(errors.UsageError, match="learning_rat' does not exist"):
+    sweeps.member_config(config, missing)
+
+
+def test_slurm_options_become_sbatch_parameters():
+  launcher = slurm.Slurm(nodes=2, gpus_per_node=8, partition='gpu', time_min=60,
+                         additional_parameters={'exclusive': True})
+  parameters = launcher.parameters('/work')
+  assert parameters['ntasks_per_node'] == 8 and parameters['gpus_per_node'] == 8
+  assert parameters['nodes'] == 2 and parameters['partition'] == 'gpu'
+  assert parameters['additional_parameters'] == {'chdir': '/work', 'exclusive': True}
+  assert 'account' not in parameters and 'gpus_per_node' not in slurm.Slurm().parameters('/')
+  with pytest.raises(ValueError, match='not below the time limit'):
+    slurm.Slurm(time_min=2, signal_delay_s=120)
+  with pytest.raises(ValueError, match='nodes=0'):
+    slurm.Slurm(nodes=0)
+  assert slurm._slurm_message('Command failed\nsbatch: error: invalid partition specified: x\n'
+                              'sbatch: error: Batch job submission failed') == \
+      'sbatch: error: invalid partition specified: x'
+
+
+def _fake_run(folder, lr: str, losses_: list[float], accuracy: float):
+  os.makedirs(folder)
+  effective = {'optimizer.learning_rate': {'value': lr}, 'seed': {'value': '0'},
+               'total_steps': {'value': str(len(losses_))}}
+  with open(f'{folder}/effective.json', 'w') as f:
+    json.dump(effective, f)
+  with open(f'{folder}/metrics.jsonl', 'w') as f:
+    for step, loss in enumerate(losses_, 1):
+      f.write(json.dumps({'step': step, 'train/loss': loss}) + '\n')
+    f.write(json.dumps({'step': len(losses_), 'eval/digits_accuracy (cfg=1.0)': accuracy}) + '\n')
+
+
+def test_compare_reports_differences_metrics_and_plots(tmp_path):
+  from PIL import Image
+
+  _fake_run(tmp_path / 'a', '0.001', [2.0, 1.0, 1.5], 0.5)
+  _fake_run(tmp_path / 'b', '0.003', [3.0, 2.5, 2.0], 0.75)
+  runs = compare.collect([str(tmp_path / 'a'), str(tmp_path / 'b')])
+  text = compare.report(runs)
+  assert 'values that differ: optimizer.learning_rate' in text and 'seed' not in text
+  assert 'a: stopped, step - of 3' not in text and 'a: not started, step - of 3' in text
+  assert 'train/loss: final 1.5 (step 3), best 1 (step 2)' in text
+  assert 'eval/digits_accuracy (cfg=1.0): final 0.75 (step 3), best 0.75' in text
+  assert compare.label(runs[1], ['optimizer.learning_rate']) == 'optimizer.learning_rate=0.003'
+  compare.plot(runs, str(tmp_path / 'plot.png'))
+  image = np.asarray(Image.open(tmp_path / 'plot.png').convert('L'))
+  assert image.shape == (400, 1000)  # two panels of 5 x 4 inches at 100 dpi
+  assert image.std() > 10  # curves, not a blank canvas
+
+
+# ------------------------------------------------------------------------------- launch.py
+@pytest.mark.slow
+def test_bad_launcher_and_sweep_input_is_refused_before_anything_starts(tmp_path):
+  workdir = tmp_path / 'sweep'
+  no_slurm = launch(DIGITS, *TINY_FLAGS, f'--workdir={workdir}', '--launcher=slurm',
+                    env={'PATH': '/nonexistent'})
+  assert no_slurm.returncode == 2 and 'sbatch is not on PATH' in no_slurm.stderr
+  wrong_type = launch(DIGITS, *TINY_FLAGS, f'--workdir={workdir}', "--sweep=seed=0,'x'")
+  assert wrong_type.returncode == 2
+  assert "error: --sweep member 001_seed=-x-: --fdl_set: seed expects int" in wrong_type.stderr
+  no_path = launch(DIGITS, *TINY_FLAGS, f'--workdir={workdir}', '--sweep=sed=0,1')
+  assert no_path.returncode == 2 and "'sed' does not exist" in no_path.stderr
+  bad_option = launch(DIGITS, f'--workdir={workdir}', '--launcher=slurm',
+                      '--launcher_set=nodes=0')
+  assert bad_option.returncode == 2 and 'error: --launcher_set: nodes=0' in bad_option.stderr
+  assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_locally_and_relaunching_leaves_finished_members_alone(tmp_path):
+  result = launch(*SWEEP_FLAGS, f'--workdir={tmp_path}', '--sweep_parallel=2')
+  assert result.returncode == 0, result.stderr[-3000:] + result.stdout
+  assert sorted(name for name in os.listdir(tmp_path) if name[0].isdigit()) == MEMBERS
+  record = json.loads((tmp_path / 'sweep.json').read_text())
+  assert [member['overrides'] for member in record['members']][1] == \
+      ['optimizer.learning_rate=1e-3', 'seed=1']
+  again = launch(*SWEEP_FLAGS, f'--workdir={tmp_path}')
+  assert again.returncode == 0
+  assert again.stdout.count('finished (step 2), left alone') == 4, again.stdout
+  assert all(sorted(losses(tmp_path / name)) == [1, 2] for name in MEMBERS)
+
+
+# ------------------------------------------------------------------------------- Slurm
+@pytest.fixture(scope='module')
+def preset(tmp_path_factory):
+  """`launch` of the FSDP tiny preset (PRESET), its folder importable (saved configs load)."""
+  folder = tmp_path_factory.mktemp('preset')
+  (folder / 'cluster_presets.py').write_text(PRESET)
+  return lambda *args: launch(f'--fdl_config={folder}/cluster_presets.py:tiny', *args,
+                              env={'PYTHONPATH': str(folder)})
+
+
+@pytest.mark.slow
+def test_bad_submissions_are_refused_with_slurms_message(slurm_clean, tmp_path, preset):
+  workdir = tmp_path / 'run'
+  refused = preset(f'--workdir={workdir}', '--launcher=slurm',
+                   "--launcher_set=partition='nope'")
+  assert refused.returncode == 2
+  assert refused.stderr.strip().splitlines()[-1] == \
+      'error: Slurm refused the job: sbatch: error: invalid partition specified: nope'
+  assert not workdir.exists()
+  held = preset(f'--workdir={workdir}', '--launcher=slurm',
+                "--launcher_set=additional_parameters={'hold': True}")
+  assert held.returncode == 0, held.stderr[-3000:]
+  job_id = json.loads((workdir / 'slurm.json').read_text())[-1]['job_id']
+  assert f'job {job_id}: log {workdir}/slurm/{job_id}_0_log.out' in held.stdout
+  assert f'tail -f {workdir}/slurm/{job_id}_0_log.out; squeue -j {job_id}' in held.stdout
+  listing = sorted(os.listdir(workdir / 'slurm'))
+  twice = preset(f'--workdir={workdir}', '--launcher=slurm')
+  assert twice.returncode == 2
+  assert f'already has Slurm job {job_id} (PENDING)' in twice.stderr
+  assert sorted(os.listdir(workdir / 'slurm')) == listing  # nothing more was queued
+  assert slurm_clean.run('squeue', '-h', '-o', '%i').stdout.split() == [job_id]
+
+
+@pytest.mark.slow
+def test_two_task_job_matches_one_process(slurm_clean, tmp_path, preset):
+  single = tmp_path / 'single'
+  result = preset(f'--workdir={single}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  pair = tmp_path / 'pair'
+  submitted = preset(f'--workdir={pair}', '--launcher=slurm',
+                     '--launcher_set=tasks_per_node=2', '--launcher_set=time_min=30')
+  assert submitted.returncode == 0, submitted.stderr[-3000:]
+  wait_for_queue_empty(slurm_clean)
+  log = (pair / 'slurm').glob('*_0_log.out')
+  one, both = losses(single), losses(pair)
+  assert sorted(both) == sorted(one) == [1, 2, 3, 4, 5, 6], next(log).read_text()[-3000:]
+  np.testing.assert_allclose([both[s] for s in one], list(one.values()), rtol=1e-5)
+  launched = json.loads((pair / 'run.json').read_text())[-1]
+  assert launched['process_count'] == 2 and launched['slurm']['restart_count'] == 0
+
+
+@pytest.mark.slow
+def test_a_sweep_is_one_job_array_like_the_local_sweep_and_compares(slurm_clean, tmp_path):
+  on_slurm = tmp_path / 'slurm_sweep'
+  submitted = launch(*SWEEP_FLAGS, f'--workdir={on_slurm}', '--launcher=slurm',
+                     '--launcher_set=time_min=30', '--launcher_set=array_parallelism=2')
+  assert submitted.returncode == 0, submitted.stderr[-3000:]
+  record = json.loads((on_slurm / 'sweep.json').read_text())
+  job_ids = [member['job_ids'][-1] for member in record['members']]
+  array = job_ids[0].split('_')[0]
+  assert job_ids == [f'{array}_{index}' for index in range(4)]
+  wait_for_queue_empty(slurm_clean)
+  assert sorted(name for name in os.listdir(on_slurm) if name[0].isdigit()) == MEMBERS
+  local = tmp_path / 'local_sweep'
+  result = launch(*SWEEP_FLAGS, f'--workdir={local}', '--sweep_parallel=2')
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in MEMBERS:
+    np.testing.assert_allclose(list(losses(on_slurm / name).values()),
+                               list(losses(local / name).values()), rtol=1e-6)
+  shown = launch(f'--compare={on_slurm}')
+  assert shown.returncode == 0, shown.stderr[-3000:]
+  assert '# 4 runs; values that differ: optimizer.learning_rate, seed' in shown.stdout
+  for name in MEMBERS:
+    assert f'{name}: done, step 2 of 2' in shown.stdout
+  assert shown.stdout.count('train/loss: final') == 4
+  assert shown.stdout.count('eval/digits_accuracy (cfg=1.0): final') == 4
+  from PIL import Image
+  image = np.asarray(Image.open(on_slurm / 'compare.png').convert('L'))
+  assert image.shape[0] == 400 and image.shape[1] >= 1000 and image.std() > 10
