@@ -8,6 +8,11 @@
         --print_config
     python launch.py --mode=import --checkpoint=SiT-XL-2-256x256.pt \
         --fdl_config=experiments/dit.py:xl2 --workdir=runs/sit
+    python launch.py --fdl_config=experiments/dit.py:xl2 --workdir=/shared/runs/xl2 \
+        --launcher=slurm --launcher_set=nodes=2 --launcher_set=gpus_per_node=8
+    python launch.py --fdl_config=experiments/dit.py:digits --workdir=runs/lr \
+        --sweep=optimizer.learning_rate=1e-4,3e-4 --sweep=seed=0,1
+    python launch.py --compare=runs/lr
 
 `--fdl_set=PATH=VALUE` (repeatable, also written `--fdl.PATH=VALUE`) overrides any leaf
 with a Python literal; paths and types are checked before anything runs.

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from lib import errors
+from lib import errors, paths
 from lib.cluster import compare, slurm
 from lib.config import sweeps
 from tests.conftest import DIGITS, TINY_FLAGS, launch, tiny_digits
@@ -20,13 +20,14 @@ from experiments import common
 from lib.config import overrides, presets
 from tests.conftest import TINY
 
-def tiny(total_steps: int = 6):
+def tiny(total_steps: int = 6, save_every_steps: int = 1000):
   config = presets.load_preset('experiments/dit.py:digits')
   for assignment in TINY:
     overrides.apply_override(config, assignment)
   config.total_steps = total_steps
   config.log_every_steps = 1
-  config.checkpoint.save_interval_steps = 1000
+  config.checkpoint.save_interval_steps = save_every_steps
+  config.checkpoint.max_to_keep = 2
   config.sharding = common.fsdp()
   config.sharding.rules[0][1].min_size_mb = 0.0
   return config
@@ -34,13 +35,13 @@ def tiny(total_steps: int = 6):
 SWEEP = ('--sweep=optimizer.learning_rate=1e-3,3e-3', '--sweep=seed=0,1')
 SWEEP_FLAGS = (DIGITS, *TINY_FLAGS, '--fdl_set=total_steps=2', '--fdl_set=log_every_steps=1',
                '--fdl_set=evaluate[0].every_steps=2', *SWEEP)
+STEPS = 200  # of the Slurm runs: long enough to be stopped midway
 MEMBERS = ['000_optimizer.learning_rate=1e-3_seed=0', '001_optimizer.learning_rate=1e-3_seed=1',
            '002_optimizer.learning_rate=3e-3_seed=0', '003_optimizer.learning_rate=3e-3_seed=1']
 
 
 def losses(workdir) -> dict[int, float]:
-  return {step: value for step, value in
-          compare._metrics(compare.paths.resolve(workdir, 'test'))['train/loss']}
+  return dict(compare.read_metrics(paths.resolve(workdir, 'test')).get('train/loss', []))
 
 
 def wait_for_queue_empty(cluster, timeout: float = 900) -> None:
@@ -144,20 +145,6 @@ def test_bad_launcher_and_sweep_input_is_refused_before_anything_starts(tmp_path
   assert not workdir.exists()
 
 
-@pytest.mark.slow
-def test_a_sweep_runs_locally_and_relaunching_leaves_finished_members_alone(tmp_path):
-  result = launch(*SWEEP_FLAGS, f'--workdir={tmp_path}', '--sweep_parallel=2')
-  assert result.returncode == 0, result.stderr[-3000:] + result.stdout
-  assert sorted(name for name in os.listdir(tmp_path) if name[0].isdigit()) == MEMBERS
-  record = json.loads((tmp_path / 'sweep.json').read_text())
-  assert [member['overrides'] for member in record['members']][1] == \
-      ['optimizer.learning_rate=1e-3', 'seed=1']
-  again = launch(*SWEEP_FLAGS, f'--workdir={tmp_path}')
-  assert again.returncode == 0
-  assert again.stdout.count('finished (step 2), left alone') == 4, again.stdout
-  assert all(sorted(losses(tmp_path / name)) == [1, 2] for name in MEMBERS)
-
-
 # ------------------------------------------------------------------------------- Slurm
 @pytest.fixture(scope='module')
 def preset(tmp_path_factory):
@@ -191,22 +178,101 @@ def test_bad_submissions_are_refused_with_slurms_message(slurm_clean, tmp_path, 
   assert slurm_clean.run('squeue', '-h', '-o', '%i').stdout.split() == [job_id]
 
 
-@pytest.mark.slow
-def test_two_task_job_matches_one_process(slurm_clean, tmp_path, preset):
-  single = tmp_path / 'single'
-  result = preset(f'--workdir={single}')
+@pytest.fixture(scope='module')
+def reference(preset, tmp_path_factory):
+  """The losses of the FSDP tiny preset run to STEPS in one process, uninterrupted."""
+  workdir = tmp_path_factory.mktemp('reference') / 'run'
+  result = preset(f'(total_steps={STEPS})', f'--workdir={workdir}')
   assert result.returncode == 0, result.stderr[-3000:]
+  return losses(workdir)
+
+
+def submitted_job(preset, workdir, *options) -> str:
+  """Submits the tiny preset run to STEPS in `workdir`; its job id."""
+  result = preset(f'(total_steps={STEPS})', f'--workdir={workdir}', '--launcher=slurm',
+                  *(f'--launcher_set={option}' for option in options))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads((workdir / 'slurm.json').read_text())[-1]['job_id']
+
+
+def job_log(workdir) -> str:
+  return '\n'.join(log.read_text()[-3000:] for log in (workdir / 'slurm').glob('*_log.out'))
+
+
+def wait_for_steps(cluster, workdir, count: int) -> None:
+  """Until the submitted run in `workdir` has logged `count` training losses."""
+  deadline = time.time() + 600
+  while not (workdir / 'metrics.jsonl').exists() or len(losses(workdir)) < count:
+    assert time.time() < deadline and cluster.run('squeue', '-h').stdout, job_log(workdir)
+    time.sleep(0.2)
+
+
+def restarts(cluster, job_id: str) -> int:
+  text = cluster.run('scontrol', 'show', 'job', job_id).stdout
+  return int(text.split('Restarts=')[1].split()[0]) if 'Restarts=' in text else -1
+
+
+@pytest.mark.slow
+def test_two_task_job_matches_one_process(slurm_clean, tmp_path, preset, reference):
   pair = tmp_path / 'pair'
-  submitted = preset(f'--workdir={pair}', '--launcher=slurm',
-                     '--launcher_set=tasks_per_node=2', '--launcher_set=time_min=30')
-  assert submitted.returncode == 0, submitted.stderr[-3000:]
+  submitted_job(preset, pair, 'tasks_per_node=2', 'time_min=30')
   wait_for_queue_empty(slurm_clean)
-  log = (pair / 'slurm').glob('*_0_log.out')
-  one, both = losses(single), losses(pair)
-  assert sorted(both) == sorted(one) == [1, 2, 3, 4, 5, 6], next(log).read_text()[-3000:]
-  np.testing.assert_allclose([both[s] for s in one], list(one.values()), rtol=1e-5)
+  both = losses(pair)
+  assert sorted(both) == sorted(reference) == list(range(1, STEPS + 1)), job_log(pair)
+  np.testing.assert_allclose([both[s] for s in reference], list(reference.values()), rtol=1e-5)
   launched = json.loads((pair / 'run.json').read_text())[-1]
   assert launched['process_count'] == 2 and launched['slurm']['restart_count'] == 0
+
+
+def assert_resumed_exactly(workdir, reference: dict) -> None:
+  """The run was requeued once or more, resumed from its checkpoint and ended with the
+  uninterrupted run's losses."""
+  launches = json.loads((workdir / 'run.json').read_text())
+  counts = [entry['slurm']['restart_count'] for entry in launches]
+  assert counts[0] == 0 and counts[-1] >= 1 and counts == sorted(counts), (counts, job_log(workdir))
+  assert launches[-1]['start_step'] > 0  # resumed, not restarted from scratch
+  resumed = losses(workdir)
+  assert sorted(resumed) == sorted(reference), job_log(workdir)
+  assert [resumed[s] for s in reference] == list(reference.values())
+
+
+@pytest.mark.slow
+def test_a_preempted_job_saves_requeues_and_resumes_exactly(slurm_clean, tmp_path, preset,
+                                                            reference):
+  workdir = tmp_path / 'preempted'
+  job_id = submitted_job(preset, workdir, 'time_min=30')
+  wait_for_steps(slurm_clean, workdir, 3)
+  slurm_clean.run('scancel', '--signal=USR2', job_id)  # the preemption notice
+  wait_for_queue_empty(slurm_clean)
+  assert restarts(slurm_clean, job_id) in (-1, 1)
+  assert 'requeueing job' in job_log(workdir)
+  assert_resumed_exactly(workdir, reference)
+
+
+@pytest.mark.slow
+def test_a_job_at_its_time_limit_saves_requeues_and_resumes_exactly(slurm_clean, tmp_path,
+                                                                    preset, reference):
+  """Once the run trains, its time limit is cut to 1-2 minutes from now, inside the warning
+  time (100 s): Slurm sends the warning at its next limit check (every 30 s), while the run
+  still trains (it saves every step, which slows it). Once requeued, the job gets its long
+  limit back so that it ends."""
+  workdir = tmp_path / 'timed'
+  result = preset(f'(total_steps={STEPS}, save_every_steps=1)', f'--workdir={workdir}',
+                  '--launcher=slurm', '--launcher_set=time_min=30',
+                  '--launcher_set=signal_delay_s=100')
+  assert result.returncode == 0, result.stderr[-3000:]
+  job_id = json.loads((workdir / 'slurm.json').read_text())[-1]['job_id']
+  wait_for_steps(slurm_clean, workdir, 3)
+  elapsed = slurm_clean.run('squeue', '-h', '-j', job_id, '-o', '%M').stdout.strip()
+  minutes = int(elapsed.split(':')[-2]) if elapsed.count(':') else 0
+  slurm_clean.run('scontrol', 'update', f'JobId={job_id}', f'TimeLimit={minutes + 2}')
+  deadline = time.time() + 300
+  while restarts(slurm_clean, job_id) < 1:
+    assert time.time() < deadline and slurm_clean.run('squeue', '-h').stdout, job_log(workdir)
+    time.sleep(0.5)
+  slurm_clean.run('scontrol', 'update', f'JobId={job_id}', 'TimeLimit=30')
+  wait_for_queue_empty(slurm_clean)
+  assert_resumed_exactly(workdir, reference)
 
 
 @pytest.mark.slow
@@ -219,14 +285,18 @@ def test_a_sweep_is_one_job_array_like_the_local_sweep_and_compares(slurm_clean,
   job_ids = [member['job_ids'][-1] for member in record['members']]
   array = job_ids[0].split('_')[0]
   assert job_ids == [f'{array}_{index}' for index in range(4)]
+  assert record['members'][1]['overrides'] == ['optimizer.learning_rate=1e-3', 'seed=1']
   wait_for_queue_empty(slurm_clean)
   assert sorted(name for name in os.listdir(on_slurm) if name[0].isdigit()) == MEMBERS
+  again = launch(*SWEEP_FLAGS, f'--workdir={on_slurm}')  # locally: nothing left to run
+  assert again.returncode == 0 and again.stdout.count('finished (step 2), left alone') == 4, \
+      again.stdout + again.stderr[-2000:]
   local = tmp_path / 'local_sweep'
   result = launch(*SWEEP_FLAGS, f'--workdir={local}', '--sweep_parallel=2')
   assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(name for name in os.listdir(local) if name[0].isdigit()) == MEMBERS
   for name in MEMBERS:
-    np.testing.assert_allclose(list(losses(on_slurm / name).values()),
-                               list(losses(local / name).values()), rtol=1e-6)
+    assert losses(on_slurm / name) == losses(local / name)
   shown = launch(f'--compare={on_slurm}')
   assert shown.returncode == 0, shown.stderr[-3000:]
   assert '# 4 runs; values that differ: optimizer.learning_rate, seed' in shown.stdout

@@ -49,7 +49,9 @@ def _workdirs(spec: str) -> list[tuple[str, paths.Path]]:
   return [(folder.name, folder)]
 
 
-def _metrics(workdir: paths.Path) -> dict[str, list[tuple[int, float]]]:
+def read_metrics(workdir: paths.Path) -> dict[str, list[tuple[int, float]]]:
+  """`metrics.jsonl`: per scalar its (step, value) points in step order (the last value of a
+  step written twice wins)."""
   file = workdir / 'metrics.jsonl'
   out: dict[str, list[tuple[int, float]]] = {}
   if not file.exists():
@@ -106,7 +108,7 @@ def collect(specs: list[str]) -> list[Run]:
       total_steps = int(total) if total is not None else None
       step = checkpoint.latest_step(workdir)
       out.append(Run(name, workdir, values, _state(workdir, step, total_steps), step,
-                     total_steps, _metrics(workdir)))
+                     total_steps, read_metrics(workdir)))
   return out
 
 

@@ -124,20 +124,26 @@ def _record_sweep(folder, plans: list[Planned], base_command: list[str],
 
 def _run_locally(todo: list[Planned], base_command: list[str], parallel: int) -> int:
   """Runs the members as launch.py processes, `parallel` at a time, each one's output in
-  `WORKDIR/launch.log`; returns 0, or the first failed member's status."""
+  `WORKDIR/launch.log` (a bucket workdir's on this terminal); returns 0, or the first failed
+  member's status."""
   waiting, running, statuses = list(todo), [], {}
   while waiting or running:
     while waiting and len(running) < parallel:
       plan = waiting.pop(0)
       plan.workdir.mkdir(parents=True, exist_ok=True)
-      log = open(os.fspath(plan.workdir / LOCAL_LOG), 'a')
-      print(f'{plan.name}: running, log {plan.workdir / LOCAL_LOG}', flush=True)
+      if paths.is_url(plan.workdir):  # the output stays on this terminal
+        log = None
+        print(f'{plan.name}: running', flush=True)
+      else:
+        log = open(os.fspath(plan.workdir / LOCAL_LOG), 'a')
+        print(f'{plan.name}: running, log {plan.workdir / LOCAL_LOG}', flush=True)
       running.append((plan, log, subprocess.Popen(plan.command(base_command), stdout=log,
                                                   stderr=subprocess.STDOUT)))
     for entry in list(running):
       plan, log, process = entry
       if process.poll() is not None:
-        log.close()
+        if log is not None:
+          log.close()
         running.remove(entry)
         statuses[plan.name] = process.returncode
         print(f'{plan.name}: exit status {process.returncode}'
