@@ -97,32 +97,37 @@ def test_slurm_options_become_sbatch_parameters():
       'sbatch: error: invalid partition specified: x'
 
 
-def _fake_run(folder, lr: str, losses_: list[float], accuracy: float):
-  os.makedirs(folder)
+def _fake_run(folder: str, lr: str, losses_: list[float], accuracy: float):
+  """A run folder (local or gs://) with the effective values and metrics a run writes."""
+  folder = paths.resolve(folder, 'test')
+  folder.mkdir(parents=True)
   effective = {'optimizer.learning_rate': {'value': lr}, 'seed': {'value': '0'},
                'total_steps': {'value': str(len(losses_))}}
-  with open(f'{folder}/effective.json', 'w') as f:
-    json.dump(effective, f)
-  with open(f'{folder}/metrics.jsonl', 'w') as f:
-    for step, loss in enumerate(losses_, 1):
-      f.write(json.dumps({'step': step, 'train/loss': loss}) + '\n')
-    f.write(json.dumps({'step': len(losses_), 'eval/digits_accuracy (cfg=1.0)': accuracy}) + '\n')
+  (folder / 'effective.json').write_text(json.dumps(effective))
+  lines = [json.dumps({'step': step, 'train/loss': loss}) for step, loss in enumerate(losses_, 1)]
+  lines.append(json.dumps({'step': len(losses_), 'eval/digits_accuracy (cfg=1.0)': accuracy}))
+  (folder / 'metrics.jsonl').write_text('\n'.join(lines) + '\n')
 
 
-def test_compare_reports_differences_metrics_and_plots(tmp_path):
+@pytest.mark.parametrize('where', ['local', 'bucket'])
+def test_compare_reports_differences_metrics_and_plots(where, tmp_path, request):
   from PIL import Image
 
-  _fake_run(tmp_path / 'a', '0.001', [2.0, 1.0, 1.5], 0.5)
-  _fake_run(tmp_path / 'b', '0.003', [3.0, 2.5, 2.0], 0.75)
-  runs = compare.collect([str(tmp_path / 'a'), str(tmp_path / 'b')])
+  base = f'gs://test-bucket/compare_{tmp_path.name}' if where == 'bucket' else str(tmp_path)
+  if where == 'bucket':
+    request.getfixturevalue('gcs')
+  _fake_run(f'{base}/a', '0.001', [2.0, 1.0, 1.5], 0.5)
+  _fake_run(f'{base}/b', '0.003', [3.0, 2.5, 2.0], 0.75)
+  runs = compare.collect([f'{base}/a', f'{base}/b'])
   text = compare.report(runs)
   assert 'values that differ: optimizer.learning_rate' in text and 'seed' not in text
   assert 'a: stopped, step - of 3' not in text and 'a: not started, step - of 3' in text
   assert 'train/loss: final 1.5 (step 3), best 1 (step 2)' in text
   assert 'eval/digits_accuracy (cfg=1.0): final 0.75 (step 3), best 0.75' in text
   assert compare.label(runs[1], ['optimizer.learning_rate']) == 'optimizer.learning_rate=0.003'
-  compare.plot(runs, str(tmp_path / 'plot.png'))
-  image = np.asarray(Image.open(tmp_path / 'plot.png').convert('L'))
+  compare.plot(runs, f'{base}/plot.png')
+  with paths.resolve(f'{base}/plot.png', 'test').open('rb') as f:
+    image = np.asarray(Image.open(f).convert('L'))
   assert image.shape == (400, 1000)  # two panels of 5 x 4 inches at 100 dpi
   assert image.std() > 10  # curves, not a blank canvas
 
