@@ -47,11 +47,12 @@ def _name(factory: Callable) -> str:
 
 @contextlib.contextmanager
 def _rejected(config_error: Callable[[str], ConfigError]):
-  """Turns a ValueError of a constructor (its message names its own argument) into the
-  ConfigError `config_error(message)`, which names the graph node."""
+  """Turns a ValueError or TypeError of a constructor (its message names its own argument)
+  into the ConfigError `config_error(message)`, which names the graph node (as `presets.build`
+  does for the nodes built with the graph)."""
   try:
     yield
-  except ValueError as e:
+  except (ValueError, TypeError) as e:
     if isinstance(e, errors.UserError):
       raise
     raise config_error(str(e)) from e

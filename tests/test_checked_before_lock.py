@@ -74,7 +74,7 @@ def test_sizes_at_the_edges_of_their_ranges_pass(family):
   assert model.y_embedder.dropout_prob == 1.0
 
 
-def test_rope_head_dimension_and_dropout_rates_name_their_fields():
+def test_rope_heads_dropout_rates_dtype_and_table_width_name_the_field():
   network = FAMILIES['LightningDiT'][0]
   with pytest.raises(errors.ConfigError, match=r'^network\.num_heads=4 gives hidden_size / '
                      'num_heads = 6 channels a head; 2-D RoPE needs a multiple of 4'):
@@ -82,6 +82,8 @@ def test_rope_head_dimension_and_dropout_rates_name_their_fields():
   with pytest.raises(errors.ConfigError,
                      match=r'^network\.attn_w_dropout=1\.0; expected a number in \[0, 1\)'):
     presets.build(digits_with(network, attn_w_dropout=1.0)).check_shapes()
+  with pytest.raises(errors.ConfigError, match=r"^network \(LightningDiT\): .*'float17'"):
+    presets.build(digits_with(network, dtype='float17')).check_shapes()
   with pytest.raises(errors.ConfigError, match=r'^network\.hidden_size=30 must be a multiple '
                      r'of 4 \(the 2-D sin-cos position table\)'):
     presets.build(digits_with(FAMILIES['DiT'][0], hidden_size=30, num_heads=3)).check_shapes()
