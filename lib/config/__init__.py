@@ -9,8 +9,8 @@ printouts, saved copies and reviews. Nothing here builds an experiment's arrays.
     review.py     drawings (svg, html), leaf-by-leaf diffs, export as a Python preset
 
 Imports point one way: values <- overrides <- presets; values, overrides, references <- saved;
-values <- references, review. None imports `experiments` (a preset's module is imported by name when the
-preset is loaded).
+values <- references, review. None imports `experiments` (a preset's module is imported by
+name when the preset is loaded).
 """
 
 import os

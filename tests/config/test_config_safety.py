@@ -20,9 +20,10 @@ ATTACKS = [
     ('builtins', 'eval'), ('builtins', 'exec'), ('builtins', 'compile'), ('builtins', '__import__'),
     ('builtins', 'getattr'), ('builtins', 'setattr'), ('builtins', 'open'), ('builtins', 'globals'),
     ('builtins', 'type'), ('builtins', 'breakpoint'), ('os', 'system'), ('posix', 'system'),
-    ('subprocess', 'run'), ('importlib', 'import_module'), ('pickle', 'loads'), ('shutil', 'rmtree'),
-    ('sys', 'exit'), ('runpy', 'run_path'), ('ctypes', 'CDLL'), ('marshal', 'loads'),
-    ('code', 'InteractiveInterpreter'), ('functools', 'partial'), ('operator', 'attrgetter'),
+    ('subprocess', 'run'), ('importlib', 'import_module'), ('pickle', 'loads'),
+    ('shutil', 'rmtree'), ('sys', 'exit'), ('runpy', 'run_path'), ('ctypes', 'CDLL'),
+    ('marshal', 'loads'), ('code', 'InteractiveInterpreter'), ('functools', 'partial'),
+    ('operator', 'attrgetter'),
     ('lib', 'paths.os.system'), ('lib.paths', 'os.system'), ('lib.paths', 'os'),
     ('lib.config.presets', 'importlib.import_module'), ('lib.config.presets', 'load_preset'),
     ('lib.hooks', 'paths.write_atomic'), ('lib.paths', 'write_atomic'),
@@ -32,8 +33,8 @@ ATTACKS = [
     ('numpy', 'load'), ('numpy', 'memmap'), ('numpy', 'ctypeslib.load_library'),
     ('numpy.lib.format', 'read_array'), ('numpy.f2py', 'run_main'), ('jax.numpy', 'load'),
     ('jax', 'pure_callback'), ('jax.experimental', 'io_callback'), ('jax.debug', 'callback'),
-    ('flax', 'io.rmtree'), ('fiddle', 'build'), ('fiddle._src.experimental.serialization',
-                                                  'load_json'),
+    ('flax', 'io.rmtree'), ('fiddle', 'build'),
+    ('fiddle._src.experimental.serialization', 'load_json'),
     ('lib.eval.fid', 'pickle.loads'), ('lib.tracking', 'os.system'),
 ]
 
@@ -136,7 +137,8 @@ def test_provenance_entries_naming_no_argument_are_skipped(tmp_path):
 def test_a_missing_class_is_one_message_naming_the_node(tmp_path):
   text = saved.dump_config(presets.load_preset('experiments/dit.py:digits'))
   (tmp_path / 'config.json').write_text(text.replace('"name": "DiT"', '"name": "Gone"'))
-  with pytest.raises(errors.UsageError, match=r'network in objects\.\w+ refers to lib\.models\.dit\.Gone, which this code cannot'):
+  with pytest.raises(errors.UsageError, match=r'network in objects\.\w+ refers to '
+                                              r'lib\.models\.dit\.Gone, which this code cannot'):
     saved.load_config_file(str(tmp_path))
 
 
