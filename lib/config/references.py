@@ -6,7 +6,8 @@ building the graph calls it with the file's values, so a reference resolves only
 
   * a class or function of this project (`lib`, `experiments`), outside the modules that
     read or write files by name or run code by name (`PLUMBING`: `lib.paths`,
-    `lib.config`, `experiments.legacy`, ...);
+    `lib.config`, `experiments.legacy`, ...), and not a function of a module that writes
+    files (`WRITING`: `lib.checkpoint`, `lib.hooks`, ...; their classes are nodes);
   * a Fiddle node type (`fdl.Config`, `fdl.Partial`, a tag, their traverser metadata), or
     one of the containers `dump_json` writes for a graph (`dict`, `list`, `tuple`);
   * a class or function of the numeric code a graph may configure (`LIBRARIES`: jax's
@@ -23,6 +24,7 @@ as `lib.hooks.paths`, `lib.paths.os.system`), or a name reached through a module
 """
 
 import importlib
+import inspect
 import re
 import types
 from collections.abc import Iterator
@@ -37,6 +39,10 @@ PROJECT = ('lib', 'experiments')
 # Project modules whose functions read or write files by name, or import or run code by name.
 PLUMBING = ('lib.config', 'lib.paths', 'lib.workdir', 'lib.import_release',
             'lib.data.extract_latents', 'experiments.legacy')
+# Project modules whose functions (and methods) write, move or delete files by path: their
+# classes are graph nodes, their functions are refused.
+WRITING = ('lib.checkpoint', 'lib.eval.digits_classifier', 'lib.eval.fid', 'lib.evaluate',
+           'lib.hooks', 'lib.sample', 'lib.tracking', 'lib.train')
 CONTAINERS = {'dict': dict, 'list': list, 'tuple': tuple}  # of builtins: what dump_json writes
 LIBRARIES = ('jax.nn', 'jax._src.nn', 'jax.numpy', 'jax._src.numpy', 'jax.lax', 'jax._src.lax',
              'jax.random', 'jax._src.random', 'flax.nnx', 'optax', 'numpy')
@@ -110,6 +116,8 @@ class ProjectImports(serialization.PyrefPolicy):
       refuse('a module, not a class or function')
     if not _within(owner, PACKAGES) or _within(owner, PLUMBING):
       refuse(f'defined in {owner}, not a package a config file may use')
+    if _within(owner, WRITING) and inspect.isroutine(value):
+      refuse(f'a function of {owner}, which writes files by path (only its classes are nodes)')
     if owner == 'builtins' and not any(value is kind for kind in CONTAINERS.values()):
       refuse('of builtins, a config file may use only ' + ', '.join(CONTAINERS))
     if _within(owner, ('fiddle',)) and not (

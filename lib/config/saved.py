@@ -87,7 +87,7 @@ def load_config_file(path, what: str = '--fdl_config_file') -> fdl.Buildable:
   if file.is_dir():
     file, path = file / 'config.json', f'{os.fspath(path).rstrip("/")}/config.json'
   if not file.is_file():
-    raise UsageError(f'no config file {os.fspath(path)!r}; a run saves its config as '
+    raise UsageError(f'no config file {paths.shown(path)}; a run saves its config as '
                      'WORKDIR/config.json')
   name, text = os.fspath(path), file.read_text()
   try:
@@ -103,8 +103,12 @@ def load_config_file(path, what: str = '--fdl_config_file') -> fdl.Buildable:
   except references.Missing as e:
     raise UsageError(f'{name}: {e.where} refers to {e.module}.{e.name}, which this code cannot '
                      f'import ({e.reason}); was it written by another version?') from None
-  except (ValueError, KeyError, TypeError) as e:
-    raise UsageError(f'{name} is not a Fiddle JSON config: {e}') from None
+  except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError,
+          serialization.DeserializationError) as e:
+    raise UsageError(f'{name} is not a Fiddle JSON config: {type(e).__name__}: {e}') from None
+  if not isinstance(config, fdl.Buildable):
+    raise UsageError(f'{name} is not a Fiddle JSON config: its root is a '
+                     f'{type(config).__name__}, not a fdl.Config')
   _restore_locations(config, document.get('provenance', {}))
   return config
 

@@ -5,13 +5,14 @@ saves and loads."""
 import importlib
 import json
 import os
+import re
 
 import fiddle as fdl
 import pytest
 from fiddle.experimental import serialization
 
 from lib import errors
-from lib.config import presets, references, saved
+from lib.config import REPO_ROOT, presets, references, saved
 from tests.conftest import launch
 
 # (module, name) of each reference a hostile config.json could make. Each would run code or touch
@@ -36,7 +37,13 @@ ATTACKS = [
     ('flax', 'io.rmtree'), ('fiddle', 'build'),
     ('fiddle._src.experimental.serialization', 'load_json'),
     ('lib.eval.fid', 'pickle.loads'), ('lib.tracking', 'os.system'),
+    ('lib.hooks', 'drop_rows_after'), ('lib.hooks', 'Writers.create'),
+    ('lib.eval.digits_classifier', 'save'), ('lib.checkpoint', 'save'),
 ]
+# What writes files in lib/ and experiments/: each such module must be refused (PLUMBING) or
+# have its functions refused (WRITING).
+WRITES = re.compile(r'write_atomic|write_bytes|write_text|unlink|rmtree|\.rename\(|os\.replace|'
+                    r'savez|shutil|\.mkdir\(|open\([^)]*[\'"][wa]b?[\'"]|AppendLog\(')
 
 
 def placeholder(source):
@@ -114,6 +121,31 @@ def test_a_partial_or_a_bare_reference_to_code_is_refused(tmp_path, module, name
     with pytest.raises(errors.UsageError, match=f'refers to {module}.{name}'):
       saved.load_config_file(str(tmp_path))
   assert not marker.exists()
+
+
+def test_every_module_that_writes_files_is_listed():
+  for folder in ('lib', 'experiments'):
+    for root, _, names in os.walk(os.path.join(REPO_ROOT, folder)):
+      for name in names:
+        path = os.path.join(root, name)
+        if not name.endswith('.py') or not WRITES.search(open(path).read()):
+          continue
+        module = os.path.relpath(path[:-3], REPO_ROOT).replace(os.sep, '.').removesuffix(
+            '.__init__')
+        assert references._within(module, references.PLUMBING + references.WRITING), module
+
+
+@pytest.mark.parametrize('text', [
+    '{"root": 5}', '[]', '{"root": {"type": "weird"}, "objects": {}}',
+    '{"root": {"type": "ref", "key": "missing"}, "objects": {}}',
+    '{"root": {"type": {"type": "pyref", "module": "builtins", "name": "dict"}}}',
+    '{"root": {"type": "pyref", "module": 5, "name": null}}', '[' * 100_000 + ']' * 100_000,
+    '{"root": {"type": "leaf", "value": 1}, "provenance": {"x": [1]}}'])
+def test_a_malformed_config_file_is_one_message(tmp_path, text):
+  (tmp_path / 'config.json').write_text(text)
+  with pytest.raises(errors.UsageError, match='not a Fiddle JSON config|may not use') as refusal:
+    saved.load_config_file(str(tmp_path))
+  assert '\n' not in str(refusal.value) and str(tmp_path) in str(refusal.value)
 
 
 def test_an_unreachable_object_is_checked_too(tmp_path):
