@@ -293,7 +293,7 @@ class Run:
       if on_start is not None:
         on_start(step)
       # Once the config is saved: a tracker run takes it from the workdir (lib.tracking).
-      self.writer = exp.writers.create(self.workdir, self.is_main)
+      self.writer = exp.writers.create(self.workdir, self.is_main, start_step=step)
       if self.is_main:
         logging.info('Network: %s parameters; training steps %d -> %d', f'{self.param_count:,}',
                      step, self.total_steps)
