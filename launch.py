@@ -235,7 +235,7 @@ def print_config(config: fdl.Buildable, experiment) -> None:
   print(f'# derived: latent_shape = {experiment.latent_shape}; network.input_size = '
         f'{experiment.latent_shape[0]}, network.in_channels = {experiment.latent_shape[2]}, '
         f'network.num_classes = {experiment.data.num_classes}')
-  abstract = nnx.eval_shape(experiment.make_network)
+  abstract = experiment.abstract_network()
   count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
   print(f'# network parameters: {count:,} (computed abstractly)')
 
@@ -329,6 +329,7 @@ def run_command() -> int:
 
   cpu_runtime.keep_freed_memory()
   if _MODE.value == 'sample':
+    experiment.check_shapes()
     labels, guidance = _sample_arguments(experiment.data.num_classes)
     sample.sample(experiment, workdir, _NUM_SAMPLES.value, labels, guidance,
                   _SAMPLE_SEED.value, _STEP.value)

@@ -12,6 +12,10 @@
 traceback as well.
 """
 
+import math
+import numbers
+import re
+
 
 class UserError(ValueError):
   """Bad input; nothing the message names has been changed."""
@@ -48,5 +52,39 @@ def check_positive(**values) -> None:
   """Raises ValueError('name=value; expected ...') for the first value below 1 (None passes).
   Building a config prefixes the node's path (`presets.build`): `checkpoint.max_to_keep=0; ...`."""
   for name, value in values.items():
-    if value is not None and not (isinstance(value, (int, float)) and value >= 1):
+    if value is not None and not (isinstance(value, numbers.Real) and value >= 1):
       raise ValueError(f'{name}={value!r}; expected a positive number (at least 1)')
+
+
+def check_in_range(low: float, high: float = math.inf, /, *, open_low: bool = False,
+                   open_high: bool = False, **values) -> None:
+  """Raises ValueError('name=value; expected a number in [low, high]') for the first value
+  outside the interval (`open_low` / `open_high` exclude its ends; high=inf: no upper bound)."""
+  for name, value in values.items():
+    inside = isinstance(value, numbers.Real) and (low < value if open_low else low <= value) \
+        and (value < high if open_high or high == math.inf else value <= high)
+    if not inside:
+      expected = (f'> {low}' if open_low else f'>= {low}') if high == math.inf else \
+          f'in {"(" if open_low else "["}{low}, {high}{")" if open_high else "]"}'
+      raise ValueError(f'{name}={value!r}; expected a number {expected}')
+
+
+def check_divides(**divisor_and_dividend) -> None:
+  """`check_divides(num_heads=3, hidden_size=32)` raises
+  ValueError('num_heads=3 must divide hidden_size=32') unless the first value divides the
+  second; either below 1 is `check_positive`'s error."""
+  check_positive(**divisor_and_dividend)
+  (divisor_name, divisor), (dividend_name, dividend) = divisor_and_dividend.items()
+  if dividend % divisor:
+    raise ValueError(f'{divisor_name}={divisor} must divide {dividend_name}={dividend}')
+
+
+def at_node(path: str, owner: str, message: str) -> ConfigError:
+  """A constructor's complaint about its own argument, as a ConfigError naming the graph node
+  it was made from: `num_heads=3 must divide hidden_size=32` of the node `network` ->
+  `network.num_heads=3 must divide hidden_size=32`; a message that names the node already is
+  kept, any other becomes `network (DiT): MESSAGE`."""
+  text = message.strip()
+  if path and not text.startswith(f'{path}.'):
+    text = f'{path}.{text}' if re.match(r'[A-Za-z_]\w*=', text) else f'{path} ({owner}): {text}'
+  return ConfigError(text)

@@ -18,6 +18,7 @@ agree with the derivation, or building fails with an error that names both value
 before any compute.
 """
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -38,6 +39,23 @@ def _default(fn: Callable, name: str):
       parameter.default
 
 
+def _name(factory: Callable) -> str:
+  """The name of what a partial (`network`, `optimizer`) makes: `DiT`, `adamw`."""
+  function = getattr(factory, 'func', factory)
+  return getattr(function, '__name__', type(function).__name__)
+
+
+@contextlib.contextmanager
+def _rejected(config_error: Callable[[str], ConfigError]):
+  """Turns a ValueError or TypeError of a constructor (its message names its own argument)
+  into the ConfigError `config_error(message)`, which names the graph node (as `presets.build`
+  does for the nodes built with the graph)."""
+  try:
+    yield
+  except (ValueError, TypeError) as e:
+    if isinstance(e, errors.UserError):
+      raise
+    raise config_error(str(e)) from e
 
 
 @dataclasses.dataclass
@@ -144,9 +162,10 @@ class Experiment:
 
   def check(self, training: bool = True) -> None:
     """Checks, before a run touches its workdir, what can be checked without compute: the
-    data (readable, shaped as configured; `DataError` naming the file) and, when
-    `training`, that the writers (a tracker's credentials), the visualisation and the
-    evaluation hooks can take this experiment."""
+    sizes (`check_shapes`), the data (readable, shaped as configured; `DataError` naming the
+    file) and, when `training`, that the writers (a tracker's credentials), the visualisation
+    and the evaluation hooks can take this experiment."""
+    self.check_shapes()
     try:
       self.data.check()
     except (OSError, ValueError) as e:
@@ -157,6 +176,27 @@ class Experiment:
       for hook in (self.writers, self.profile, self.visualize, *self.evaluate):
         if hasattr(hook, 'check'):
           hook.check(self)
+
+  def check_shapes(self) -> nnx.Module:
+    """Builds the network, the optimizer and the objective's trainables (REPA's projector)
+    abstractly (`nnx.eval_shape`: shapes only, nothing allocated) and lays the batch out on
+    this process's devices (`exp.sharding`), so that a size a constructor rejects or a batch
+    the devices cannot split is a ConfigError naming the field (`network.num_heads=3 must
+    divide hidden_size=32`) before the workdir is touched. Returns the abstract network."""
+    network = self.abstract_network()
+    with _rejected(lambda text: errors.at_node('optimizer', _name(self.optimizer), text)):
+      self.make_optimizer()
+    with _rejected(lambda text: errors.at_node('repa', type(self.repa).__name__, text)):
+      nnx.eval_shape(self.objective.trainables(self.make_network, self.latent_shape, self.seed))
+    layout = self.sharding or Sharding()
+    layout.check_batch(self.data.batch_size, layout.make_mesh())
+    return network
+
+  def abstract_network(self) -> nnx.Module:
+    """The network as shapes (`nnx.eval_shape`); a size its constructor rejects is a
+    ConfigError naming the field (`network.depth=0; expected a positive number ...`)."""
+    with _rejected(lambda text: errors.at_node('network', _name(self.network), text)):
+      return nnx.eval_shape(self.make_network)
 
   def make_network(self, seed: int | None = None) -> nnx.Module:
     """The network with the derived sizes, initialised from `seed` (default: self.seed)."""

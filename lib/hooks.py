@@ -7,6 +7,7 @@ only there, at training time: it pulls in TensorFlow, which the config path must
 
 import io
 import json
+import math
 
 import numpy as np
 
@@ -41,7 +42,11 @@ class Writers:
       from lib import tracking
       tracking.check_credentials()
 
-  def create(self, workdir, is_main: bool):
+  def create(self, workdir, is_main: bool, start_step: int | None = None):
+    """The writers of process 0 (`is_main`) into `workdir`. A training run starting at
+    `start_step` first drops the rows `metrics.jsonl` holds of later steps (those a killed
+    run logged past the checkpoint it resumes from, which it logs again); evaluation, which
+    adds rows at a checkpoint's step, passes None."""
     from lib import tf_devices
     tf_devices.hide_accelerators()
     from clu import metric_writers
@@ -53,6 +58,8 @@ class Writers:
     if self.tensorboard:  # TensorFlow's own file system: a local path or a gs:// URL
       writers.append(metric_writers.SummaryWriter(str(folder)))
     if self.jsonl:
+      if start_step is not None:
+        drop_rows_after(folder / 'metrics.jsonl', start_step)
       writers.append(_jsonl_writer(folder / 'metrics.jsonl'))
     if self.wandb:
       from lib import tracking
@@ -62,8 +69,36 @@ class Writers:
     return metric_writers.AsyncWriter(writer) if self.asynchronous else writer
 
 
+def jsonl_row(record: dict) -> str:
+  """One line of `metrics.jsonl`: strict JSON (RFC 8259), a non-finite value written as null
+  (`{"step": 7, "train/loss": null}`), never `NaN` or `Infinity`."""
+  clean = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+           for key, value in record.items()}
+  return json.dumps(clean, allow_nan=False) + '\n'
+
+
+def drop_rows_after(path: paths.Path, step: int) -> None:
+  """Rewrites `path` (a `metrics.jsonl`, local or in a bucket) atomically without its rows of
+  steps after `step`, and without lines that are not a row (the last one cut by a kill); the
+  rows kept are written as `jsonl_row` writes them. Unchanged if there is nothing to drop."""
+  if not path.exists():
+    return
+  text = path.read_text()
+  kept = []
+  for line in text.splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and isinstance(record.get('step'), int) \
+        and record['step'] <= step:
+      kept.append(jsonl_row(record))
+  if ''.join(kept) != text:
+    paths.write_atomic(path, ''.join(kept))
+
+
 def _jsonl_writer(path: paths.Path):
-  """A CLU MetricWriter appending one JSON object per step of scalars."""
+  """A CLU MetricWriter appending one row (`jsonl_row`) per step of scalars."""
   from clu.metric_writers import interface
 
   class JsonlWriter(interface.MetricWriter):
@@ -73,7 +108,7 @@ def _jsonl_writer(path: paths.Path):
 
     def write_scalars(self, step, scalars):
       record = {'step': int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
-      self._file.write(json.dumps(record) + '\n')
+      self._file.write(jsonl_row(record))
 
     def _ignore(self, *args, **kwargs):
       """Only scalars go to metrics.jsonl; the other writers take the rest."""

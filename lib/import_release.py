@@ -60,6 +60,7 @@ def import_release(checkpoint: str, config: fdl.Buildable, workdir: str,
   """
   release, changed = releases.apply(config, checkpoint, f'--checkpoint={checkpoint}')
   experiment = presets.build(config)
+  experiment.check_shapes()
   if experiment.init_from:
     raise errors.UsageError(f'init_from={experiment.init_from!r} is set; the imported --checkpoint '
                          'already gives the weights: drop the init_from override')

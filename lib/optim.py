@@ -14,6 +14,8 @@ from typing import Callable
 import jax.numpy as jnp
 import optax
 
+from lib import errors
+
 Schedule = Callable[[float, int], optax.Schedule]
 
 
@@ -84,6 +86,13 @@ class Optimizer:
   schedule: optax.Schedule
 
 
+def _check(learning_rate: float, grad_clip_norm: float | None) -> None:
+  """A learning rate >= 0 and a clipping norm > 0 (or None), or ValueError naming it."""
+  errors.check_in_range(0, learning_rate=learning_rate)
+  if grad_clip_norm is not None:
+    errors.check_in_range(0, open_low=True, grad_clip_norm=grad_clip_norm)
+
+
 def _finish(tx: optax.GradientTransformation, schedule: optax.Schedule,
             grad_clip_norm: float | None) -> Optimizer:
   if grad_clip_norm is not None:
@@ -95,6 +104,7 @@ def adamw(learning_rate: float = 1e-4, schedule: Schedule = constant, b1: float 
           b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
           grad_clip_norm: float | None = None, *, total_steps: int) -> Optimizer:
   """AdamW with a schedule and optional clipping of the global gradient norm."""
+  _check(learning_rate, grad_clip_norm)
   lr = schedule(learning_rate, total_steps)
   return _finish(optax.adamw(lr, b1, b2, eps, weight_decay=weight_decay), lr, grad_clip_norm)
 
@@ -103,6 +113,7 @@ def adam(learning_rate: float = 1e-4, schedule: Schedule = constant, b1: float =
          b2: float = 0.999, eps: float = 1e-8, grad_clip_norm: float | None = None, *,
          total_steps: int) -> Optimizer:
   """Adam with a schedule and optional clipping of the global gradient norm."""
+  _check(learning_rate, grad_clip_norm)
   lr = schedule(learning_rate, total_steps)
   return _finish(optax.adam(lr, b1, b2, eps), lr, grad_clip_norm)
 
@@ -111,5 +122,6 @@ def sgd(learning_rate: float = 1e-2, schedule: Schedule = constant, momentum: fl
         nesterov: bool = False, grad_clip_norm: float | None = None, *,
         total_steps: int) -> Optimizer:
   """SGD (optionally with momentum) with a schedule and optional gradient clipping."""
+  _check(learning_rate, grad_clip_norm)
   lr = schedule(learning_rate, total_steps)
   return _finish(optax.sgd(lr, momentum, nesterov), lr, grad_clip_norm)

@@ -66,13 +66,19 @@ def is_file(value: os.PathLike | str, what: str) -> bool:
   return resolve(value, what).is_file()
 
 
+def shown(path: os.PathLike | str) -> str:
+  """`path` quoted for a message as a path, not as a Python object: `'/data/x'` (or
+  `'gs://b/x'`), never `PosixGPath('/data/x')`."""
+  return repr(os.fspath(path))
+
+
 def require_file(field: str, path: str | None, expected: str) -> None:
   """Fails naming `field` when the file `path` (a weights or statistics file a node reads) is
   not set or does not exist; `expected` says what it should be."""
   if not path:
     raise ValueError(f'{field} is not set: set it to {expected}')
   if not is_file(path, field):
-    raise FileNotFoundError(f'{field}={path!r} does not exist; expected {expected}')
+    raise FileNotFoundError(f'{field}={shown(path)} does not exist; expected {expected}')
 
 
 def files_under(folder: epath.Path) -> Iterator[str]:

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lib import errors
+
 AxisNames = str | tuple[str, ...]
 
 
@@ -94,12 +96,12 @@ class Sharding:
     known = math.prod(size for size in sizes if size != -1)
     if -1 in sizes:
       if len(devices) % known:
-        raise ValueError(f'sharding.mesh={self.mesh_axes}: {len(devices)} devices are not a '
-                         f'multiple of the fixed axis sizes ({known})')
+        raise errors.ConfigError(f'sharding.mesh={self.mesh_axes}: {len(devices)} devices are '
+                                 f'not a multiple of the fixed axis sizes ({known})')
       sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) > len(devices):
-      raise ValueError(f'sharding.mesh={self.mesh_axes} needs {math.prod(sizes)} devices; '
-                       f'{len(devices)} are available')
+      raise errors.ConfigError(f'sharding.mesh={self.mesh_axes} needs {math.prod(sizes)} '
+                               f'devices; {len(devices)} are available')
     devices = devices[:math.prod(sizes)]  # a mesh of fixed sizes may use a subset
     names = tuple(name for name, _ in self.mesh_axes)
     return jax.make_mesh(tuple(sizes), names, devices=devices,
@@ -128,3 +130,18 @@ class Sharding:
     if axes is None:
       return 1
     return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+  def check_batch(self, batch_size: int, mesh: Mesh) -> None:
+    """Raises ConfigError naming `data.batch_size`, the devices and the nearest valid sizes
+    unless the batch splits evenly over the devices of its mesh axes and over the processes
+    (each loads an equal share)."""
+    ways, processes = self.batch_ways(mesh), jax.process_count()
+    multiple = math.lcm(ways, processes)
+    if batch_size % multiple:
+      lower, upper = batch_size // multiple * multiple, -(-batch_size // multiple) * multiple
+      choices = f'{lower} or {upper}' if lower else f'{upper}'
+      raise errors.ConfigError(
+          f'data.batch_size={batch_size} must be divisible by the {ways} devices the batch is '
+          f'split over (mesh {dict(mesh.shape)}, {jax.device_count()} devices, '
+          f'{processes} process{"es" if processes > 1 else ""}); use a multiple of {multiple}, '
+          f'e.g. {choices}')

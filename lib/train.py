@@ -47,12 +47,7 @@ class Run:
     self.mesh = self.layout.make_mesh()
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = self.layout.batch_sharding(self.mesh)
-    ways = self.layout.batch_ways(self.mesh)
-    if exp.data.batch_size % ways or exp.data.batch_size % jax.process_count():
-      raise ValueError(
-          f'data.batch_size={exp.data.batch_size} must be divisible by the {ways} devices the '
-          f'batch is split over (mesh {dict(self.mesh.shape)}, {jax.device_count()} devices, '
-          f'{jax.process_count()} processes); use a multiple of {ways}')
+    self.layout.check_batch(exp.data.batch_size, self.mesh)
     self.optimizer = exp.make_optimizer()
     abstract_model = nnx.eval_shape(exp.make_network)
     self.graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
@@ -298,7 +293,7 @@ class Run:
       if on_start is not None:
         on_start(step)
       # Once the config is saved: a tracker run takes it from the workdir (lib.tracking).
-      self.writer = exp.writers.create(self.workdir, self.is_main)
+      self.writer = exp.writers.create(self.workdir, self.is_main, start_step=step)
       if self.is_main:
         logging.info('Network: %s parameters; training steps %d -> %d', f'{self.param_count:,}',
                      step, self.total_steps)

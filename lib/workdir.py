@@ -50,22 +50,22 @@ def check_usable(workdir) -> None:
   in a bucket that exists and this process may write to; leaves nothing behind."""
   path = paths.resolve(workdir, '--workdir')
   if paths.is_url(path):
-    _check_bucket(path, f'--workdir={os.fspath(workdir)!r}')
+    _check_bucket(path, f'--workdir={paths.shown(workdir)}')
     return
   path = os.fspath(path)
   if os.path.exists(path):
     if not os.path.isdir(path):
-      raise errors.UserError(f'--workdir={workdir!r} is an existing file, not a directory; '
-                             'give a new or existing directory')
+      raise errors.UserError(f'--workdir={paths.shown(workdir)} is an existing file, not a '
+                             'directory; give a new or existing directory')
     if not os.access(path, os.W_OK | os.X_OK):
-      raise errors.UserError(f'--workdir={workdir!r} is not writable')
+      raise errors.UserError(f'--workdir={paths.shown(workdir)} is not writable')
     return
   parent = path
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-    raise errors.UserError(f'--workdir={workdir!r} cannot be created: {parent!r} is not a '
-                           'writable directory')
+    raise errors.UserError(f'--workdir={paths.shown(workdir)} cannot be created: '
+                           f'{paths.shown(parent)} is not a writable directory')
 
 
 def in_bucket(bucket: str, prefix: str, name: str) -> paths.Path:

@@ -17,7 +17,7 @@ import pytest
 
 from experiments import dit
 from lib import checkpoint as ckpt
-from lib import errors, train, workdir as workdirs
+from lib import errors, paths, train, workdir as workdirs
 from lib.config import overrides, presets
 from lib.eval import actions
 from tests import conftest
@@ -235,6 +235,17 @@ def test_workdir_must_be_a_usable_directory(tmp_path):
     workdirs.check_usable(str(tmp_path / 'file'))
   workdirs.check_usable(str(tmp_path / 'new' / 'run'))
   assert not (tmp_path / 'new').exists()
+
+
+def test_messages_show_paths_as_paths_not_as_python_objects(tmp_path):
+  """launch.py passes a resolved `paths.Path`; the message shows '/x/file', not PosixGPath."""
+  (tmp_path / 'file').write_text('x')
+  for given, shown in ((tmp_path / 'file', tmp_path / 'file'),
+                       (tmp_path / 'file' / 'run', tmp_path / 'file')):
+    with pytest.raises(errors.UserError) as refusal:
+      workdirs.check_usable(paths.resolve(str(given), '--workdir'))
+    assert f"--workdir='{given}'" in str(refusal.value) and f"'{shown}'" in str(refusal.value)
+    assert 'Path(' not in str(refusal.value)
 
 
 def test_hooks_that_cannot_take_the_data_are_refused_before_training(tmp_path):

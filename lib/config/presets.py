@@ -138,13 +138,8 @@ def build(config: fdl.Buildable):
     match = _CONTEXT.search(message)
     if match is None:
       raise
-    text = message[:match.start()].strip()
-    path = match.group('path')
-    if path and re.match(r'[A-Za-z_]\w*=', text):
-      text = f'{path}.{text}'
-    elif path:
-      text = f'{path} ({match.group("name")}): {text}'
-    raise errors.ConfigError(text) from e
+    raise errors.at_node(match.group('path'), match.group('name'),
+                         message[:match.start()]) from e
 
 
 def apply_fiddler(config: fdl.Buildable, spec: str) -> fdl.Buildable:

@@ -1,7 +1,7 @@
 """A run's saved config: written into its workdir, read back, compared on resume.
 
     write_config(config, workdir)          # config.json, config.txt, effective.json
-    load_config_file('run/config.json')    # Fiddle JSON, imports restricted to the project
+    load_config_file('run/config.json')    # Fiddle JSON; what it may import: lib.config.references
     saved_values('run')                    # the effective values a run saved (effective.json)
     dump_config(config)                    # Fiddle JSON with each argument's provenance
 """
@@ -14,22 +14,10 @@ from fiddle import history
 from fiddle.experimental import serialization
 
 from lib import paths
-from lib.config import overrides, values
+from lib.config import overrides, references, values
 from lib.errors import UsageError
 
 EFFECTIVE = 'effective.json'  # beside config.json: the values the run used, defaults included
-
-
-class ProjectImports(serialization.PyrefPolicy):
-  """Lets a config file import only from this project and the libraries its graphs use."""
-  ALLOWED = ('lib', 'experiments', 'fiddle', 'jax', 'flax', 'optax', 'numpy', 'builtins',
-             'orbax', 'clu')
-
-  def allows_import(self, module: str, symbol: str) -> bool:
-    return module.split('.')[0] in self.ALLOWED
-
-  def allows_value(self, value) -> bool:
-    return True
 
 
 def dump_config(config: fdl.Buildable) -> str:
@@ -61,35 +49,67 @@ def _set_locations(config: fdl.Buildable) -> dict[str, list]:
   return locations
 
 
-def _restore_locations(config: fdl.Buildable, locations: dict[str, list]) -> None:
-  """Records each saved location as its argument's latest setting (dump_config's inverse)."""
-  for path, (filename, line, function) in locations.items():
+def _restore_locations(config: fdl.Buildable, locations) -> None:
+  """Records each saved location as its argument's latest setting (dump_config's inverse);
+  entries (read from a file) that name no argument set in `config` are skipped."""
+  for path, location in locations.items() if isinstance(locations, dict) else ():
+    node, name = _argument_owner(config, path)
+    if node is not None and isinstance(location, list) and len(location) == 3:
+      filename, line, function = location
+      with history.custom_location(lambda: history.Location(filename, line, function)):
+        setattr(node, name, node.__arguments__[name])
+
+
+def _argument_owner(config: fdl.Buildable, path) -> tuple[fdl.Buildable | None, str | None]:
+  """The node holding the argument at `path` ('network.depth') and the argument's name,
+  walking only arguments and list indices; (None, None) if there is none."""
+  try:
     *parents, name = overrides.parse_path(path)
-    node = config
-    for part in parents:
-      node = node[part] if isinstance(part, int) else getattr(node, part)
-    with history.custom_location(lambda: history.Location(filename, line, function)):
-      setattr(node, name, getattr(node, name))
+  except (UsageError, TypeError, ValueError):
+    return None, None
+  node = config
+  for part in parents:
+    if isinstance(node, fdl.Buildable) and part in node.__arguments__:
+      node = node.__arguments__[part]
+    elif isinstance(node, (list, tuple)) and isinstance(part, int) and 0 <= part < len(node):
+      node = node[part]
+    else:
+      return None, None
+  if isinstance(node, fdl.Buildable) and name in node.__arguments__:
+    return node, name
+  return None, None
 
 
 def load_config_file(path, what: str = '--fdl_config_file') -> fdl.Buildable:
-  """A config saved by a run (`WORKDIR/config.json`, local or in a bucket)."""
+  """A config saved by a run (`WORKDIR/config.json`, local or in a bucket). It is data:
+  loading it imports only what `lib.config.references` allows, and runs no code."""
   file = paths.resolve(path, what)
   if file.is_dir():
     file, path = file / 'config.json', f'{os.fspath(path).rstrip("/")}/config.json'
   if not file.is_file():
-    raise UsageError(f'no config file {os.fspath(path)!r}; a run saves its config as '
+    raise UsageError(f'no config file {paths.shown(path)}; a run saves its config as '
                      'WORKDIR/config.json')
-  text = file.read_text()
+  name, text = os.fspath(path), file.read_text()
   try:
-    config = serialization.load_json(text, pyref_policy=ProjectImports())
-  except serialization.PyrefPolicyError as e:
-    raise UsageError(f'{path} refers to code outside the project and its libraries ({e}); '
-                     f'only modules under {", ".join(ProjectImports.ALLOWED)} may be '
-                     f'imported from a config file') from None
-  except (ValueError, KeyError, TypeError) as e:
-    raise UsageError(f'{path} is not a Fiddle JSON config: {e}') from None
-  _restore_locations(config, json.loads(text).get('provenance', {}))
+    document = json.loads(text)
+    if not isinstance(document, dict):
+      raise ValueError('not a JSON object')
+    references.check_document(document)
+    config = serialization.load_json(text, pyref_policy=references.ProjectImports())
+  except references.Refused as e:
+    raise UsageError(f'{name}: {e.where or "a node"} refers to {e.module}.{e.name}, which a '
+                     f'config file may not use ({e.reason}); a config file is data and may '
+                     f'refer only to {references.ALLOWED}') from None
+  except references.Missing as e:
+    raise UsageError(f'{name}: {e.where} refers to {e.module}.{e.name}, which this code cannot '
+                     f'import ({e.reason}); was it written by another version?') from None
+  except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError,
+          serialization.DeserializationError) as e:
+    raise UsageError(f'{name} is not a Fiddle JSON config: {type(e).__name__}: {e}') from None
+  if not isinstance(config, fdl.Buildable):
+    raise UsageError(f'{name} is not a Fiddle JSON config: its root is a '
+                     f'{type(config).__name__}, not a fdl.Config')
+  _restore_locations(config, document.get('provenance', {}))
   return config
 
 
@@ -111,7 +131,8 @@ def saved_values(path, what: str = '--diff_against') -> dict:
 
 def normalized(config: fdl.Buildable) -> fdl.Buildable:
   """The config as it would load from its saved JSON (round-trip checks)."""
-  return serialization.load_json(dump_config(config), pyref_policy=ProjectImports())
+  return serialization.load_json(dump_config(config),
+                                 pyref_policy=references.ProjectImports())
 
 
 def write_config(config: fdl.Buildable, workdir) -> None:

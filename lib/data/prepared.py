@@ -21,7 +21,7 @@ import zipfile
 
 import numpy as np
 
-from lib import paths
+from lib import errors, paths
 from lib.data import latents
 from lib.data.images import EXTENSIONS, ImageFolder
 
@@ -99,14 +99,21 @@ class PreparedImages(ImageFolder):
 
   def check(self) -> None:
     """Raises FileNotFoundError / ValueError naming the dataset (or its dataset.json) and what
-    was expected; the first image must be image_size x image_size."""
+    was expected, or DataError naming the first image if it cannot be read; the first image
+    must be image_size x image_size."""
     from PIL import Image
 
     images, _, _ = self._index
-    with Image.open(io.BytesIO(self._read(images[0]))) as image:
-      size = image.size
+    first = f'{self.data_dir}: {images[0]}' if self.is_zip else images[0]
+    try:
+      with Image.open(io.BytesIO(self._read(images[0]))) as image:
+        image.load()
+        size = image.size
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... on bad bytes
+      raise errors.DataError(f'{first}: the first image cannot be read ({error}); re-create the '
+                             'dataset with EDM2\'s dataset_tool.py or replace the file') from None
     if size != (self.image_size, self.image_size):
-      raise ValueError(f'{self.data_dir}: {images[0]} is {size[0]}x{size[1]}, but data.image_size='
+      raise ValueError(f'{first} is {size[0]}x{size[1]}, but data.image_size='
                        f'{self.image_size}; a prepared dataset holds images at the training '
                        f'resolution (set data.image_size={size[0]} or prepare the data at '
                        f'{self.image_size})')

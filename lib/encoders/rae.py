@@ -10,7 +10,7 @@ from lib import paths
 from lib.encoders.base import FrozenNode
 from lib.encoders.dinov2 import DINOv2
 from lib.models import dinov2
-from lib.models.rae import DECODER_DEFAULTS, ViTMAEDecoder
+from lib.models.rae import DECODER_DEFAULTS, ViTMAEDecoder, check_decoder_sizes
 from lib.weights.files import read_state_dict
 from lib.weights.rae import import_decoder_state_dict
 
@@ -92,6 +92,10 @@ class RAE(FrozenNode):
     self.eps = eps
     self.dtype = dtype
     self.decoder_config = dict(DECODER_DEFAULTS, **(decoder or {}))
+    try:
+      check_decoder_sizes(**self.decoder_config)
+    except ValueError as e:
+      raise ValueError(f'encoder.decoder: {e}') from None
     self.latent_channels = self.dinov2.feature_dim
     self.grid = self.dinov2.grid
     self.downsample_factor = self.decoder_config['patch_size']

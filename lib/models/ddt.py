@@ -151,8 +151,10 @@ class DDT(nn.Module):
                time_max_period: float = 10.0, rope_theta: float = 10000.0,
                rope_scale: float = 16.0, take_dt: bool = False, take_gw: bool = False,
                dtype: str = 'float32', *, rngs: nnx.Rngs):
-    layers.check_sizes(input_size, patch_size,
-                       ('hidden_size', hidden_size, 'num_heads', num_heads), head_multiple=4)
+    layers.check_sizes(input_size, patch_size, ('hidden_size', hidden_size, 'num_heads', num_heads),
+                       head_multiple=4, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+                       num_blocks=num_blocks, in_channels=in_channels,
+                       freq_embed_size=freq_embed_size)
     if not 0 <= num_encoder_blocks <= num_blocks:
       raise ValueError(f'num_encoder_blocks={num_encoder_blocks} must be in [0, num_blocks='
                        f'{num_blocks}]')

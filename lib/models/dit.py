@@ -86,8 +86,10 @@ class DiT(nn.Module):
                mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                learn_sigma: bool = False, freq_embed_size: int = 256, take_dt: bool = False,
                take_gw: bool = False, dtype: str = 'float32', *, rngs: nnx.Rngs):
-    layers.check_sizes(input_size, patch_size,
-                       ('hidden_size', hidden_size, 'num_heads', num_heads))
+    layers.check_sizes(input_size, patch_size, ('hidden_size', hidden_size, 'num_heads', num_heads),
+                       position_table='hidden_size', mlp_ratio=mlp_ratio,
+                       class_dropout_prob=class_dropout_prob, depth=depth,
+                       in_channels=in_channels, freq_embed_size=freq_embed_size)
     compute = jnp.dtype(dtype)
     self.in_channels = in_channels
     self.num_classes = num_classes

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lib import nn
+from lib import errors, nn
 
 xavier_uniform = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
@@ -88,18 +88,40 @@ def time_condition(t_embedder, dt_embedder, gw_embedder, t: jax.Array,
 
 
 def check_sizes(input_size: int, patch_size: int, *widths: tuple[str, int, str, int],
-                head_multiple: int = 1) -> None:
-  """The size checks of every network, before any parameter is made: `patch_size` divides
-  `input_size`, and each (width name, width, heads name, heads) splits into heads whose
-  dimension width / heads is a multiple of `head_multiple` (4 for 2-D RoPE tables)."""
-  if input_size % patch_size:
-    raise ValueError(f'input_size={input_size} is not divisible by patch_size={patch_size}')
+                head_multiple: int = 1, position_table: str | None = None,
+                mlp_ratio: float = 4.0, class_dropout_prob: float = 0.0,
+                dropout_rates: dict[str, float] | None = None, **counts: int) -> None:
+  """The size checks of every network, before any parameter is made, each a ValueError that
+  names the argument (`num_heads=3 must divide hidden_size=32`; `lib.errors`):
+    * `counts` (depth=..., in_channels=..., ...), the sizes, widths and heads are at least 1;
+    * mlp_ratio > 0, class_dropout_prob in [0, 1], each of `dropout_rates` in [0, 1);
+    * `patch_size` divides `input_size`;
+    * each (width name, width, heads name, heads) splits into heads whose dimension
+      width / heads is a multiple of `head_multiple` (4 for 2-D RoPE tables);
+    * the width named `position_table` (the one with a 2-D sin-cos table) is a multiple of 4."""
+  errors.check_positive(input_size=input_size, patch_size=patch_size, **counts,
+                        **{name: value for width in widths for name, value in
+                           (width[0:2], width[2:4])})
+  errors.check_in_range(0, open_low=True, mlp_ratio=mlp_ratio)
+  errors.check_in_range(0, 1, class_dropout_prob=class_dropout_prob)
+  errors.check_in_range(0, 1, open_high=True, **(dropout_rates or {}))
+  errors.check_divides(patch_size=patch_size, input_size=input_size)
   for width_name, width, heads_name, heads in widths:
-    if width % heads:
-      raise ValueError(f'{width_name}={width} must be divisible by {heads_name}={heads}')
+    errors.check_divides(**{heads_name: heads, width_name: width})
     if (width // heads) % head_multiple:
-      raise ValueError(f'the head dimension {width_name} / {heads_name} = {width // heads} must '
-                       f'be divisible by {head_multiple} (2-D RoPE)')
+      raise ValueError(f'{heads_name}={heads} gives {width_name} / {heads_name} = '
+                       f'{width // heads} channels a head; 2-D RoPE needs a multiple of '
+                       f'{head_multiple}')
+    if width_name == position_table:
+      check_sincos_width(**{width_name: width})
+
+
+def check_sincos_width(**width: int) -> None:
+  """ValueError('hidden_size=30 must be a multiple of 4 ...') unless the width of a 2-D
+  sin-cos table (`sincos_2d`: a sin and a cos half for each axis) is a multiple of 4."""
+  (name, value), = width.items()
+  if value % 4:
+    raise ValueError(f'{name}={value} must be a multiple of 4 (the 2-D sin-cos position table)')
 
 
 # ------------------------------------------------------------------------------------------
@@ -302,10 +324,11 @@ def _gelu_tanh_jvp(primals, tangents):
 
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (timm layout), `attention`.
-  hidden_size must be divisible by num_heads (the networks check it, `check_sizes`)."""
+  num_heads must divide hidden_size."""
 
   def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool = True, *,
                dtype=jnp.float32, rngs: nnx.Rngs):
+    errors.check_divides(num_heads=num_heads, hidden_size=hidden_size)
     self.num_heads = num_heads
     self.qkv = nnx.Linear(hidden_size, 3 * hidden_size, use_bias=qkv_bias,
                           kernel_init=xavier_uniform, bias_init=zeros, dtype=dtype, rngs=rngs)
@@ -527,7 +550,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class RopeAttention(nn.Module):
   """LightningDiT attention: fused qkv (with bias; DDT: `qkv_bias=False`) -> optional per-head
   q/k norms (separate modules) -> optional 2-D RoPE on q and k -> softmax(q k^T / sqrt(Dh)) v
-  -> proj. hidden_size must be divisible by num_heads (the networks check it, `check_sizes`).
+  -> proj. num_heads must divide hidden_size.
 
   q/k norms are RMSNorm (eps 1e-6) with `rms_norm`, else affine LayerNorm with torch's
   eps 1e-5, as the official code. `attention` is used unless attention weight dropout is
@@ -538,6 +561,7 @@ class RopeAttention(nn.Module):
                rms_norm: bool = True, attn_w_dropout: float = 0.0, attn_o_dropout: float = 0.0,
                init: str = 'xavier', qkv_bias: bool = True, *, dtype=jnp.float32,
                rngs: nnx.Rngs):
+    errors.check_divides(num_heads=num_heads, hidden_size=hidden_size)
     self.num_heads = num_heads
     self.attn_w_dropout = attn_w_dropout
     self.attn_o_dropout = attn_o_dropout

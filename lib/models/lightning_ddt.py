@@ -77,7 +77,12 @@ class LightningDDT(nn.Module):
                          for name, width, heads in (
                              ('encoder', encoder_hidden_size, encoder_num_heads),
                              ('decoder', decoder_hidden_size, decoder_num_heads))),
-                       head_multiple=4 if use_rope else 1)
+                       head_multiple=4 if use_rope else 1, position_table='encoder_hidden_size',
+                       mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+                       dropout_rates=dict(mlp_dropout=mlp_dropout, attn_w_dropout=attn_w_dropout,
+                                          attn_o_dropout=attn_o_dropout),
+                       num_encoder_blocks=num_encoder_blocks, num_decoder_blocks=num_decoder_blocks,
+                       in_channels=in_channels, freq_embed_size=freq_embed_size)
     compute = jnp.dtype(dtype)
     init = 'xavier' if xavier_init else 'torch'
     grid = input_size // patch_size

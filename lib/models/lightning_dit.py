@@ -149,9 +149,12 @@ class LightningDiT(nn.Module):
                mlp_dropout: float = 0.0, attn_w_dropout: float = 0.0,
                attn_o_dropout: float = 0.0, take_dt: bool = False, take_gw: bool = False,
                dtype: str = 'float32', *, rngs: nnx.Rngs):
-    layers.check_sizes(input_size, patch_size,
-                       ('hidden_size', hidden_size, 'num_heads', num_heads),
-                       head_multiple=4 if use_rope else 1)
+    layers.check_sizes(input_size, patch_size, ('hidden_size', hidden_size, 'num_heads', num_heads),
+                       head_multiple=4 if use_rope else 1, position_table='hidden_size',
+                       mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+                       dropout_rates=dict(mlp_dropout=mlp_dropout, attn_w_dropout=attn_w_dropout,
+                                          attn_o_dropout=attn_o_dropout),
+                       depth=depth, in_channels=in_channels, freq_embed_size=freq_embed_size)
     compute = jnp.dtype(dtype)
     grid = input_size // patch_size
     self.in_channels = in_channels

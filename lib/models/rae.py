@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lib import nn
+from lib import errors, nn
 from lib.models import dinov2, layers
 
 LAYER_NORM_EPS = 1e-12
@@ -93,6 +93,15 @@ class ViTMAELayer(nn.Module):
     return x + self.mlp(self.layernorm_after(x))
 
 
+def check_decoder_sizes(hidden_size: int, num_layers: int, num_heads: int, mlp_dim: int,
+                        patch_size: int) -> None:
+  """The transformer sizes of `ViTMAEDecoder`, or a ValueError naming the bad one: all at
+  least 1, num_heads dividing hidden_size, hidden_size a multiple of 4 (its sin-cos table)."""
+  errors.check_positive(num_layers=num_layers, mlp_dim=mlp_dim, patch_size=patch_size)
+  errors.check_divides(num_heads=num_heads, hidden_size=hidden_size)
+  layers.check_sincos_width(hidden_size=hidden_size)
+
+
 class ViTMAEDecoder(nn.Module):
   """RAE's ViT decoder (module docstring): latents (B, g, g, latent_dim) -> images
   (B, g*P, g*P, out_channels), ImageNet-normalised pixels.
@@ -111,6 +120,8 @@ class ViTMAEDecoder(nn.Module):
                num_heads: int = 16, mlp_dim: int = 4096, patch_size: int = 16,
                grid_size: int = 16, out_channels: int = 3, *, dtype=jnp.float32,
                rngs: nnx.Rngs):
+    check_decoder_sizes(hidden_size, num_layers, num_heads, mlp_dim, patch_size)
+    errors.check_positive(latent_dim=latent_dim, grid_size=grid_size, out_channels=out_channels)
     self.patch_size = patch_size
     self.grid_size = grid_size
     self.out_channels = out_channels

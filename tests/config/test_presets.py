@@ -48,11 +48,11 @@ def test_every_preset_file_is_covered():
 
 
 @pytest.mark.parametrize('path,name', PRESETS)
-def test_preset_constructs_and_builds_abstractly(path, name):
+def test_preset_constructs_builds_and_checks_abstractly(path, name):
   config = presets.load_preset(f'{path}:{name}')
   assert isinstance(config, fdl.Config)
   experiment = fdl.build(config)
-  model = nnx.eval_shape(experiment.make_network)
+  model = experiment.check_shapes()  # network, optimizer, REPA's projector, batch on devices
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
   assert sum(x.size for x in leaves) == PARAMETERS[path][name]

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from experiments.legacy import converter
+from lib import errors
 from lib.config import presets
 from lib.data import stream
 from lib.data.prepared import PreparedImages
@@ -94,6 +95,23 @@ def test_missing_dataset_or_labels_or_wrong_size(tmp_path):
     PreparedImages(data_dir, image_size=64, num_classes=3).check()
   (tmp_path / 'data' / 'dataset.json').unlink()
   with pytest.raises(FileNotFoundError, match=r'data/dataset\.json not found.*dataset_tool'):
+    PreparedImages(data_dir, image_size=8, num_classes=3).check()
+
+
+@pytest.mark.parametrize('as_zip', [False, True], ids=['folder', 'zip'])
+@pytest.mark.parametrize('damage', ['garbage', 'truncated'])
+def test_an_unreadable_first_image_is_named(tmp_path, as_zip, damage):
+  root = tmp_path / 'data'
+  data_dir, first = write_dataset(root), root / '00000' / 'img00000000.png'
+  data = first.read_bytes()
+  first.write_bytes(b'not a png' if damage == 'garbage' else data[:len(data) // 2])
+  if as_zip:
+    data_dir = f'{root}.zip'
+    with zipfile.ZipFile(data_dir, 'w') as archive:
+      for file in sorted(root.rglob('*')):
+        archive.write(file, file.relative_to(root).as_posix())
+  with pytest.raises(errors.DataError, match=r'00000/img00000000\.png: the first image cannot '
+                                             r'be read'):
     PreparedImages(data_dir, image_size=8, num_classes=3).check()
 
 

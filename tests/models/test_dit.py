@@ -99,7 +99,7 @@ def test_label_dropout_only_with_rngs():
 
 
 def test_patch_size_must_divide_input():
-  with pytest.raises(ValueError, match='not divisible by patch_size=3'):
+  with pytest.raises(ValueError, match='patch_size=3 must divide input_size'):
     tiny(patch_size=3)
 
 

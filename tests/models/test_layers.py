@@ -101,17 +101,18 @@ def test_forward_mode_switches_to_layers_jax_can_differentiate_in_forward_mode()
 
 @pytest.mark.parametrize('make,message', [
     (lambda: dit.DiT(9, 4, 10, patch_size=2, rngs=nnx.Rngs(0)),
-     'input_size=9 is not divisible by patch_size=2'),
+     'patch_size=2 must divide input_size=9'),
     (lambda: dit.DiT(8, 4, 10, hidden_size=30, num_heads=4, rngs=nnx.Rngs(0)),
-     'hidden_size=30 must be divisible by num_heads=4'),
+     'num_heads=4 must divide hidden_size=30'),
     (lambda: lightning_dit.LightningDiT(8, 4, 10, hidden_size=24, num_heads=4, rngs=nnx.Rngs(0)),
-     r'head dimension hidden_size / num_heads = 6 must be divisible by 4 \(2-D RoPE\)'),
+     r'num_heads=4 gives hidden_size / num_heads = 6 channels a head; 2-D RoPE needs a '
+     'multiple of 4'),
     (lambda: lightning_ddt.LightningDDT(8, 4, 10, encoder_hidden_size=32, encoder_num_heads=2,
                                         decoder_hidden_size=50, decoder_num_heads=4,
                                         rngs=nnx.Rngs(0)),
-     'decoder_hidden_size=50 must be divisible by decoder_num_heads=4'),
+     'decoder_num_heads=4 must divide decoder_hidden_size=50'),
     (lambda: ddt.DDT(8, 4, 10, hidden_size=24, num_heads=4, rngs=nnx.Rngs(0)),
-     r'head dimension hidden_size / num_heads = 6 must be divisible by 4'),
+     'num_heads=4 gives hidden_size / num_heads = 6 channels a head'),
 ])
 def test_every_network_checks_its_sizes_before_making_parameters(make, message):
   with pytest.raises(ValueError, match=message):

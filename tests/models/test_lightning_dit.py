@@ -268,7 +268,7 @@ def test_bfloat16_compute_keeps_float32_params():
 
 
 def test_invalid_sizes():
-  with pytest.raises(ValueError, match='not divisible by patch_size=3'):
+  with pytest.raises(ValueError, match='patch_size=3 must divide input_size'):
     tiny(patch_size=3)
-  with pytest.raises(ValueError, match='divisible by 4'):
+  with pytest.raises(ValueError, match='2-D RoPE needs a multiple of 4'):
     tiny(hidden_size=24, num_heads=4)  # head_dim 6: no 2-D RoPE
