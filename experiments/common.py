@@ -112,6 +112,11 @@ def sd_vae_scaled_encoder(scaling_factor: float = 0.18215,
                     final_mean=0.0, final_std=scaling_factor)
 
 
+def sd_vae_latent_elements(image_size: int) -> int:
+  """H * W * C of an SD-VAE latent (f8, 4 channels): as `t_shift_base`, no resolution shift."""
+  return (image_size // 8) ** 2 * 4
+
+
 def rae_encoder(encoder_weights: str | None = None, decoder_weights: str | None = None,
                 stats_path: str | None = None) -> fdl.Config:
   """RAE (diffuse_nnx's `_imagenet_rae_encoder_presets`): DINOv2-B with registers at 224 ->
@@ -278,6 +283,24 @@ def euler_maruyama(num_steps: int = 250, **kwargs) -> fdl.Config:
   return fdl.Config(samplers.EulerMaruyama, **{
       'num_steps': num_steps, 'diffusion': 'linear_kl', 'diffusion_norm': 1.0,
       'sampling_time_dist': 'uniform', 't_start': 0.999, 't_end': 0.0, **kwargs})
+
+
+def repa_sde(num_steps: int = 250, **kwargs) -> fdl.Config:
+  """REPA's `euler_maruyama_sampler`: w(t) = 2t ('linear', norm 2) from t = 1 over
+  linspace(1, 0.04, num_steps) and a last, noise-free step to 0 (`last_interval=0.04`);
+  num_steps network evaluations (twice inside the guidance interval)."""
+  return fdl.Config(samplers.EulerMaruyama, **{
+      'num_steps': num_steps, 'diffusion': 'linear', 'diffusion_norm': 2.0,
+      'sampling_time_dist': 'uniform', 't_start': 1.0, 't_end': 0.0, 'last_interval': 0.04,
+      **kwargs})
+
+
+def repa_ode(num_steps: int = 50, **kwargs) -> fdl.Config:
+  """REPA's `euler_sampler(heun=True)` (`generate.py --mode=ode --heun`, `samplers.REPAHeun`):
+  Heun on linspace(1, 0, num_steps + 1), the last step Euler, each corrector guided as its
+  step's start time; 2 * num_steps - 1 network evaluations."""
+  return fdl.Config(samplers.REPAHeun, num_steps=num_steps, sampling_time_dist='uniform',
+                    **kwargs)
 
 
 def karras_heun(num_steps: int = 18, **kwargs) -> fdl.Config:

@@ -45,13 +45,12 @@ def ddt(variant: str = 'XL/2', image_size: int = 256, data_dir: str | None = Non
   """MCG-NJU DDT of `variant` (`SIZE/PATCH`, sizes of `lib.models.ddt.SIZES`) with the
   released ImageNet model's recipe (see the module docstring); XL/2 is DDT-XL/2 22en6de (1152
   wide, 16 heads, 22 encoder + 6 decoder blocks; 674,646,352 parameters at 256)."""
-  latent_elements = (image_size // 8) ** 2 * 4
   config = common.experiment(
       data=common.imagenet_latents(image_size, batch_size=256, data_dir=data_dir),
       encoder=common.sd_vae_scaled_encoder(),
       network=common.mcg_ddt_network(variant),
       interface=common.sit_interface(time_dist='logit_normal', t_mu=0.0, t_sigma=1.0,
-                                     t_shift_base=latent_elements,
+                                     t_shift_base=common.sd_vae_latent_elements(image_size),
                                      network_time='data_at_1'),
       optimizer=common.adamw(learning_rate=1e-4, b2=0.95),
       sampler=common.euler(250, guidance_scale=GUIDANCE.get(image_size, 2.0),
