@@ -225,14 +225,15 @@ def sit_interface(**kwargs) -> fdl.Config:
 
 
 def meanflow_interface(**kwargs) -> fdl.Config:
-  """MeanFlow with diffuse_nnx's `mf_imagenet` values: logit-normal(-0.4, 1.0) times, 75% of each
-  batch with r = t, condition drop 0.1, training-time guidance w = 0.2, k = 0.92 (effective
-  scale 2.5) for t in [0, 0.75], adaptive weight eps 1.0, power 1.0."""
+  """MeanFlow as Gsunshine/meanflow draws and weights it: logit-normal(-0.4, 1.0) times, the
+  first 75% of each batch with r = t and the dropped (null-label, 10%) rows a prefix too
+  (`draws='prefix'`), adaptive weight eps 0.01, power 1.0; training-time guidance of
+  diffuse_nnx's `mf_imagenet`, w = 0.2, k = 0.92 (effective scale 2.5) for t in [0, 0.75]."""
   return fdl.Config(meanflow.MeanFlow, **{
       'time_dist': 'logit_normal', 't_mu': -0.4, 't_sigma': 1.0, 'n_mu': 0.0, 'n_sigma': 1.0,
-      'fm_portion': 0.75, 'cond_drop_ratio': 0.1, 'guidance_scale': 0.2,
+      'fm_portion': 0.75, 'cond_drop_ratio': 0.1, 'draws': 'prefix', 'guidance_scale': 0.2,
       'guidance_mixture_ratio': 0.92, 'guidance_t_min': 0.0, 'guidance_t_max': 0.75,
-      'norm_eps': 1.0, 'norm_power': 1.0, **kwargs})
+      'norm_eps': 0.01, 'norm_power': 1.0, **kwargs})
 
 
 def edm_interface(**kwargs) -> fdl.Config:

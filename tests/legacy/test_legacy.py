@@ -31,6 +31,9 @@ MEANFLOW_FID_AT_CFG_1 = [(
     for field, native in (('all_guidance_scales', '(1.0,)'),
                           ('all_eval_samples_nums', '((10000, 50000),)'),
                           ('eval_every_steps', '((25000, 100000),)'))]
+MEANFLOW_WEIGHT_EPS = (
+    'interface.norm_eps: 0.01 -> 1.0',
+    "the native MeanFlow presets take Gsunshine/meanflow's adaptive-weight eps 0.01")
 REPA_PAPER_DEPTH = (
     'repa.depth: 8 -> 4',
     'diffuse_nnx aligns block 4 at every size; the native L and XL presets align block 8, the '
@@ -89,7 +92,7 @@ CASES = [  # (legacy file, options, native preset, allowed differences)
        f'experiments/lightning_ddt.py:{SIZES[size]}', [SAMPLING_GUIDANCE] + TRACKER_NAMES)
       for size in ('S', 'XL')],
     *[('mf_imagenet', f'imagenet_256-{size}_2', f'experiments/meanflow.py:{preset}',
-       MEANFLOW_FID_AT_CFG_1 + TRACKER_NAMES) for size, preset in SIZES.items()],
+       MEANFLOW_FID_AT_CFG_1 + [MEANFLOW_WEIGHT_EPS] + TRACKER_NAMES) for size, preset in SIZES.items()],
     *[('dit_imagenet_repa', f'imagenet_raw_256-{size}_2', f'experiments/dit_repa.py:{preset}',
        REPA_GUIDANCE + REPA_RECIPE + ([REPA_PAPER_DEPTH] if size in ('L', 'XL') else []) + TRACKER_NAMES)
       for size, preset in SIZES.items()],
