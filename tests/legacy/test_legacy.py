@@ -34,6 +34,9 @@ MEANFLOW_FID_AT_CFG_1 = [(
 MEANFLOW_WEIGHT_EPS = (
     'interface.norm_eps: 0.01 -> 1.0',
     "the native MeanFlow presets take Gsunshine/meanflow's adaptive-weight eps 0.01")
+RAE_RECIPE = [(path, "the native RAE presets take RAE's DiTDH-XL training config: lr "
+                'held 40 epochs, linear to 2e-5 at epoch 800, 1400 epochs, clipping at 1')
+              for path in ('optimizer.schedule', 'optimizer.grad_clip_norm: ', 'total_steps: ')]
 REPA_PAPER_DEPTH = (
     'repa.depth: 8 -> 4',
     'diffuse_nnx aligns block 4 at every size; the native L and XL presets align block 8, the '
@@ -97,7 +100,7 @@ CASES = [  # (legacy file, options, native preset, allowed differences)
        REPA_GUIDANCE + REPA_RECIPE + ([REPA_PAPER_DEPTH] if size in ('L', 'XL') else []) + TRACKER_NAMES)
       for size, preset in SIZES.items()],
     ('rae_imagenet', 'imagenet_raw_256-XL_1', 'experiments/rae.py:xl1',
-     [DIFFUSE_NNX_DECODER_PATH] + TRACKER_NAMES),
+     [DIFFUSE_NNX_DECODER_PATH] + RAE_RECIPE + TRACKER_NAMES),
 ]
 
 
