@@ -219,6 +219,15 @@ def mcg_ddt_network(variant: str = 'XL/2', **kwargs) -> fdl.Partial:
 
 
 # ------------------------------------------------------------------------------- training
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def imagenet_epochs(epochs: float, batch_size: int) -> int:
+  """Training steps of `epochs` passes over ImageNet-1k at `batch_size` (last partial batch
+  dropped, as the official loaders)."""
+  return int(epochs * (IMAGENET_TRAIN_IMAGES // batch_size))
+
+
 def sit_interface(**kwargs) -> fdl.Config:
   return fdl.Config(sit.SiT, **{'time_dist': 'uniform', 't_mu': 0.0, 't_sigma': 1.0,
                                 'n_mu': 0.0, 'n_sigma': 1.0, 't_shift_base': 4096, **kwargs})

@@ -29,8 +29,6 @@ import fiddle as fdl
 from experiments import common, lightning_ddt
 from lib import optim
 
-STEPS_PER_EPOCH = 1_281_167 // 1024  # ImageNet-1k train images per batch of 1024 (drop last)
-
 
 def rae(variant: str = 'XL/1', data_dir: str | None = None) -> fdl.Config:
   """DiT-DH of `variant` (LightningDDT, sizes of `lib.models.lightning_ddt.SIZES`) on RAE
@@ -41,10 +39,10 @@ def rae(variant: str = 'XL/1', data_dir: str | None = None) -> fdl.Config:
   config.data = common.imagenet_raw(256, batch_size=1024, data_dir=data_dir)
   config.encoder = common.rae_encoder()
   config.optimizer.schedule = fdl.Partial(
-      optim.constant_then_linear, decay_start=40 * STEPS_PER_EPOCH,
-      decay_end=800 * STEPS_PER_EPOCH, min_lr=2e-5)
+      optim.constant_then_linear, decay_start=common.imagenet_epochs(40, 1024),
+      decay_end=common.imagenet_epochs(800, 1024), min_lr=2e-5)
   config.optimizer.grad_clip_norm = 1.0
-  config.total_steps = 1400 * STEPS_PER_EPOCH
+  config.total_steps = common.imagenet_epochs(1400, 1024)
   config.sampler = common.euler(50, **lightning_ddt.SAMPLER_RANGE)
   config.sharding = common.replicated()
   config.visualize.reconstructions = True

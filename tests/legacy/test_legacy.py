@@ -31,9 +31,10 @@ MEANFLOW_FID_AT_CFG_1 = [(
     for field, native in (('all_guidance_scales', '(1.0,)'),
                           ('all_eval_samples_nums', '((10000, 50000),)'),
                           ('eval_every_steps', '((25000, 100000),)'))]
-MEANFLOW_WEIGHT_EPS = (
-    'interface.norm_eps: 0.01 -> 1.0',
-    "the native MeanFlow presets take Gsunshine/meanflow's adaptive-weight eps 0.01")
+MEANFLOW_RECIPE = [
+    ('interface.norm_eps: 0.01 -> 1.0',
+     "the native MeanFlow presets take Gsunshine/meanflow's adaptive-weight eps 0.01"),
+    ('total_steps: 1200960 -> ', "the native MeanFlow presets train the paper's 240 epochs")]
 RAE_RECIPE = [(path, "the native RAE presets take RAE's DiTDH-XL training config: lr "
                 'held 40 epochs, linear to 2e-5 at epoch 800, 1400 epochs, clipping at 1')
               for path in ('optimizer.schedule', 'optimizer.grad_clip_norm: ', 'total_steps: ')]
@@ -95,7 +96,7 @@ CASES = [  # (legacy file, options, native preset, allowed differences)
        f'experiments/lightning_ddt.py:{SIZES[size]}', [SAMPLING_GUIDANCE] + TRACKER_NAMES)
       for size in ('S', 'XL')],
     *[('mf_imagenet', f'imagenet_256-{size}_2', f'experiments/meanflow.py:{preset}',
-       MEANFLOW_FID_AT_CFG_1 + [MEANFLOW_WEIGHT_EPS] + TRACKER_NAMES) for size, preset in SIZES.items()],
+       MEANFLOW_FID_AT_CFG_1 + MEANFLOW_RECIPE + TRACKER_NAMES) for size, preset in SIZES.items()],
     *[('dit_imagenet_repa', f'imagenet_raw_256-{size}_2', f'experiments/dit_repa.py:{preset}',
        REPA_GUIDANCE + REPA_RECIPE + ([REPA_PAPER_DEPTH] if size in ('L', 'XL') else []) + TRACKER_NAMES)
       for size, preset in SIZES.items()],
