@@ -23,8 +23,9 @@ the first three channels; the default guides all channels.
 Time grids (`sampling_time_dist`):
   * 'uniform': linspace(t_start, t_end, num_steps + 1), then the shift
     t <- s t / (1 + (s - 1) t), s = sqrt(t_shift_cur / t_shift_base). With `last_interval`
-    = d the last interval has length d: linspace(t_start, t_end + d, num_steps) then t_end
-    (REPA's Euler-Maruyama: linspace(1, 0.04, N) then 0, d = 0.04; DDT's `last_step`).
+    = d the last interval has length d (before the shift): linspace(t_start, t_end + d,
+    num_steps) then t_end (REPA's Euler-Maruyama: linspace(1, 0.04, N) then 0, d = 0.04;
+    DDT's `last_step`).
   * 'karras' (EDM): sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) -
     sigma_max^(1/rho)))^rho for i < N = num_steps, then a final 0: num_steps intervals in all.
 
