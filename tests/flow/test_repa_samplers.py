@@ -5,9 +5,10 @@ import fiddle as fdl
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments import common
-from lib.flow import sit
+from lib.flow import samplers, sit
 
 SHIFT = np.array([0.4, -0.3, 0.2, 0.6])  # per-class offset of the field; the null class is 3
 
@@ -110,3 +111,24 @@ def test_repa_heun_skips_the_last_corrector_and_guides_by_the_start_time():
   assert_relative(ours, reference, 1e-5)
   sit_heun = fdl.build(common.heun(steps, **kwargs))(sit.SiT(), LinearField(), noise, labels)
   assert np.abs(np.asarray(sit_heun, np.float64) - reference).max() > 1e-3
+
+
+def test_repa_presets_sample_train_and_scale_as_repa():
+  from lib.config import presets
+  for size in (256, 512):
+    experiment = fdl.build(presets.load_preset(f'experiments/dit_repa.py:xl2(image_size={size})'))
+    assert experiment.interface.shift(experiment.latent_shape) == 1.0  # no shift at any size
+    assert experiment.encoder.final_std == 0.18215 and not experiment.data.random_flip
+    sampler = experiment.sampler
+    assert (sampler.diffusion, sampler.diffusion_norm, sampler.last_interval) == ('linear', 2.0,
+                                                                                  0.04)
+    assert (sampler.guidance_scale, sampler.guidance_interval) == (1.8, (0.0, 0.7))
+  ode = fdl.build(presets.load_preset('experiments/dit_repa.py:xl2(mode="ode")').sampler)
+  assert type(ode) is samplers.REPAHeun and ode.guidance_scale == 1.8
+
+
+def test_last_interval_needs_a_uniform_grid_it_fits():
+  for kwargs in (dict(last_interval=1.0), dict(last_interval=0.0), dict(num_steps=1),
+                 dict(sampling_time_dist='karras')):
+    with pytest.raises(ValueError, match='last_interval'):
+      samplers.Euler(**{'num_steps': 4, 'last_interval': 0.04, **kwargs})
