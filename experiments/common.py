@@ -112,6 +112,11 @@ def sd_vae_scaled_encoder(scaling_factor: float = 0.18215,
                     final_mean=0.0, final_std=scaling_factor)
 
 
+def sd_vae_latent_elements(image_size: int) -> int:
+  """H * W * C of an SD-VAE latent (f8, 4 channels): as `t_shift_base`, no resolution shift."""
+  return (image_size // 8) ** 2 * 4
+
+
 def rae_encoder(encoder_weights: str | None = None, decoder_weights: str | None = None,
                 stats_path: str | None = None) -> fdl.Config:
   """RAE (diffuse_nnx's `_imagenet_rae_encoder_presets`): DINOv2-B with registers at 224 ->
@@ -214,20 +219,30 @@ def mcg_ddt_network(variant: str = 'XL/2', **kwargs) -> fdl.Partial:
 
 
 # ------------------------------------------------------------------------------- training
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def imagenet_epochs(epochs: float, batch_size: int) -> int:
+  """Training steps of `epochs` passes over ImageNet-1k at `batch_size` (last partial batch
+  dropped, as the official loaders)."""
+  return int(epochs * (IMAGENET_TRAIN_IMAGES // batch_size))
+
+
 def sit_interface(**kwargs) -> fdl.Config:
   return fdl.Config(sit.SiT, **{'time_dist': 'uniform', 't_mu': 0.0, 't_sigma': 1.0,
                                 'n_mu': 0.0, 'n_sigma': 1.0, 't_shift_base': 4096, **kwargs})
 
 
 def meanflow_interface(**kwargs) -> fdl.Config:
-  """MeanFlow with diffuse_nnx's `mf_imagenet` values: logit-normal(-0.4, 1.0) times, 75% of each
-  batch with r = t, condition drop 0.1, training-time guidance w = 0.2, k = 0.92 (effective
-  scale 2.5) for t in [0, 0.75], adaptive weight eps 1.0, power 1.0."""
+  """MeanFlow as Gsunshine/meanflow draws and weights it: logit-normal(-0.4, 1.0) times, the
+  first 75% of each batch with r = t and the dropped (null-label, 10%) rows a prefix too
+  (`draws='prefix'`), adaptive weight eps 0.01, power 1.0; training-time guidance of
+  diffuse_nnx's `mf_imagenet`, w = 0.2, k = 0.92 (effective scale 2.5) for t in [0, 0.75]."""
   return fdl.Config(meanflow.MeanFlow, **{
       'time_dist': 'logit_normal', 't_mu': -0.4, 't_sigma': 1.0, 'n_mu': 0.0, 'n_sigma': 1.0,
-      'fm_portion': 0.75, 'cond_drop_ratio': 0.1, 'guidance_scale': 0.2,
+      'fm_portion': 0.75, 'cond_drop_ratio': 0.1, 'draws': 'prefix', 'guidance_scale': 0.2,
       'guidance_mixture_ratio': 0.92, 'guidance_t_min': 0.0, 'guidance_t_max': 0.75,
-      'norm_eps': 1.0, 'norm_power': 1.0, **kwargs})
+      'norm_eps': 0.01, 'norm_power': 1.0, **kwargs})
 
 
 def edm_interface(**kwargs) -> fdl.Config:
@@ -278,6 +293,24 @@ def euler_maruyama(num_steps: int = 250, **kwargs) -> fdl.Config:
   return fdl.Config(samplers.EulerMaruyama, **{
       'num_steps': num_steps, 'diffusion': 'linear_kl', 'diffusion_norm': 1.0,
       'sampling_time_dist': 'uniform', 't_start': 0.999, 't_end': 0.0, **kwargs})
+
+
+def repa_sde(num_steps: int = 250, **kwargs) -> fdl.Config:
+  """REPA's `euler_maruyama_sampler`: w(t) = 2t ('linear', norm 2) from t = 1 over
+  linspace(1, 0.04, num_steps) and a last, noise-free step to 0 (`last_interval=0.04`);
+  num_steps network evaluations (twice inside the guidance interval)."""
+  return fdl.Config(samplers.EulerMaruyama, **{
+      'num_steps': num_steps, 'diffusion': 'linear', 'diffusion_norm': 2.0,
+      'sampling_time_dist': 'uniform', 't_start': 1.0, 't_end': 0.0, 'last_interval': 0.04,
+      **kwargs})
+
+
+def repa_ode(num_steps: int = 50, **kwargs) -> fdl.Config:
+  """REPA's `euler_sampler(heun=True)` (`generate.py --mode=ode --heun`, `samplers.REPAHeun`):
+  Heun on linspace(1, 0, num_steps + 1), the last step Euler, each corrector guided as its
+  step's start time; 2 * num_steps - 1 network evaluations."""
+  return fdl.Config(samplers.REPAHeun, num_steps=num_steps, sampling_time_dist='uniform',
+                    **kwargs)
 
 
 def karras_heun(num_steps: int = 18, **kwargs) -> fdl.Config:

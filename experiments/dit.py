@@ -1,7 +1,9 @@
 """DiT presets: SiT flow matching with DiT backbones.
 
 `dit(variant)`: ImageNet 256 SD-VAE latents (32x32x4), diffuse_nnx's `dit_imagenet.py`
-defaults, with the network variant `SIZE/PATCH` of `lib.models.dit.SIZES` ('S/2', 'B/4',
+defaults (SiT's training; diffuse_nnx's Heun-32 sampler where SiT published Euler-Maruyama 250
+and dopri5, and guidance on all 4 channels where DiT/SiT guide 3: `sampler.guide_channels=3`),
+with the network variant `SIZE/PATCH` of `lib.models.dit.SIZES` ('S/2', 'B/4',
 'XL/2', ...); `s2`, `b2`, `l2`, `xl2` are its published variants. `digits`: the embedded CPU
 demo on scikit-learn's digits (`experiments/fiddlers.py:digits` on DiT-S/2).
 

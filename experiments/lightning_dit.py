@@ -5,7 +5,9 @@ sizes: Gaussian-Fourier time embedding (512), SwiGLU, RoPE, RMSNorm, 6-way adaLN
 SiT flow matching with logit-normal training times; AdamW lr 2e-4, b2 0.95; batch 1024;
 Heun-32 sampling at cfg 1.5 over all 4 channels, the SD-VAE family's published best
 (`common.SIT_GUIDANCE`): LightningDiT's own best scales (6.7 at 800 epochs, 10 at 64) guide 3
-of the 32 channels of its VA-VAE latents and do not carry over; EMA 0.9999.
+of the 32 channels of its VA-VAE latents and do not carry over, as its sampler (Euler 250,
+shift 0.3 in its time, guidance from t <= 0.875; BUILD.md "Presets against their papers'
+official code" builds it) and its cosine loss (not implemented); EMA 0.9999.
 
     python launch.py --fdl_config=experiments/lightning_dit.py:xl2 --workdir=runs/ldit_xl2
     python launch.py --fdl_config='experiments/lightning_dit.py:b2(image_size=512)' --print_config

@@ -7,10 +7,11 @@ decoded by its ViT-XL decoder. The backbone is LightningDDT (RAE's DiT-DH) with 
 1152-wide, 28-block condition encoder and a 2048-wide, 2-block velocity decoder. SiT flow
 matching with logit-normal times; the interface derives the training-time shift
 s = sqrt(16*16*768 / 4096) ~ 6.93 from the latents, the sampler uses the same shift
-(`t_shift_cur=196608`). AdamW lr 2e-4, b2 0.95; batch 1024; EMA 0.9995; Euler, 50 steps
-without guidance, as RAE's released CFG sampling config (`DiTDHXL-DINOv2-B.yaml`, cfg 1.0: FID
-1.51; its best, 1.13, guides with AutoGuidance from a DiT-DH-S model, which this project lacks);
-replicated state. The first sample grid of a run also shows reconstructions
+(`t_shift_cur=196608`). AdamW b2 0.95 with RAE's `DiTDH-XL_DINOv2-B.yaml` schedule: lr 2e-4
+for 40 epochs, linear to 2e-5 at epoch 800, then constant, 1400 epochs, gradient norm clipped
+at 1; batch 1024; EMA 0.9995; Euler, 50 steps without guidance, as RAE's released CFG
+sampling config (`DiTDHXL-DINOv2-B.yaml`, cfg 1.0: FID 1.51; its best, 1.13, guides with
+AutoGuidance from a DiT-DH-S model, which this project lacks); replicated state. The first sample grid of a run also shows reconstructions
 decode(encode(x)) of held-out images.
 
 diffuse_nnx's `pretrained_ckpt` (a released DiT-DH checkpoint, left to the caller) is
@@ -26,6 +27,7 @@ diffuse_nnx's `pretrained_ckpt` (a released DiT-DH checkpoint, left to the calle
 import fiddle as fdl
 
 from experiments import common, lightning_ddt
+from lib import optim
 
 
 def rae(variant: str = 'XL/1', data_dir: str | None = None) -> fdl.Config:
@@ -36,6 +38,11 @@ def rae(variant: str = 'XL/1', data_dir: str | None = None) -> fdl.Config:
   config = lightning_ddt.lightning_ddt(variant, 256, data_dir)
   config.data = common.imagenet_raw(256, batch_size=1024, data_dir=data_dir)
   config.encoder = common.rae_encoder()
+  config.optimizer.schedule = fdl.Partial(
+      optim.constant_then_linear, decay_start=common.imagenet_epochs(40, 1024),
+      decay_end=common.imagenet_epochs(800, 1024), min_lr=2e-5)
+  config.optimizer.grad_clip_norm = 1.0
+  config.total_steps = common.imagenet_epochs(1400, 1024)
   config.sampler = common.euler(50, **lightning_ddt.SAMPLER_RANGE)
   config.sharding = common.replicated()
   config.visualize.reconstructions = True

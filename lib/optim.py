@@ -42,6 +42,15 @@ def linear(learning_rate: float, total_steps: int, warmup_steps: int = 0,
   return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
+def constant_then_linear(learning_rate: float, total_steps: int, decay_start: int = 0,
+                         decay_end: int = 1, min_lr: float = 0.0) -> optax.Schedule:
+  """lr until `decay_start`, linear decay to `min_lr` at `decay_end`, then `min_lr` (RAE's
+  `linear` scheduler, whose "warmup" holds lr)."""
+  del total_steps
+  decay = optax.linear_schedule(learning_rate, min_lr, max(decay_end - decay_start, 1))
+  return optax.join_schedules([optax.constant_schedule(learning_rate), decay], [decay_start])
+
+
 def cosine(learning_rate: float, total_steps: int, warmup_steps: int = 0,
            min_lr: float = 0.0) -> optax.Schedule:
   """Linear warmup 0 -> lr, then cosine decay to `min_lr` at `total_steps`."""

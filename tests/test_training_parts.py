@@ -22,6 +22,9 @@ def test_schedules():
   edm2 = optim.inverse_sqrt(1.0, 0, ref_steps=100, rampup_steps=10)
   assert [float(edm2(s)) for s in (5, 50, 400)] == pytest.approx([0.5, 1.0, 0.5])
   assert float(optim.constant(3e-4, 10)(1000)) == pytest.approx(3e-4)
+  rae = optim.constant_then_linear(2.0, 100, decay_start=10, decay_end=30, min_lr=0.2)
+  assert [float(rae(s)) for s in (0, 9, 10, 20, 30, 90)] == pytest.approx(
+      [2.0, 2.0, 2.0, 1.1, 0.2, 0.2])
 
 
 @pytest.mark.parametrize('factory', [optim.adam, optim.adamw, optim.sgd])

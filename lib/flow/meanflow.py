@@ -14,10 +14,19 @@ the trajectory), computed by one forward-mode product
 
 where v_g is the guided velocity (also the z-tangent, as the official code).
 
-Training draws, per sample:
-  * t, r from the training distribution (logit-normal(-0.4, 1.0)), then t = max, r = min;
-    exactly int(B * fm_portion) samples, chosen by a random permutation of the batch, get
-    r = t (plain flow matching).
+Training draws (`draws`), t, r from the training distribution (logit-normal(-0.4, 1.0)):
+  * 'prefix' (default; Gsunshine/meanflow `sample_tr`, `cond_drop`): t = max, r = min of two
+    draws; the first int(B * fm_portion) rows of the batch get r = t, and the first
+    Binomial(B, cond_drop_ratio) rows get the null label. Both are prefixes, so a dropped
+    sample is (almost surely) an r = t sample: P(drop | r != t) = 0, P(drop | r = t) =
+    cond_drop_ratio / fm_portion (0.1 / 0.75 = 13.3 %).
+  * 'independent': exactly int(B * fm_portion) rows, chosen by a random permutation, get
+    r = t; each row is dropped independently with probability cond_drop_ratio.
+  * 'py_meanflow_v0', 'py_meanflow_v1' (Gsunshine/py-meanflow `sample_two_timesteps_t_r_v0`,
+    `_v1`): t ~ logit-normal(t_mu, t_sigma), r ~ logit-normal(r_mu, r_sigma); each row gets
+    r = t with probability fm_portion (py-meanflow's `--ratio` counts the other share, r != t:
+    its 0.75 is fm_portion = 0.25); v0 sorts (t, r) first, v1 sets r = min(t, r) after the
+    mask. Drops as 'independent' (py-meanflow's CIFAR recipe is unconditional).
   * training-time guidance, for guidance_t_min <= t <= guidance_t_max:
         v_g = w v + (1 - w - k) v_uncond + k v_cond         (w = guidance_scale, k = mixture)
     with v_uncond, v_cond the stop-gradient network velocities at r = t (dt = 0) for the
@@ -38,6 +47,9 @@ from flax import nnx
 from lib.flow.sit import SiT
 from lib.models import layers
 
+Draws = Literal['prefix', 'independent', 'py_meanflow_v0', 'py_meanflow_v1']
+DRAWS = ('prefix', 'independent', 'py_meanflow_v0', 'py_meanflow_v1')
+
 
 def _col(v: jax.Array, ndim: int) -> jax.Array:
   return v.reshape(-1, *([1] * (ndim - 1)))
@@ -48,13 +60,16 @@ def _sum_flat(x: jax.Array) -> jax.Array:
 
 
 class MeanFlow(SiT):
-  """MeanFlow interface (defaults: diffuse_nnx's `mf_imagenet` preset).
+  """MeanFlow interface (defaults: the preset's, `experiments/common.py:meanflow_interface`:
+  Gsunshine/meanflow's draws and adaptive weight with diffuse_nnx's `mf_imagenet` guidance).
 
   Args:
-    time_dist, t_mu, t_sigma: distribution of t and r (both drawn, then sorted).
+    time_dist, t_mu, t_sigma: distribution of t (and of r, but see r_mu).
+    r_mu, r_sigma: logit-normal of r (None: t_mu, t_sigma), for py-meanflow's draws.
     n_mu, n_sigma: noise distribution.
     fm_portion: fraction of each batch trained with r = t.
     cond_drop_ratio: probability of training a sample with the null label.
+    draws: how the r = t rows and the dropped rows are chosen (module docstring).
     guidance_scale, guidance_mixture_ratio: w and k of the training-time guidance
       (w = 1, k = 0 turns it off).
     guidance_t_min, guidance_t_max: times where guidance applies.
@@ -67,11 +82,17 @@ class MeanFlow(SiT):
                n_sigma: float = 1.0, fm_portion: float = 0.75, cond_drop_ratio: float = 0.1,
                guidance_scale: float = 0.2, guidance_mixture_ratio: float = 0.92,
                guidance_t_min: float = 0.0, guidance_t_max: float = 0.75,
-               norm_eps: float = 1.0, norm_power: float = 1.0):
+               norm_eps: float = 0.01, norm_power: float = 1.0, draws: Draws = 'prefix',
+               r_mu: float | None = None, r_sigma: float | None = None):
     super().__init__(time_dist, t_mu=t_mu, t_sigma=t_sigma, n_mu=n_mu, n_sigma=n_sigma)
     if not 0.0 <= fm_portion <= 1.0 or not 0.0 <= cond_drop_ratio <= 1.0:
       raise ValueError(f'interface.fm_portion={fm_portion}, cond_drop_ratio={cond_drop_ratio}; '
                        f'expected fractions in [0, 1]')
+    if draws not in DRAWS:
+      raise ValueError(f'interface.draws={draws!r}; expected one of {DRAWS}')
+    self.draws = draws
+    self.r_mu = t_mu if r_mu is None else r_mu
+    self.r_sigma = t_sigma if r_sigma is None else r_sigma
     self.fm_portion = fm_portion
     self.cond_drop_ratio = cond_drop_ratio
     self.guidance_scale = guidance_scale
@@ -87,13 +108,32 @@ class MeanFlow(SiT):
 
   # ---------------------------------------------------------------------------- draws
   def sample_t_r(self, key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
-    """(t, r), r <= t; int(batch * fm_portion) random samples have r = t."""
+    """(t, r), r <= t, with the r = t rows chosen as `draws` says."""
     t_key, r_key, mask_key = jax.random.split(key, 3)
-    a, b = self.sample_t(t_key, (batch,)), self.sample_t(r_key, (batch,))
+    a = self.sample_t(t_key, (batch,))
+    if self.time_dist == 'uniform':
+      b = self.sample_t(r_key, (batch,))
+    else:
+      b = jax.nn.sigmoid(self.r_mu + self.r_sigma * jax.random.normal(r_key, (batch,)))
+    if self.draws == 'py_meanflow_v1':
+      equal = jax.random.uniform(mask_key, (batch,)) < self.fm_portion
+      return a, jnp.minimum(a, jnp.where(equal, a, b))
     t, r = jnp.maximum(a, b), jnp.minimum(a, b)
     num_fm = int(batch * self.fm_portion)
-    rank = jnp.argsort(jax.random.uniform(mask_key, (batch,)))  # a random permutation
-    return t, jnp.where(rank < num_fm, t, r)
+    if self.draws == 'prefix':
+      equal = jnp.arange(batch) < num_fm
+    elif self.draws == 'independent':
+      equal = jnp.argsort(jax.random.uniform(mask_key, (batch,))) < num_fm  # random rows
+    else:  # 'py_meanflow_v0'
+      equal = jax.random.uniform(mask_key, (batch,)) < self.fm_portion
+    return t, jnp.where(equal, t, r)
+
+  def sample_drop(self, key: jax.Array, batch: int) -> jax.Array:
+    """(B,) bool, the rows trained with the null label: a prefix for 'prefix' draws."""
+    drop = jax.random.uniform(key, (batch,)) < self.cond_drop_ratio
+    if self.draws == 'prefix':
+      return jnp.arange(batch) < jnp.sum(drop)
+    return drop
 
   # ---------------------------------------------------------------------------- pieces
   def guided_velocity(self, network, z: jax.Array, t: jax.Array, y: jax.Array,
@@ -155,7 +195,7 @@ class MeanFlow(SiT):
     time_key, noise_key, drop_key = jax.random.split(key, 3)
     t, r = self.sample_t_r(time_key, x.shape[0])
     noise = self.sample_noise(noise_key, x.shape)
-    drop = jax.random.uniform(drop_key, y.shape) < self.cond_drop_ratio
+    drop = self.sample_drop(drop_key, x.shape[0])
     return self.objective(network, x, y, t, r, noise, drop, rngs=rngs)
 
   def velocity(self, network, x_t: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:

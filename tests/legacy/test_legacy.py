@@ -31,6 +31,13 @@ MEANFLOW_FID_AT_CFG_1 = [(
     for field, native in (('all_guidance_scales', '(1.0,)'),
                           ('all_eval_samples_nums', '((10000, 50000),)'),
                           ('eval_every_steps', '((25000, 100000),)'))]
+MEANFLOW_RECIPE = [
+    ('interface.norm_eps: 0.01 -> 1.0',
+     "the native MeanFlow presets take Gsunshine/meanflow's adaptive-weight eps 0.01"),
+    ('total_steps: 1200960 -> ', "the native MeanFlow presets train the paper's 240 epochs")]
+RAE_RECIPE = [(path, "the native RAE presets take RAE's DiTDH-XL training config: lr "
+                'held 40 epochs, linear to 2e-5 at epoch 800, 1400 epochs, clipping at 1')
+              for path in ('optimizer.schedule', 'optimizer.grad_clip_norm: ', 'total_steps: ')]
 REPA_PAPER_DEPTH = (
     'repa.depth: 8 -> 4',
     'diffuse_nnx aligns block 4 at every size; the native L and XL presets align block 8, the '
@@ -62,6 +69,19 @@ REPA_GUIDANCE = [(
     "diffuse_nnx's sampler has no guidance of its own; the native REPA presets sample at REPA's "
     'published best, cfg 1.8 for t <= 0.7') for field, native in (
         ('guidance_scale', '1.8'), ('guidance_interval', '(0.0, 0.7)'))]
+REPA_RECIPE = [(f'{path}: {native} -> ', f"the native REPA presets follow REPA's code: {reason}")
+               for path, native, reason in (
+    ('data.random_flip', 'False', 'no flips'),
+    ('encoder.raw_mean', '(0.0, 0.0, 0.0, 0.0)', 'SD-VAE latents x 0.18215'),
+    ('encoder.raw_std', '(1.0, 1.0, 1.0, 1.0)', 'SD-VAE latents x 0.18215'),
+    ('encoder.final_std', '0.18215', 'SD-VAE latents x 0.18215'),
+    ('optimizer.grad_clip_norm', '1.0', '--max-grad-norm 1'),
+    ('sampler.diffusion', "'linear'", 'its Euler-Maruyama, w(t) = 2t'),
+    ('sampler.diffusion_norm', '2.0', 'its Euler-Maruyama, w(t) = 2t'),
+    ('sampler.t_start', '1.0', 'its Euler-Maruyama starts at t = 1'),
+    ('sampler.last_interval', '0.04', 'its grid linspace(1, 0.04, N) then 0'),
+    ('evaluate[0].all_guidance_scales', '(1.0, 1.8)', 'FID at its cfg 1.8'),
+    ('total_steps', '4000000', 'its 1.42 checkpoint trained 4M steps'))]
 
 SIZES = {'S': 's2', 'B': 'b2', 'L': 'l2', 'XL': 'xl2'}
 CASES = [  # (legacy file, options, native preset, allowed differences)
@@ -76,12 +96,12 @@ CASES = [  # (legacy file, options, native preset, allowed differences)
        f'experiments/lightning_ddt.py:{SIZES[size]}', [SAMPLING_GUIDANCE] + TRACKER_NAMES)
       for size in ('S', 'XL')],
     *[('mf_imagenet', f'imagenet_256-{size}_2', f'experiments/meanflow.py:{preset}',
-       MEANFLOW_FID_AT_CFG_1 + TRACKER_NAMES) for size, preset in SIZES.items()],
+       MEANFLOW_FID_AT_CFG_1 + MEANFLOW_RECIPE + TRACKER_NAMES) for size, preset in SIZES.items()],
     *[('dit_imagenet_repa', f'imagenet_raw_256-{size}_2', f'experiments/dit_repa.py:{preset}',
-       REPA_GUIDANCE + ([REPA_PAPER_DEPTH] if size in ('L', 'XL') else []) + TRACKER_NAMES)
+       REPA_GUIDANCE + REPA_RECIPE + ([REPA_PAPER_DEPTH] if size in ('L', 'XL') else []) + TRACKER_NAMES)
       for size, preset in SIZES.items()],
     ('rae_imagenet', 'imagenet_raw_256-XL_1', 'experiments/rae.py:xl1',
-     [DIFFUSE_NNX_DECODER_PATH] + TRACKER_NAMES),
+     [DIFFUSE_NNX_DECODER_PATH] + RAE_RECIPE + TRACKER_NAMES),
 ]
 
 
