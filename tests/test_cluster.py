@@ -202,8 +202,10 @@ def submitted_job(preset, workdir, *options) -> str:
   return json.loads((workdir / 'slurm.json').read_text())[-1]['job_id']
 
 
-def job_log(workdir) -> str:
-  return '\n'.join(log.read_text()[-3000:] for log in (workdir / 'slurm').glob('*_log.out'))
+def job_log(workdir, tail: int = 3000) -> str:
+  """The end of each task's log of the jobs submitted for `workdir` (`tail=None`: all)."""
+  return '\n'.join(log.read_text()[-tail if tail else 0:]
+                   for log in sorted((workdir / 'slurm').glob('*_log.out')))
 
 
 def wait_for_steps(cluster, workdir, count: int) -> None:
@@ -252,7 +254,7 @@ def test_a_preempted_job_saves_requeues_and_resumes_exactly(slurm_clean, tmp_pat
   slurm_clean.run('scancel', '--signal=USR2', job_id)  # the preemption notice
   wait_for_queue_empty(slurm_clean)
   assert restarts(slurm_clean, job_id) in (-1, 1)
-  assert 'requeueing job' in job_log(workdir)
+  assert 'the run stopped for preemption (exit 75); requeueing job' in job_log(workdir, None)
   assert_resumed_exactly(workdir, reference)
 
 
