@@ -34,7 +34,11 @@ addition modulo 2^32 is associative, so the value does not depend on how the arr
 sharded, and the weights are odd, so changing any single bit changes it.
 """
 
+import contextlib
+import gc
+import inspect
 import json
+import sys
 import time
 
 import jax
@@ -283,6 +287,22 @@ def _read(directory: paths.Path, abstract_state, partial: bool):
     handler.close()
 
 
+@contextlib.contextmanager
+def _abandoned_reads_unreported():
+  """orbax reads a tree's arrays in concurrent coroutines; when one read fails, the others
+  are abandoned, and each repeats the failure with a traceback ("Exception ignored in
+  <coroutine ...>") when it is collected. Collects them on leaving, without those reports
+  (the failure itself is reported once, by `restore`)."""
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda report: (None if inspect.iscoroutine(report.object)
+                                       else previous(report))
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous
+
+
 def _mismatch_error(manager: 'ocp.CheckpointManager', step: int,
                     differences: list[str]) -> errors.CheckpointMismatch:
   workdir = paths.Path(manager.directory).parent
@@ -315,8 +335,9 @@ def restore(manager: 'ocp.CheckpointManager', abstract_state, step: int | None =
   config) raises `CheckpointMismatch` and nothing moves. A damaged one (see the module
   docstring) is logged in one line and the next newest is tried; with `may_set_aside` (a
   training launch, which holds the workdir's lock) it is first moved aside, otherwise it is
-  left in place, and the steps are listed again: a step that disappears while a read-only
-  restore reads it (a training run rotated it out) is skipped for the newest one present.
+  left in place, and the steps are listed again: a step that fails while a newer one
+  appears or that disappears (a training run rotated it out while it was read) is skipped
+  for the newest one present, with an info line instead of a damage warning.
   Raises `CheckpointError` when none (or not `step`) is good, listing what was found."""
   steps = _steps_newest_first(manager)
   if step is not None:
@@ -332,14 +353,15 @@ def restore(manager: 'ocp.CheckpointManager', abstract_state, step: int | None =
     candidate = steps.pop(0)
     tried.add(candidate)
     folder = paths.Path(manager.directory) / str(candidate)
-    try:
-      state = _read(folder / 'default', abstract_state, partial)
-      _verify(manager, candidate, state)
-      reason = None
-    except _Misfit as misfit:
-      raise _mismatch_error(manager, candidate, misfit.args[0]) from None
-    except Exception as error:  # any damage: unreadable files or metadata, missing pieces
-      reason = _first_line(error)
+    with _abandoned_reads_unreported():
+      try:
+        state = _read(folder / 'default', abstract_state, partial)
+        _verify(manager, candidate, state)
+        reason = None
+      except _Misfit as misfit:
+        raise _mismatch_error(manager, candidate, misfit.args[0]) from None
+      except Exception as error:  # any damage: unreadable files or metadata, missing pieces
+        reason = _first_line(error)
     if _all_processes_agree(reason is None):
       return candidate, state
     reason = reason or 'another process could not restore it'
@@ -349,17 +371,19 @@ def restore(manager: 'ocp.CheckpointManager', abstract_state, step: int | None =
                       'one', candidate, reason, moved)
       problems.append(f'step {candidate}: {reason} (moved to {moved})')
       continue
-    if folder.exists():
+    present = _steps_newest_first(manager, reload=True)
+    newer = [s for s in present if s > candidate and s not in tried]
+    if newer or not folder.exists():  # a training run saved a newer step and rotates this out
+      logging.info('Checkpoint %d could not be read while a training run replaced it (%s); '
+                   'trying the newest one present', candidate, reason)
+      problems.append(f'step {candidate}: replaced while it was read ({reason})')
+    else:
       logging.warning('Checkpoint %d is damaged (%s); left it in place (a training launch '
                       'sets it aside) and trying the previous one', candidate, reason)
       problems.append(f'step {candidate}: {reason} (left in place)')
-    else:
-      logging.info('Checkpoint %d was removed while it was read (a training run keeps '
-                   'max_to_keep checkpoints); trying the newest one present', candidate)
-      problems.append(f'step {candidate}: removed while it was read')
-    if step is None and refreshes < MAX_REFRESHES:  # a training run may have saved newer ones
+    if step is None and refreshes < MAX_REFRESHES:
       refreshes += 1
-      steps = [s for s in _steps_newest_first(manager, reload=True) if s not in tried]
+      steps = [s for s in present if s not in tried]
   raise errors.CheckpointError(f'no usable checkpoint in {manager.directory}:\n  ' +
                                '\n  '.join(problems))
 
