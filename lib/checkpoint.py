@@ -25,7 +25,8 @@ What is saved is checked twice:
   fails its digest or holds non-finite values. Only a training launch (which holds the
   workdir's lock) moves it aside, to `<workdir>/checkpoints_set_aside/<step>` (renamed,
   never deleted) with a `REASON.txt`; sampling and evaluation leave it in place. Both log
-  one line and try the next newest.
+  one line and try the next newest. A training launch left with no usable checkpoint but
+  set-aside ones refuses to start again at step 0 (`lib.train.Run.restore_or_init`).
 
 The digest of an array is its position-weighted 32-bit sum,
     sum_i  bits(x_i) * (2 i + 1)   mod 2^32,
@@ -274,10 +275,7 @@ def _read(directory: paths.Path, abstract_state, partial: bool):
 
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    saved_tree = handler.metadata(directory).tree
-    if not saved_tree:
-      raise ValueError(f'the tree metadata in {directory} is empty')
-    differences = _misfit(saved_tree, abstract_state, partial)
+    differences = _misfit(handler.metadata(directory).tree, abstract_state, partial)
     if differences:
       raise _Misfit(differences)
     return handler.restore(directory, args=ocp.args.PyTreeRestore(

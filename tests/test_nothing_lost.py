@@ -340,6 +340,8 @@ def test_a_truncated_image_met_while_training_is_named(tmp_path):
      '--checkpoint=model.pt is read by --mode=import only'),
     (['--fdl_config=experiments/dit.py:digits', '--mode=import', '--checkpoint=model.pt'],
      '--mode=import needs --workdir=DIR, the run to create'),
+    (['--fdl_config=experiments/dit.py:digits', '--workdir=W', '--mode=sample',
+      '--restart_from_scratch'], '--restart_from_scratch is read by --mode=train only'),
 ])
 def test_bad_values_exit_2_with_one_message(tmp_path, args, message):
   (tmp_path / 'FILE').write_text('not a folder')
