@@ -1,7 +1,7 @@
 """Damage is not a mismatch (lib/checkpoint.py `restore`): a checkpoint saved by another config
 is a user error and nothing moves; damage is set aside only by a training launch, skipped in
-place by sampling and evaluation; a workdir whose checkpoints were all set aside is not
-silently trained again from step 0."""
+place by sampling and evaluation (as is a step that a training run rotates out while they read
+it); a workdir whose checkpoints were all set aside is not silently trained again from step 0."""
 
 import os
 import re
@@ -24,13 +24,6 @@ def state_of_width(step, width):
           'opt_state': {'mu': jnp.zeros((width, 3))}, 'ema': {'w': jnp.ones((width, 3))}}
 
 
-def save(workdir, step, state):
-  manager = ckpt.Checkpointing().manager(str(workdir))
-  ckpt.save(manager, step, state, force=True)
-  manager.wait_until_finished()
-  manager.close()
-
-
 def everything_under(folder) -> list[str]:
   return sorted(os.path.relpath(os.path.join(root, name), folder)
                 for root, _, names in os.walk(folder) for name in names)
@@ -38,7 +31,7 @@ def everything_under(folder) -> list[str]:
 
 @pytest.mark.parametrize('may_set_aside', [True, False])
 def test_a_checkpoint_of_another_shape_is_a_user_error_and_nothing_moves(tmp_path, may_set_aside):
-  save(tmp_path, 5, state_of_width(5, 4))
+  save_steps(tmp_path, [5], lambda step: state_of_width(step, 4))
   before = everything_under(tmp_path)
   manager = ckpt.Checkpointing().manager(str(tmp_path))
   with pytest.raises(errors.CheckpointMismatch) as raised:
@@ -53,7 +46,7 @@ def test_a_checkpoint_of_another_shape_is_a_user_error_and_nothing_moves(tmp_pat
 
 
 def test_another_tree_or_dtype_is_a_mismatch_too(tmp_path):
-  save(tmp_path, 5, state_of_width(5, 4))
+  save_steps(tmp_path, [5], lambda step: state_of_width(step, 4))
   manager = ckpt.Checkpointing().manager(str(tmp_path))
   extra = state_of_width(0, 4)
   extra['projector'] = {'w': jnp.zeros(3)}
@@ -76,7 +69,7 @@ def test_another_tree_or_dtype_is_a_mismatch_too(tmp_path):
 def test_a_partial_restore_compares_only_the_part_it_reads(tmp_path):
   saved = state_of_width(5, 4)
   saved['opt_state']['mu'] = jnp.zeros((7,))  # differs from the target, but is not read
-  save(tmp_path, 5, saved)
+  save_steps(tmp_path, [5], lambda step: saved)
   manager = ckpt.Checkpointing().manager(str(tmp_path))
   target = state_of_width(0, 4)
   part = ckpt.abstract({name: target[name] for name in ('step', 'ema')})

@@ -90,10 +90,11 @@ def small_state(step):
           'half': jnp.full((8,), step, jnp.bfloat16)}
 
 
-def save_steps(workdir, steps) -> None:
+def save_steps(workdir, steps, state=small_state) -> None:
+  """Checkpoints `state(step)` of each of `steps` in `workdir`."""
   manager = ckpt.Checkpointing(save_interval_steps=10).manager(str(workdir))
   for step in steps:
-    ckpt.save(manager, step, small_state(step), force=True)
+    ckpt.save(manager, step, state(step), force=True)
   manager.wait_until_finished()
   manager.close()
 
