@@ -106,6 +106,10 @@ _COMPARE_PLOT = flags.DEFINE_string(
 _ACCEPT_CONFIG_CHANGE = flags.DEFINE_bool(
     'accept_config_change', False, 'Resume a workdir although its saved config differs from the '
     'launched one (the old config is kept as config.replaced_<time>.json).')
+_RESTART_FROM_SCRATCH = flags.DEFINE_bool(
+    'restart_from_scratch', False, 'Train from step 0 although every checkpoint of the workdir '
+    'was set aside as damaged (kept in WORKDIR/checkpoints_set_aside/); else such a launch is '
+    'refused.')
 
 
 def resolve_workdir():
@@ -295,6 +299,8 @@ def run_command() -> int:
   if _STEP.value is not None and _MODE.value == 'train':
     raise errors.UsageError(f'--step={_STEP.value} chooses the checkpoint of --mode=sample or '
                             '--mode=eval; training resumes from the newest checkpoint')
+  if _RESTART_FROM_SCRATCH.value and _MODE.value != 'train':
+    raise errors.UsageError('--restart_from_scratch is read by --mode=train only')
   if _CHECKPOINT.value and _MODE.value != 'import':
     raise errors.UsageError(f'--checkpoint={_CHECKPOINT.value} is read by --mode=import only; '
                             'to train from released weights set --fdl_set=init_from=FILE')
@@ -355,7 +361,7 @@ def run_command() -> int:
         saved.write_config(config, workdir)
         workdirs.record_launch(workdir, step)
 
-    step = train.train(experiment, workdir, on_start)
+    step = train.train(experiment, workdir, on_start, _RESTART_FROM_SCRATCH.value)
   finally:
     lock.release()
   logging.info('Stopped at step %d of %d.', step, experiment.total_steps)

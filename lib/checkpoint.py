@@ -14,9 +14,19 @@ What is saved is checked twice:
   diverged run never rotates good checkpoints out with NaN ones.
 - Each checkpoint records a digest of every array in its step metadata (orbax's
   `custom_metadata`); `restore` recomputes it, so a damaged file (even one flipped bit) is
-  detected. A checkpoint that cannot be read, fails its digest or holds non-finite values
-  is moved aside to `<workdir>/checkpoints_set_aside/<step>` (renamed, never deleted) with
-  a `REASON.txt`, and the next newest one is tried.
+  detected.
+
+`restore` tells a checkpoint that does not fit from a damaged one:
+- Before any array is read, the saved tree's metadata (paths, shapes, dtypes) is compared
+  with the restore target (for a partial restore, only the part read). A difference means
+  the checkpoint was saved by another config (another network): `CheckpointMismatch`, a
+  user error naming the first differences and how to relaunch, and nothing moves.
+- Damage is a checkpoint that cannot be read (files or metadata unreadable, pieces missing),
+  fails its digest or holds non-finite values. Only a training launch (which holds the
+  workdir's lock) moves it aside, to `<workdir>/checkpoints_set_aside/<step>` (renamed,
+  never deleted) with a `REASON.txt`; sampling and evaluation leave it in place. Both log
+  one line and try the next newest. A training launch left with no usable checkpoint but
+  set-aside ones refuses to start again at step 0 (`lib.train.Run.restore_or_init`).
 
 The digest of an array is its position-weighted 32-bit sum,
     sum_i  bits(x_i) * (2 i + 1)   mod 2^32,
@@ -25,7 +35,11 @@ addition modulo 2^32 is associative, so the value does not depend on how the arr
 sharded, and the weights are odd, so changing any single bit changes it.
 """
 
+import contextlib
+import gc
+import inspect
 import json
+import sys
 import time
 
 import jax
@@ -184,11 +198,22 @@ def _all_processes_agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
+def set_aside_folder(manager: 'ocp.CheckpointManager') -> paths.Path:
+  """`<workdir>/checkpoints_set_aside`, where damaged checkpoints are kept."""
+  return paths.Path(manager.directory).parent / SET_ASIDE
+
+
+def set_aside_steps(manager: 'ocp.CheckpointManager') -> list[str]:
+  """The names of the checkpoints set aside in the manager's workdir (sorted)."""
+  folder = set_aside_folder(manager)
+  return sorted(entry.name for entry in folder.iterdir()) if folder.is_dir() else []
+
+
 def set_aside(manager: 'ocp.CheckpointManager', step: int, reason: str) -> str:
   """Moves checkpoint `step` out of the manager's folder into `checkpoints_set_aside/`
   (process 0; never deletes it) and returns its new path."""
   source = paths.Path(manager.directory) / str(step)
-  target = source.parent.parent / SET_ASIDE / str(step)
+  target = set_aside_folder(manager) / str(step)
   if target.exists():
     target = target.parent / (target.name + time.strftime('.%Y%m%d-%H%M%S'))
   if jax.process_index() == 0:
@@ -200,15 +225,59 @@ def set_aside(manager: 'ocp.CheckpointManager', step: int, reason: str) -> str:
   return target
 
 
+def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{'params/blocks/0/attn/qkv/kernel': (shape, dtype name)} of a pytree of arrays, of
+  `jax.ShapeDtypeStruct`s or of orbax's saved-array metadata. PRNG keys count as their key
+  data (uint32), as which they are saved; NNX's `value` wrapper is left out of the names."""
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.eval_shape(jax.random.key_data, leaf)
+    name = '/'.join(str(getattr(key, 'key', getattr(key, 'idx', getattr(key, 'name', key))))
+                    for key in path).removesuffix('/value')
+    flat[name] = (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+  return flat
+
+
+def _misfit(saved_tree, abstract_state, partial: bool) -> list[str]:
+  """How the saved tree (orbax's metadata of it) differs from `abstract_state`: arrays of
+  another shape or dtype, arrays the target expects and the checkpoint lacks, and (unless
+  `partial`, which reads a part of the saved tree) arrays saved but not expected."""
+  saved, expected = _shapes(saved_tree), _shapes(abstract_state)
+
+  def describe(shape_dtype):
+    shape, dtype = shape_dtype
+    return f'{dtype}{list(shape)}'
+
+  differences = []
+  for name, want in expected.items():
+    if name not in saved:
+      differences.append(f'{name} is not saved (expected {describe(want)})')
+    elif saved[name] != want:
+      differences.append(f'{name} saved {describe(saved[name])}, expected {describe(want)}')
+  if not partial:
+    differences += [f'{name} is saved but not expected' for name in saved
+                    if name not in expected]
+  return differences
+
+
+class _Misfit(Exception):
+  """A readable checkpoint whose tree does not fit the restore target (not damage)."""
+
+
 def _read(directory: paths.Path, abstract_state, partial: bool):
   """The arrays of `abstract_state` (with `partial`, a part of the saved tree) from the tree
   saved in `directory`, by a handler of its own (a damaged step must not leave state in the
-  manager). A tree whose metadata file is missing is damaged, whatever part is read."""
+  manager). The saved tree's metadata is compared with the target before any array is read:
+  `_Misfit` lists the differences; a metadata file that cannot be read is damage (raised as
+  it comes), whatever part is read."""
   import orbax.checkpoint as ocp
 
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    handler.metadata(directory)  # raises FileNotFoundError without the tree's _METADATA
+    differences = _misfit(handler.metadata(directory).tree, abstract_state, partial)
+    if differences:
+      raise _Misfit(differences)
     return handler.restore(directory, args=ocp.args.PyTreeRestore(
         item=abstract_state, partial_restore=partial,
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))
@@ -216,18 +285,59 @@ def _read(directory: paths.Path, abstract_state, partial: bool):
     handler.close()
 
 
+@contextlib.contextmanager
+def _abandoned_reads_unreported():
+  """orbax reads a tree's arrays in concurrent coroutines; when one read fails, the others
+  are abandoned, and each repeats the failure with a traceback ("Exception ignored in
+  <coroutine ...>") when it is collected. Collects them on leaving, without those reports
+  (the failure itself is reported once, by `restore`)."""
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda report: (None if inspect.iscoroutine(report.object)
+                                       else previous(report))
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous
+
+
+def _mismatch_error(manager: 'ocp.CheckpointManager', step: int,
+                    differences: list[str]) -> errors.CheckpointMismatch:
+  workdir = paths.Path(manager.directory).parent
+  return errors.CheckpointMismatch(
+      f'checkpoint {step} in {manager.directory} does not fit the launched config, so it was '
+      f'saved by another config (another network?): {_describe(differences)}. Nothing was '
+      f'moved. Relaunch with the run\'s saved config: --fdl_config_file={workdir}/config.json '
+      f'(--mode=sample or --mode=eval with --workdir={workdir} and no --fdl_config uses it), '
+      f'or train this config in another --workdir')
+
+
+def _steps_newest_first(manager: 'ocp.CheckpointManager', reload: bool = False) -> list[int]:
+  if reload:
+    manager.reload()
+  return sorted(manager.all_steps(), reverse=True)
+
+
+MAX_REFRESHES = 20  # read-only restores: how often one re-lists the steps a training run rotates
+
+
 def restore(manager: 'ocp.CheckpointManager', abstract_state, step: int | None = None,
-            partial: bool = False):
+            partial: bool = False, *, may_set_aside: bool = False):
   """Restores the newest good checkpoint (or exactly `step`) into the structure and
   shardings of `abstract_state` (a pytree of `jax.ShapeDtypeStruct`); returns (step, state).
   With `partial`, `abstract_state` may hold a part of the saved tree (sampling: the EMA
-  weights without the optimizer state); only its arrays are read, and verified against their
-  recorded digests.
+  weights without the optimizer state); only its arrays are read, compared and verified
+  against their recorded digests.
 
-  A checkpoint that fails to load or to verify is set aside (see the module docstring) with
-  one log line naming it and why, and the next newest is tried. Raises `CheckpointError`
-  when none (or not `step`) is good, listing what was found."""
-  steps = sorted(manager.all_steps(), reverse=True)
+  A checkpoint that does not fit `abstract_state` (another tree, shapes or dtypes: another
+  config) raises `CheckpointMismatch` and nothing moves. A damaged one (see the module
+  docstring) is logged in one line and the next newest is tried; with `may_set_aside` (a
+  training launch, which holds the workdir's lock) it is first moved aside, otherwise it is
+  left in place, and the steps are listed again: a step that fails while a newer one
+  appears or that disappears (a training run rotated it out while it was read) is skipped
+  for the newest one present, with an info line instead of a damage warning.
+  Raises `CheckpointError` when none (or not `step`) is good, listing what was found."""
+  steps = _steps_newest_first(manager)
   if step is not None:
     if step not in steps:
       raise errors.CheckpointError(
@@ -236,22 +346,42 @@ def restore(manager: 'ocp.CheckpointManager', abstract_state, step: int | None =
     steps = [step]
   if not steps:
     raise errors.CheckpointError(f'no checkpoint found in {manager.directory}')
-  problems = []
-  for candidate in steps:
-    try:
-      state = _read(paths.Path(manager.directory) / str(candidate) / 'default', abstract_state,
-                    partial)
-      _verify(manager, candidate, state)
-      reason = None
-    except Exception as error:  # any damage: unreadable files, metadata, structure
-      reason = _first_line(error)
+  problems, tried, refreshes = [], set(), 0
+  while steps:
+    candidate = steps.pop(0)
+    tried.add(candidate)
+    folder = paths.Path(manager.directory) / str(candidate)
+    with _abandoned_reads_unreported():
+      try:
+        state = _read(folder / 'default', abstract_state, partial)
+        _verify(manager, candidate, state)
+        reason = None
+      except _Misfit as misfit:
+        raise _mismatch_error(manager, candidate, misfit.args[0]) from None
+      except Exception as error:  # any damage: unreadable files or metadata, missing pieces
+        reason = _first_line(error)
     if _all_processes_agree(reason is None):
       return candidate, state
     reason = reason or 'another process could not restore it'
-    moved = set_aside(manager, candidate, reason)
-    logging.warning('Checkpoint %d is damaged (%s); moved it to %s and trying the previous one',
-                    candidate, reason, moved)
-    problems.append(f'step {candidate}: {reason} (moved to {moved})')
+    if may_set_aside:
+      moved = set_aside(manager, candidate, reason)
+      logging.warning('Checkpoint %d is damaged (%s); moved it to %s and trying the previous '
+                      'one', candidate, reason, moved)
+      problems.append(f'step {candidate}: {reason} (moved to {moved})')
+      continue
+    present = _steps_newest_first(manager, reload=True)
+    newer = [s for s in present if s > candidate and s not in tried]
+    if newer or not folder.exists():  # a training run saved a newer step and rotates this out
+      logging.info('Checkpoint %d could not be read while a training run replaced it (%s); '
+                   'trying the newest one present', candidate, reason)
+      problems.append(f'step {candidate}: replaced while it was read ({reason})')
+    else:
+      logging.warning('Checkpoint %d is damaged (%s); left it in place (a training launch '
+                      'sets it aside) and trying the previous one', candidate, reason)
+      problems.append(f'step {candidate}: {reason} (left in place)')
+    if step is None and refreshes < MAX_REFRESHES:
+      refreshes += 1
+      steps = [s for s in present if s not in tried]
   raise errors.CheckpointError(f'no usable checkpoint in {manager.directory}:\n  ' +
                                '\n  '.join(problems))
 

@@ -5,6 +5,7 @@
       ConfigError      experiment values that contradict each other or are out of range
       DataError        data that cannot be read as configured (names the file)
       CheckpointError  no checkpoint of the workdir can be restored
+        CheckpointMismatch  a checkpoint saved by another config (shapes, tree)
       WorkdirBusy      another launch holds the workdir's lock
     NonFiniteError     training met a non-finite loss, gradient or weight; exit status 1
 
@@ -35,6 +36,11 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
   """No checkpoint of a workdir can be restored; the message lists what was found."""
+
+
+class CheckpointMismatch(CheckpointError):
+  """A readable checkpoint that does not fit the launched config (another network's shapes
+  or tree); the message names the differences. Nothing was moved."""
 
 
 class WorkdirBusy(UserError):

@@ -12,7 +12,8 @@ through the run's writers (log, TensorBoard, `metrics.jsonl`).
 
 Reads only what the actions use from the checkpoint (RESTORED: the trained and EMA weights,
 whose held-out losses `ValidationLoss` compares, and the network's fixed arrays), never the
-optimizer's moments.
+optimizer's moments. Damaged checkpoints are skipped and left in place, as by sampling
+(`lib.sample`).
 """
 
 import jax
@@ -41,7 +42,7 @@ def evaluate(experiment, workdir: str, step: int | None = None) -> dict[str, flo
       if prepare is not None:
         prepare(run)
     run.load_encoder()
-    step = run.restore(manager, step, parts=RESTORED)
+    step = run.restore(manager, step, parts=RESTORED, may_set_aside=False)  # no lock held
   finally:
     manager.close()
   run.writer = experiment.writers.create(workdir, jax.process_index() == 0)

@@ -5,7 +5,9 @@
 
 Reads only what generating needs from the checkpoint (RESTORED: the EMA weights and the
 network's fixed arrays), never the trained weights or the optimizer's moments: for Adam that is
-about a quarter of a training state (weights, EMA, two moments).
+about a quarter of a training state (weights, EMA, two moments). A damaged checkpoint is
+skipped for the previous one and left in place (only training moves it aside); one saved by
+another config is an error naming the difference (`lib.checkpoint.restore`).
 """
 
 import io
@@ -39,7 +41,7 @@ def sample(experiment: Experiment, workdir, num_samples: int,
   manager = experiment.checkpoint.manager(workdir, create=False)
   run.load_encoder()
   try:
-    step = run.restore(manager, step, parts=RESTORED)
+    step = run.restore(manager, step, parts=RESTORED, may_set_aside=False)  # no lock held
   finally:
     manager.close()
   if labels:

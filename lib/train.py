@@ -123,13 +123,14 @@ class Run:
     abstract = ckpt.abstract(jax.eval_shape(self._create), self.state_shardings)
     return abstract if parts is None else {part: abstract[part] for part in parts}
 
-  def restore(self, manager, step: int | None = None,
-              parts: tuple[str, ...] | None = None) -> int:
+  def restore(self, manager, step: int | None = None, parts: tuple[str, ...] | None = None,
+              *, may_set_aside: bool = False) -> int:
     """Loads the newest (or the given) checkpoint of `manager` into `self.state`; with `parts`
     (`lib.sample.RESTORED`, `lib.evaluate.RESTORED`), only those entries of the state: the
-    others (the optimizer's moments) are not read."""
+    others (the optimizer's moments) are not read. `may_set_aside`: move damaged checkpoints
+    aside (a training launch holding the workdir's lock; `lib.checkpoint.restore`)."""
     step, self.state = ckpt.restore(manager, self.abstract_state(parts), step,
-                                    partial=parts is not None)
+                                    partial=parts is not None, may_set_aside=may_set_aside)
     return step
 
   def load_encoder(self):
@@ -245,13 +246,28 @@ class Run:
     return {k: v / count for k, v in totals.items()}
 
   # ----------------------------------------------------------------------------- loop
+  # `train(restart_from_scratch=True)`: start at step 0 although every checkpoint of the
+  # workdir was set aside as damaged.
+  restart_from_scratch = False
+
   def restore_or_init(self, manager):
     """Newest good checkpoint in the workdir if there is one (damaged ones are set aside,
-    `lib.checkpoint.restore`), else a fresh state (or the imported weights of `init_from`)."""
+    `lib.checkpoint.restore`), else a fresh state (or the imported weights of `init_from`).
+    A workdir whose checkpoints were all set aside (now or by an earlier launch) is refused
+    with `CheckpointError` unless `restart_from_scratch`; a checkpoint of another config
+    raises `CheckpointMismatch`."""
     if manager.all_steps():
-      step = self.restore(manager)
-      logging.info('Resumed from the checkpoint of step %d in %s', step, self.workdir)
-      return step
+      try:
+        step = self.restore(manager, may_set_aside=True)
+        logging.info('Resumed from the checkpoint of step %d in %s', step, self.workdir)
+        return step
+      except errors.CheckpointMismatch:
+        raise
+      except errors.CheckpointError as error:  # every checkpoint was damaged, now set aside
+        self._start_again_after_damage(manager, str(error))
+    elif set_aside := ckpt.set_aside_steps(manager):
+      self._start_again_after_damage(manager, f'no checkpoint in {manager.directory}; '
+                                     f'checkpoints {", ".join(set_aside)} were set aside as damaged')
     if self.experiment.init_from:
       from lib.weights import registry
 
@@ -264,6 +280,18 @@ class Run:
     else:
       self.state = self.initial_state()
     return 0
+
+  def _start_again_after_damage(self, manager, damage: str) -> None:
+    """Refuses to start at step 0 where damaged checkpoints were set aside (`damage` says
+    which), unless `restart_from_scratch`."""
+    folder = ckpt.set_aside_folder(manager)
+    if not self.restart_from_scratch:
+      raise errors.CheckpointError(
+          f'{damage}\nrefusing to start again at step 0: the damaged checkpoints are kept in '
+          f'{folder} (each with REASON.txt); move a repaired one back into '
+          f'{manager.directory}, or pass --restart_from_scratch to train from step 0')
+    logging.warning('Starting at step 0 (--restart_from_scratch); the damaged checkpoints stay '
+                    'in %s', folder)
 
   def train(self, on_start: Callable[[int], None] | None = None) -> int:
     """Trains to `total_steps`, or until a SIGTERM (preemption), after which it saves a
@@ -398,9 +426,13 @@ def next_batch(batches, step: int) -> dict:
                            f'{cause.group(0) if cause else message.strip()[:500]}') from error
 
 
-def train(experiment: Experiment, workdir,
-          on_start: Callable[[int], None] | None = None) -> int:
-  """Trains `experiment` in `workdir` (see `Run.train`); returns the last step reached."""
+def train(experiment: Experiment, workdir, on_start: Callable[[int], None] | None = None,
+          restart_from_scratch: bool = False) -> int:
+  """Trains `experiment` in `workdir` (see `Run.train`); returns the last step reached.
+  `restart_from_scratch`: start at step 0 although the workdir's checkpoints were all set
+  aside as damaged (else refused, `Run.restore_or_init`)."""
   paths.resolve(workdir, '--workdir').mkdir(parents=True, exist_ok=True)
-  return Run(experiment, workdir).train(on_start)
+  run = Run(experiment, workdir)
+  run.restart_from_scratch = restart_from_scratch
+  return run.train(on_start)
 

@@ -63,6 +63,9 @@ def corrupt(step_dir: str, how: str) -> None:
       f.write(np.random.default_rng(0).bytes(os.path.getsize(largest)))
   elif how == 'no_metadata':
     os.remove(os.path.join(step_dir, 'default', '_METADATA'))
+  elif how == 'garbage_metadata':
+    with open(os.path.join(step_dir, 'default', '_METADATA'), 'w') as f:
+      f.write('{"tree_metadata": {"w": ')
   elif how == 'no_manifests':
     for manifest in glob.glob(f'{step_dir}/**/manifest.ocdbt', recursive=True):
       os.remove(manifest)
@@ -78,7 +81,8 @@ def corrupt(step_dir: str, how: str) -> None:
     raise ValueError(how)
 
 
-CORRUPTIONS = ['truncated', 'garbage', 'no_metadata', 'no_manifests', 'emptied', 'flipped_bit']
+CORRUPTIONS = ['truncated', 'garbage', 'no_metadata', 'garbage_metadata', 'no_manifests', 'emptied',
+               'flipped_bit']
 
 
 def small_state(step):
@@ -86,21 +90,34 @@ def small_state(step):
           'half': jnp.full((8,), step, jnp.bfloat16)}
 
 
-@pytest.mark.parametrize('how', CORRUPTIONS)
-def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_restored(tmp_path, how):
-  manager = ckpt.Checkpointing(save_interval_steps=10).manager(str(tmp_path))
-  for step in (50, 60):
-    ckpt.save(manager, step, small_state(step), force=True)
+def save_steps(workdir, steps, state=small_state) -> None:
+  """Checkpoints `state(step)` of each of `steps` in `workdir`."""
+  manager = ckpt.Checkpointing(save_interval_steps=10).manager(str(workdir))
+  for step in steps:
+    ckpt.save(manager, step, state(step), force=True)
   manager.wait_until_finished()
+  manager.close()
+
+
+@pytest.mark.parametrize('may_set_aside', [True, False], ids=['training', 'read_only'])
+@pytest.mark.parametrize('how', CORRUPTIONS)
+def test_a_damaged_newest_checkpoint_is_skipped_and_only_training_sets_it_aside(
+    tmp_path, how, may_set_aside):
+  save_steps(tmp_path, (50, 60))
   corrupt(os.path.join(tmp_path, 'checkpoints', '60'), how)
   manager = ckpt.Checkpointing(save_interval_steps=10).manager(str(tmp_path))
-  step, state = ckpt.restore(manager, ckpt.abstract(small_state(0)))
+  step, state = ckpt.restore(manager, ckpt.abstract(small_state(0)),
+                             may_set_aside=may_set_aside)
   assert step == 50
   np.testing.assert_array_equal(state['w'], small_state(50)['w'])
   aside = os.path.join(tmp_path, ckpt.SET_ASIDE, '60')
-  assert os.path.isdir(aside), 'the damaged checkpoint is moved, never deleted'
-  assert open(os.path.join(aside, 'REASON.txt')).read().strip()
-  assert manager.all_steps() == [50]
+  if may_set_aside:
+    assert os.path.isdir(aside), 'the damaged checkpoint is moved, never deleted'
+    assert open(os.path.join(aside, 'REASON.txt')).read().strip()
+    assert manager.all_steps() == [50]
+  else:
+    assert not os.path.exists(os.path.join(tmp_path, ckpt.SET_ASIDE))
+    assert os.path.isdir(os.path.join(tmp_path, 'checkpoints', '60'))  # left in place
   manager.close()
 
 
@@ -109,7 +126,7 @@ def test_a_flipped_bit_is_caught_by_the_digest(tmp_path):
   ckpt.save(manager, 7, small_state(7), force=True)
   manager.wait_until_finished()
   corrupt(os.path.join(tmp_path, 'checkpoints', '7'), 'flipped_bit')
-  with pytest.raises(errors.CheckpointError, match='digest mismatch'):
+  with pytest.raises(errors.CheckpointError, match=r'digest mismatch.*\(left in place\)'):
     ckpt.restore(manager, ckpt.abstract(small_state(0)))
   manager.close()
 
@@ -151,7 +168,7 @@ def test_fallback_resumes_exactly_as_an_uninterrupted_run(tmp_path):
     damaged = str(tmp_path / how)
     shutil.copytree(reference, damaged)
     corrupt(os.path.join(damaged, 'checkpoints', '20'), how)
-    assert train.train(fdl.build(tiny_config(20)), damaged) == 20
+    assert train.train(fdl.build(tiny_config(20)), damaged) == 20  # resumed at 15
     manager = ckpt.Checkpointing().manager(damaged, create=False)
     _, resumed = ckpt.restore(manager, abstract, 20)
     manager.close()
@@ -335,6 +352,8 @@ def test_a_truncated_image_met_while_training_is_named(tmp_path):
      '--checkpoint=model.pt is read by --mode=import only'),
     (['--fdl_config=experiments/dit.py:digits', '--mode=import', '--checkpoint=model.pt'],
      '--mode=import needs --workdir=DIR, the run to create'),
+    (['--fdl_config=experiments/dit.py:digits', '--workdir=W', '--mode=sample',
+      '--restart_from_scratch'], '--restart_from_scratch is read by --mode=train only'),
 ])
 def test_bad_values_exit_2_with_one_message(tmp_path, args, message):
   (tmp_path / 'FILE').write_text('not a folder')
