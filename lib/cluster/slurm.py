@@ -152,9 +152,8 @@ def submit(launcher: Slurm, commands: list[list[str]], cwd: str, folder: str) ->
     if len(commands) == 1:
       jobs = [executor.submit(Task(commands[0], cwd))]
     else:
-      with executor.batch():
-        pending = [executor.submit(Task(command, cwd)) for command in commands]
-      jobs = pending
+      with executor.batch():  # one job array
+        jobs = [executor.submit(Task(command, cwd)) for command in commands]
   except (utils.FailedJobError, utils.FailedSubmissionError, subprocess.SubprocessError) as e:
     _remove_new_files(folder, existed)
     raise errors.UsageError(f'Slurm refused the job: {_slurm_message(str(e))}') from None
@@ -163,7 +162,7 @@ def submit(launcher: Slurm, commands: list[list[str]], cwd: str, folder: str) ->
 
 
 def _slurm_message(text: str) -> str:
-  """sbatch's first `error:` line (or the text's last line)."""
+  """sbatch's first `error:` line (or the text's first line)."""
   lines = [line.strip() for line in text.splitlines() if line.strip()]
   errors_ = [line for line in lines if 'error:' in line]
   return (errors_ or lines or ['no message'])[0]
