@@ -8,6 +8,11 @@
         --print_config
     python launch.py --mode=import --checkpoint=SiT-XL-2-256x256.pt \
         --fdl_config=experiments/dit.py:xl2 --workdir=runs/sit
+    python launch.py --fdl_config=experiments/dit.py:xl2 --workdir=/shared/runs/xl2 \
+        --launcher=slurm --launcher_set=nodes=2 --launcher_set=gpus_per_node=8
+    python launch.py --fdl_config=experiments/dit.py:digits --workdir=runs/lr \
+        --sweep=optimizer.learning_rate=1e-4,3e-4 --sweep=seed=0,1
+    python launch.py --compare=runs/lr
 
 `--fdl_set=PATH=VALUE` (repeatable, also written `--fdl.PATH=VALUE`) overrides any leaf
 with a Python literal; paths and types are checked before anything runs.
@@ -30,7 +35,10 @@ from ml_collections import config_flags
 
 from experiments.legacy import config_files
 from lib import errors, paths
+from lib.cluster import slurm
 from lib.config import overrides, presets, review, saved, values
+
+LAUNCHERS = {'slurm': slurm.Slurm}  # --launcher: the config class of each
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples; a '
                                 'local path or gs://BUCKET/PATH (with --bucket: the run\'s name).')
@@ -78,6 +86,23 @@ _LEGACY_CONFIG = config_flags.DEFINE_config_file(
     '--config.FIELD=VALUE overrides; loaded with its project root importable (its '
     '`configs` package), converted by experiments/legacy/converter.py, then run like a preset.')
 flags.FLAGS['config'].parser = config_files.FileParser()
+_LAUNCHER = flags.DEFINE_enum(
+    'launcher', None, list(LAUNCHERS), 'Run elsewhere: slurm submits the run (or sweep: one job '
+    'array) with submitit after checking it here; its options: --launcher_set.')
+_LAUNCHER_SET = flags.DEFINE_multi_string(
+    'launcher_set', [], 'FIELD=VALUE of the launcher (lib/cluster/slurm.py Slurm: nodes, '
+    'gpus_per_node, time_min, partition, ...), checked as --fdl_set; shown by --print_config.')
+_SWEEP = flags.DEFINE_multi_string(
+    'sweep', [], 'PATH=V1,V2,...: run the experiment once per value (repeatable: the cartesian '
+    'product), each member in its own folder under --workdir, NNN_PATH=VALUE...')
+_SWEEP_PARALLEL = flags.DEFINE_integer(
+    'sweep_parallel', 1, 'Without --launcher: the sweep members that run at once here.')
+_COMPARE = flags.DEFINE_list(
+    'compare', None, 'RUN_OR_SWEEP,...: print the runs\' states, differing config values and '
+    'metrics side by side, plot their curves to --compare_plot; then exit.')
+_COMPARE_PLOT = flags.DEFINE_string(
+    'compare_plot', None, 'With --compare: the PNG of the curves (default: SWEEP/compare.png '
+    'for one folder, else compare.png).')
 _ACCEPT_CONFIG_CHANGE = flags.DEFINE_bool(
     'accept_config_change', False, 'Resume a workdir although its saved config differs from the '
     'launched one (the old config is kept as config.replaced_<time>.json).')
@@ -279,8 +304,12 @@ def run_command() -> int:
   if _CHECKPOINT.value and _MODE.value != 'import':
     raise errors.UsageError(f'--checkpoint={_CHECKPOINT.value} is read by --mode=import only; '
                             'to train from released weights set --fdl_set=init_from=FILE')
+  if _COMPARE.value:
+    from lib.cluster import compare
+    return compare.compare(_COMPARE.value, _COMPARE_PLOT.value)
   workdir = resolve_workdir()
   config = resolve_config(workdir)
+  launcher = resolve_launcher()
   if _RENDER.value or _DIFF_AGAINST.value or _EXPORT_PYTHON.value:
     return review_config(config)
   if _MODE.value == 'import':
@@ -293,7 +322,11 @@ def run_command() -> int:
   experiment = presets.build(config)
   if _PRINT_CONFIG.value:
     print_config(config, experiment)
+    if launcher is not None:
+      print('\n'.join(f'launcher.{line}' for line in values.flat_lines(launcher)))
     return 0
+  if launcher is not None or _SWEEP.value:
+    return launch_elsewhere(workdir, config, launcher)
   if workdir is None:
     raise errors.UsageError('--workdir is required to train, sample or evaluate')
   workdirs.check_usable(workdir)
@@ -333,6 +366,78 @@ def run_command() -> int:
     lock.release()
   logging.info('Stopped at step %d of %d.', step, experiment.total_steps)
   return 0
+
+
+def resolve_launcher() -> fdl.Config | None:
+  """The --launcher's config (`LAUNCHERS`) with every --launcher_set applied; None without
+  --launcher."""
+  if _LAUNCHER.value is None:
+    if _LAUNCHER_SET.value:
+      raise errors.UsageError('--launcher_set needs --launcher=' + '|'.join(LAUNCHERS))
+    return None
+  launcher = fdl.Config(LAUNCHERS[_LAUNCHER.value])
+  for assignment in _LAUNCHER_SET.value:
+    try:
+      overrides.apply_override(launcher, assignment)
+    except errors.UsageError as e:
+      raise errors.UsageError(str(e).replace('--fdl_set', '--launcher_set')) from None
+  return launcher
+
+
+def launch_elsewhere(workdir, config: fdl.Buildable, launcher: fdl.Config | None) -> int:
+  """--launcher and --sweep: every member (or the one run) resolved, built and checked, its
+  workdir compared with a saved config, before `lib.cluster.runs` queues or starts any."""
+  from lib.cluster import runs
+  from lib.config import sweeps
+
+  if workdir is None:
+    raise errors.UsageError('--workdir is required with --launcher or --sweep (with --sweep: '
+                            'the folder of its members)')
+  if _MODE.value != 'train':
+    raise errors.UsageError(f'--mode={_MODE.value} runs here; --launcher and --sweep train')
+  if launcher is not None:
+    try:
+      launcher = fdl.build(launcher)
+    except ValueError as e:
+      raise errors.UsageError(f'--launcher_set: {e}') from None
+    slurm.require_sbatch()
+  members = sweeps.expand([sweeps.parse_axis(spec) for spec in _SWEEP.value]) \
+      if _SWEEP.value else None
+  plans = []
+  for member in members or [None]:
+    member_config = sweeps.member_config(config, member) if member else config
+    member_workdir = workdir / member.name if member else workdir
+    try:
+      experiment = presets.build(member_config)
+      experiment.check()
+      check_saved_config(member_config, member_workdir)
+    except errors.UserError as e:
+      if member is None:
+        raise
+      raise type(e)(f'--sweep member {member.name}: {e}') from None
+    plans.append(runs.Planned(member_workdir, member.assignments if member else (),
+                              experiment.total_steps, member.name if member else ''))
+  return runs.launch(plans, base_command(), launcher, workdir if members else None,
+                     _SWEEP_PARALLEL.value)
+
+
+# Flags that choose where and what to launch; the launched command has none of them.
+LAUNCH_FLAGS = ('launcher', 'launcher_set', 'sweep', 'sweep_parallel', 'workdir', 'bucket',
+                'prefix')
+
+
+def base_command() -> list[str]:
+  """This command line without LAUNCH_FLAGS (a member adds --workdir and its --fdl_set)."""
+  arguments, skip = [], False
+  for argument in sys.argv[1:]:
+    name = argument.lstrip('-').split('=', 1)[0]
+    if skip:
+      skip = False
+    elif argument.startswith('-') and name in LAUNCH_FLAGS:
+      skip = '=' not in argument  # --flag VALUE
+    else:
+      arguments.append(argument)
+  return [sys.executable, os.path.abspath(sys.argv[0]), *arguments]
 
 
 def parse_flags(argv):

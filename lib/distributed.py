@@ -3,8 +3,10 @@
 Every process runs the same `launch.py` command. With `--coordinator_address`,
 `--num_processes` and `--process_id` the processes meet at the coordinator; without them,
 JAX's own cluster detection is used when the environment names a multi-process job
-(`JAX_COORDINATOR_ADDRESS`, SLURM with several tasks, Open MPI, Cloud TPU pods); otherwise
-the run is single-process. On CPU the processes exchange data through gloo collectives.
+(`JAX_COORDINATOR_ADDRESS`, SLURM with several tasks, Open MPI, a Cloud TPU VM, whose pod
+hosts JAX reads from the metadata server, or GKE's TPU variables); otherwise the run is
+single-process. So a pod runs the same command on every host with no flag
+(`gcloud compute tpus tpu-vm ssh NAME --worker=all --command=...`). On CPU the processes exchange data through gloo collectives.
 """
 
 import os
@@ -15,8 +17,14 @@ from absl import logging
 _CLUSTER_VARIABLES = ('JAX_COORDINATOR_ADDRESS', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES')
 
 
+def _on_tpu_vm() -> bool:
+  """TPU chips on this host's PCI bus (JAX's own test for a Cloud TPU VM)."""
+  from jax._src import hardware_utils
+  return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+
+
 def _in_cluster() -> bool:
-  if any(os.environ.get(name) for name in _CLUSTER_VARIABLES):
+  if any(os.environ.get(name) for name in _CLUSTER_VARIABLES) or _on_tpu_vm():
     return True
   return int(os.environ.get('SLURM_NTASKS', '1')) > 1
 

@@ -47,6 +47,9 @@ class WorkdirBusy(UserError):
   """Another launch holds the workdir's lock; the message names the holder."""
 
 
+PREEMPTED_STATUS = 75  # EX_TEMPFAIL: try again later
+
+
 class NonFiniteError(RuntimeError):
   """Training produced a non-finite loss, gradient norm or weight; nothing was saved from it."""
 

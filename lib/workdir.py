@@ -85,7 +85,8 @@ def in_bucket(bucket: str, prefix: str, name: str) -> paths.Path:
 def record_launch(workdir, step: int) -> None:
   """Appends what this launch runs to `workdir/run.json` (a list, oldest first): the command
   line, the code's git revision and whether its tree had uncommitted changes, the JAX, Flax,
-  Fiddle and orbax versions, the devices and processes, and the step it starts from."""
+  Fiddle and orbax versions, the devices and processes, the step it starts from, and in a
+  Slurm job its id and `SLURM_RESTART_COUNT`."""
   import importlib.metadata
 
   from lib.config import REPO_ROOT
@@ -114,6 +115,9 @@ def record_launch(workdir, step: int) -> None:
       'process_count': jax.process_count(),
       'start_step': int(step),
   }
+  if 'SLURM_JOB_ID' in os.environ:  # a Slurm job; requeued RESTART_COUNT times
+    entry['slurm'] = {'job_id': os.environ['SLURM_JOB_ID'],
+                      'restart_count': int(os.environ.get('SLURM_RESTART_COUNT', '0'))}
   file = paths.resolve(workdir, '--workdir') / 'run.json'
   entries = json.loads(file.read_text()) if file.exists() else []
   paths.write_atomic(file, json.dumps([*entries, entry], indent=1) + '\n')

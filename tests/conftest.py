@@ -16,7 +16,7 @@ os.environ.setdefault('NO_GCE_CHECK', 'true')
 for _name in ('GCE_METADATA_HOST', 'GCE_METADATA_IP', 'GCE_METADATA_ROOT'):
   os.environ.setdefault(_name, '127.0.0.1:9')
 
-pytest_plugins = ['tests.gcs_emulator']
+pytest_plugins = ['tests.gcs_emulator', 'tests.slurm_cluster']
 
 DIGITS = '--fdl_config=experiments/dit.py:digits'
 # The digits demo shrunk for tests (as --fdl_set values): one 32-wide block with 2 heads,
