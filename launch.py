@@ -234,6 +234,12 @@ def main(argv):
     return _report(e, 2)
   except errors.NonFiniteError as e:
     return _report(e, 1)
+  except errors.Preempted as e:  # a checkpoint of the step is saved: relaunch to resume
+    print(f'stopped: {e}', file=sys.stderr)
+    return errors.PREEMPTED_STATUS
+  except KeyboardInterrupt:  # Ctrl-C before training started (or after it ended)
+    print('error: interrupted (Ctrl-C)', file=sys.stderr)
+    return errors.INTERRUPTED_STATUS
 
 
 def _report(error: Exception, status: int) -> int:
@@ -321,10 +327,10 @@ def run_command() -> int:
         saved.write_config(config, workdir)
         workdirs.record_launch(workdir, step)
 
-    step = train.train(experiment, workdir, on_start)
+    step = train.train(experiment, workdir, on_start, lock)
   finally:
     lock.release()
-  logging.info('Stopped at step %d of %d.', step, experiment.total_steps)
+  logging.info('Finished: step %d of %d.', step, experiment.total_steps)
   return 0
 
 
