@@ -331,10 +331,11 @@ class Run:
         step += 1
         unchecked = (step, metrics)
         pending.append(metrics)
+        writes = lock is None or lock.owned()  # else nothing is written; the next vote stops
         if step % exp.log_every_steps == 0 or step == self.total_steps:
           self._check_finite(*unchecked, manager)
           unchecked = None
-          if lock is None or lock.owned():  # else the next vote stops the run
+          if writes:
             self._write_metrics(step, pending)
           pending = []
         if step == self.total_steps or manager.should_save(step):
@@ -342,7 +343,7 @@ class Run:
             self._check_finite(*unchecked, manager)
             unchecked = None
           self._save(manager, step, lock)
-        if not stop:
+        if writes and not stop:  # actions write metrics, grids, traces
           for action in actions:
             action(step)
       if unchecked is not None:
