@@ -216,9 +216,13 @@ def print_config(config: fdl.Buildable, experiment) -> None:
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Keeps orbax's per-save INFO chatter out of the run log (warnings still pass)."""
+  """Keeps orbax's per-save INFO chatter out of the run log (warnings still pass), and the
+  traceback out of CLU's log line for a failed background write (the run's `error:` line says
+  what failed; `--verbosity=1` keeps the traceback)."""
 
   def filter(self, record):
+    if '/clu/asynclib.py' in record.pathname and flags.FLAGS.verbosity < 1:
+      record.exc_info = record.exc_text = None
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 

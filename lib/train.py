@@ -29,6 +29,7 @@ from lib import checkpoint as ckpt
 from lib import errors
 from lib import paths
 from lib import stopping
+from lib import storage
 from lib.experiment import Experiment
 from lib.sharding import Sharding
 
@@ -282,9 +283,18 @@ class Run:
     `lib.workdir.WorkdirLock`), a run whose lock is taken over raises `errors.LockLost` before
     its next write. Raises `NonFiniteError` on the first step whose loss or gradient norm is
     not finite (or, with `skip_nonfinite_updates=N`, after N such updates in a row), before any
-    state from it is saved."""
+    state from it is saved, and `errors.StorageError` when a file of the run cannot be written
+    (`lib.storage`)."""
     with stopping.StopSignals() as signals:
-      return self._train(signals, on_start, lock)
+      try:
+        return self._train(signals, on_start, lock)
+      except (errors.UserError, errors.Preempted):
+        raise
+      except Exception as error:  # a full disk or an unwritable folder: one message
+        failure = storage.storage_error(error, self.workdir)
+        if failure is None:
+          raise
+        raise failure from error
 
   def _train(self, signals: stopping.StopSignals, on_start, lock) -> int:
     exp = self.experiment
