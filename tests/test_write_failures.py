@@ -120,3 +120,15 @@ def test_an_unwritable_checkpoint_folder_stops_with_one_line_and_the_relaunch_re
   result = test_nothing_lost.launch(workdir, '--fdl_set=log_every_steps=1')
   assert result.returncode == 0, result.stderr[-3000:]
   assert losses(workdir) == losses(reference)
+
+
+@pytest.mark.slow
+def test_a_profiler_that_cannot_write_its_trace_is_a_warning(tmp_path):
+  (tmp_path / 'plugins').write_text('a file where the trace folder goes')
+  result = test_nothing_lost.launch(
+      tmp_path, '--fdl_set=profile.first_profile=2', '--fdl_set=profile.num_profile_steps=2',
+      '--fdl_set=profile.profile_duration_ms=None', preset='digits(total_steps=6)')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'The profiler could not write its trace to {tmp_path}/plugins/profile' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert checkpoints(tmp_path) == [5, 6]
