@@ -1,5 +1,7 @@
-"""Failures to write a run's files, as one message: a full disk, a folder that cannot be written.
+"""Failures to write a run's files, as one message: a full disk, a folder that cannot be written,
+storage (a bucket) that does not answer.
 
+    retrying(lambda: save(...), 'saving step 8')  # transient failures retried with backoff
     storage_error(error, workdir)  # errors.StorageError naming the folder, or None
 
 Such failures reach the training loop from many writers (orbax and tensorstore raise
@@ -9,13 +11,28 @@ recognised by the errno anywhere in the exception's chain or by the operating sy
 in its text. They stop the run at once (retrying cannot free space or grant permission) with
 exit status 2; the checkpoints already written are complete (orbax commits a step only when it
 is whole), and the relaunch resumes from the newest.
+
+A transient failure (a connection refused or timed out, a service error such as HTTP 503 or
+tensorstore's UNAVAILABLE) of a checkpoint save is retried with exponential backoff (1 s,
+doubling, at most 60 s apart) for `FIDDLEDIFF_IO_RETRY_SECS` seconds (default 300), on top of
+the client libraries' own retries; then the run stops the same way, naming the newest intact
+checkpoint (status 2).
 """
 
 import errno
 import os
 import re
+import time
+
+from absl import logging
 
 from lib import errors
+
+RETRY_SECS = float(os.environ.get('FIDDLEDIFF_IO_RETRY_SECS', 300.0))
+_TRANSIENT = re.compile(r'\b(UNAVAILABLE|DEADLINE_EXCEEDED|Service Unavailable|Bad Gateway|'
+                        r'Gateway Timeout|Too Many Requests|Connection (refused|reset|aborted)|'
+                        r'timed out|(50[234]|429) )')
+_UNANSWERED = -1  # _cause's errno for storage that does not answer
 
 # errno -> (what it means, what to do)
 _CAUSES = {
@@ -26,6 +43,7 @@ _CAUSES = {
     errno.EROFS: ('the file system is read-only', 'remount it writable (or move the workdir)'),
 }
 _MESSAGES = {os.strerror(number): number for number in _CAUSES}
+_CAUSES[_UNANSWERED] = ('the storage did not answer', 'check that it is reachable')
 
 
 def _chain(error: BaseException):
@@ -46,7 +64,36 @@ def _cause(error: BaseException) -> tuple[int, str | None] | None:
       if message in text or f"os_error_code='{number}'" in text:
         path = re.search(r'"(/[^"]+)"', text)
         return number, path.group(1) if path else None
+  if is_transient(error):
+    return _UNANSWERED, None
   return None
+
+
+def is_transient(error: BaseException) -> bool:
+  """Whether `error` (or an error in its chain) is one that a later attempt may not meet."""
+  for link in _chain(error):
+    if isinstance(link, (ConnectionError, TimeoutError)) or _TRANSIENT.search(str(link)) or \
+        type(link).__name__ in ('ServiceUnavailable', 'RetryError', 'DeadlineExceeded',
+                                'TooManyRequests', 'InternalServerError', 'GatewayTimeout'):
+      return True
+  return False
+
+
+def retrying(write, what: str):
+  """`write()`, retried after transient failures with backoff for RETRY_SECS seconds; the
+  last failure is raised (and any other failure at once)."""
+  deadline, delay = time.monotonic() + RETRY_SECS, 1.0
+  while True:
+    try:
+      return write()
+    except Exception as error:
+      if not is_transient(error) or time.monotonic() + delay > deadline:
+        raise
+      logging.warning('%s failed (%s); retrying in %.0f s (for up to FIDDLEDIFF_IO_RETRY_SECS=%.0f '
+                      's in all)', what, str(error).strip().splitlines()[0][:300], delay,
+                      RETRY_SECS)
+      time.sleep(delay)
+      delay = min(2 * delay, 60.0)
 
 
 def storage_error(error: BaseException, workdir) -> errors.StorageError | None:

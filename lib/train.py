@@ -387,7 +387,8 @@ class Run:
         owned = bool(multihost_utils.broadcast_one_to_all(np.int32(owned)))
       if not owned:
         raise lock.lost_error()
-    ckpt.save(manager, step, self.state, force=True)
+    storage.retrying(lambda: ckpt.save(manager, step, self.state, force=True),
+                     f'saving the checkpoint of step {step}')
     self.writer.flush()
 
   def _check_finite(self, step: int, metrics: dict, manager) -> None:

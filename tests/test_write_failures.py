@@ -132,3 +132,36 @@ def test_a_profiler_that_cannot_write_its_trace_is_a_warning(tmp_path):
   assert f'The profiler could not write its trace to {tmp_path}/plugins/profile' in result.stderr
   assert 'Traceback' not in result.stderr
   assert checkpoints(tmp_path) == [5, 6]
+
+
+def refused_connection():
+  """Connects to a port nobody listens on: a real ConnectionRefusedError."""
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  socket.create_connection(('127.0.0.1', port), timeout=5)
+
+
+def test_transient_failures_are_retried_then_stop_naming_the_newest_checkpoint(tmp_path,
+                                                                              monkeypatch):
+  monkeypatch.setattr(storage, 'RETRY_SECS', 2.5)
+  calls = []
+
+  def flaky():
+    calls.append(time.monotonic())
+    if len(calls) < 2:
+      refused_connection()
+    return 'saved'
+
+  assert storage.retrying(flaky, 'saving') == 'saved' and len(calls) == 2
+  calls.clear()
+  with pytest.raises(ConnectionRefusedError) as failure:
+    storage.retrying(lambda: calls.append(0) or refused_connection(), 'saving')
+  assert len(calls) == 2  # after 1 s; the next wait (2 s) would pass the 2.5 s limit
+  message = str(storage.storage_error(failure.value, str(tmp_path)))
+  assert message.startswith(f'cannot write to {tmp_path}: the storage did not answer; the run '
+                            f'stopped and there is no checkpoint in {tmp_path}/checkpoints yet')
+  with pytest.raises(ValueError):  # not transient: raised at once
+    storage.retrying(lambda: calls.append(0) or int('x'), 'saving')
+  assert len(calls) == 3
