@@ -12,8 +12,8 @@ in its text. They stop the run at once (retrying cannot free space or grant perm
 exit status 2; the checkpoints already written are complete (orbax commits a step only when it
 is whole), and the relaunch resumes from the newest.
 
-A transient failure (a connection refused or timed out, a service error such as HTTP 503 or
-tensorstore's UNAVAILABLE) of a checkpoint save is retried with exponential backoff (1 s,
+A transient failure (a connection refused or timed out, a service error such as "503 Service
+Unavailable" or tensorstore's UNAVAILABLE) of a checkpoint save is retried with exponential backoff (1 s,
 doubling, at most 60 s apart) for `FIDDLEDIFF_IO_RETRY_SECS` seconds (default 300), on top of
 the client libraries' own retries; then the run stops the same way, naming the newest intact
 checkpoint (status 2).
@@ -31,7 +31,7 @@ from lib import errors
 RETRY_SECS = float(os.environ.get('FIDDLEDIFF_IO_RETRY_SECS', 300.0))
 _TRANSIENT = re.compile(r'\b(UNAVAILABLE|DEADLINE_EXCEEDED|Service Unavailable|Bad Gateway|'
                         r'Gateway Timeout|Too Many Requests|Connection (refused|reset|aborted)|'
-                        r'timed out|(50[234]|429) )')
+                        r'timed out)\b')
 _UNANSWERED = -1  # _cause's errno for storage that does not answer
 
 # errno -> (what it means, what to do)

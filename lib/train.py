@@ -288,7 +288,7 @@ class Run:
     with stopping.StopSignals() as signals:
       try:
         return self._train(signals, on_start, lock)
-      except (errors.UserError, errors.Preempted):
+      except (errors.UserError, errors.Preempted, errors.NonFiniteError):
         raise
       except Exception as error:  # a full disk or an unwritable folder: one message
         failure = storage.storage_error(error, self.workdir)
