@@ -353,7 +353,9 @@ class Run:
             self._check_finite(*unchecked, manager)
             unchecked = None
           self._save(manager, step, lock)
-        if writes and not stop:  # actions write metrics, grids, traces
+        # Actions write metrics, grids and traces; in a multi-host run they are collective, so
+        # every process runs them until the vote stops them all.
+        if not stop and (writes or jax.process_count() > 1):
           for action in actions:
             action(step)
       if unchecked is not None:
