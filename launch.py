@@ -216,13 +216,17 @@ def print_config(config: fdl.Buildable, experiment) -> None:
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Keeps orbax's per-save INFO chatter out of the run log (warnings still pass), and the
-  traceback out of CLU's log line for a failed background write (the run's `error:` line says
-  what failed; `--verbosity=1` keeps the traceback)."""
+  """Keeps orbax's per-save INFO chatter out of the run log (warnings still pass); and, for a
+  failed write, the traceback of CLU's background writer and asyncio's reports of orbax's
+  other writes that failed alike (the run's `error:` line says what failed; `--verbosity=1`
+  keeps them)."""
 
   def filter(self, record):
-    if '/clu/asynclib.py' in record.pathname and flags.FLAGS.verbosity < 1:
-      record.exc_info = record.exc_text = None
+    if flags.FLAGS.verbosity < 1:
+      if record.name == 'asyncio' and 'exception was never retrieved' in str(record.msg):
+        return False
+      if '/clu/asynclib.py' in record.pathname:
+        record.exc_info = record.exc_text = None
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from lib import errors, storage
+from lib import storage
+from lib.config import REPO_ROOT
 from tests import test_nothing_lost
 from tests.test_train import checkpoints, losses
 
@@ -67,7 +68,9 @@ def fail_after_first_checkpoint(workdir, break_it) -> str:
   break_it()
   assert process.wait(timeout=600) == 2
   stderr = open(log.name).read()
-  assert 'Traceback' not in stderr, stderr[-4000:]
+  # no traceback through this project's code (tensorstore's threads may still print theirs
+  # against orbax's closed event loop while the failed save winds down)
+  assert f'File "{REPO_ROOT}' not in stderr, stderr[-4000:]
   return stderr
 
 
