@@ -245,9 +245,17 @@ def print_config(config: fdl.Buildable, experiment) -> None:
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Keeps orbax's per-save INFO chatter out of the run log (warnings still pass)."""
+  """Keeps orbax's per-save INFO chatter out of the run log (warnings still pass); and, for a
+  failed write, the traceback of CLU's background writer and asyncio's reports of orbax's
+  other writes that failed alike (the run's `error:` line says what failed; `--verbosity=1`
+  keeps them)."""
 
   def filter(self, record):
+    if flags.FLAGS.verbosity < 1:
+      if record.name == 'asyncio' and 'exception was never retrieved' in str(record.msg):
+        return False
+      if '/clu/asynclib.py' in record.pathname:
+        record.exc_info = record.exc_text = None
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
@@ -263,6 +271,12 @@ def main(argv):
     return _report(e, 2)
   except errors.NonFiniteError as e:
     return _report(e, 1)
+  except errors.Preempted as e:  # a checkpoint of the step is saved: relaunch to resume
+    print(f'stopped: {e}', file=sys.stderr)
+    return errors.PREEMPTED_STATUS
+  except KeyboardInterrupt:  # Ctrl-C before training started (or after it ended)
+    print('error: interrupted (Ctrl-C)', file=sys.stderr)
+    return errors.INTERRUPTED_STATUS
 
 
 def _report(error: Exception, status: int) -> int:
@@ -361,10 +375,11 @@ def run_command() -> int:
         saved.write_config(config, workdir)
         workdirs.record_launch(workdir, step)
 
-    step = train.train(experiment, workdir, on_start, _RESTART_FROM_SCRATCH.value)
+    step = train.train(experiment, workdir, on_start, lock,
+                       restart_from_scratch=_RESTART_FROM_SCRATCH.value)
   finally:
     lock.release()
-  logging.info('Stopped at step %d of %d.', step, experiment.total_steps)
+  logging.info('Finished: step %d of %d.', step, experiment.total_steps)
   return 0
 
 

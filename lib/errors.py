@@ -7,7 +7,17 @@
       CheckpointError  no checkpoint of the workdir can be restored
         CheckpointMismatch  a checkpoint saved by another config (shapes, tree)
       WorkdirBusy      another launch holds the workdir's lock
+        LockLost       a running launch lost the lock to another one and stopped unwritten
+      StorageError     the workdir cannot be written (disk full, permission denied, a bucket
+                       unreachable for longer than FIDDLEDIFF_IO_RETRY_SECS)
     NonFiniteError     training met a non-finite loss, gradient or weight; exit status 1
+    Preempted          training stopped by SIGTERM, SIGUSR2 or SIGINT after writing a checkpoint
+                       of the step it stopped at; exit status PREEMPTED_STATUS (75)
+
+Exit statuses of `launch.py`: 0 a run that reached its end (or a command that completed);
+1 non-finite training or an unexpected crash; 2 a `UserError`; 75 (`PREEMPTED_STATUS`,
+EX_TEMPFAIL of sysexits.h) a run stopped by a signal, to be resumed by relaunching it (a
+scheduler requeues it); 130 a second Ctrl-C, which exits at once without saving.
 
 `launch.py --verbosity=1` (or `FIDDLEDIFF_TRACEBACK=1` in the environment) prints the
 traceback as well.
@@ -47,7 +57,27 @@ class WorkdirBusy(UserError):
   """Another launch holds the workdir's lock; the message names the holder."""
 
 
+class LockLost(WorkdirBusy):
+  """This run's workdir lock was taken over (its holder was stopped or cut off for longer than
+  the lock's staleness limit); the run stopped before writing anything more."""
+
+
+class StorageError(UserError):
+  """The workdir cannot be written; the message names the folder, the cause, the newest intact
+  checkpoint and what to do. Nothing half-written was kept."""
+
+
+class Preempted(Exception):
+  """A training run stopped by a signal after saving the step it stopped at."""
+
+  def __init__(self, signal_name: str, step: int, total_steps: int, checkpoints):
+    super().__init__(f'{signal_name}: stopped at step {step} of {total_steps} and saved its '
+                     f'checkpoint in {checkpoints}; relaunch the same command to resume')
+    self.step = step
+
+
 PREEMPTED_STATUS = 75  # EX_TEMPFAIL: try again later
+INTERRUPTED_STATUS = 130  # 128 + SIGINT: the second Ctrl-C
 
 
 class NonFiniteError(RuntimeError):

@@ -147,6 +147,7 @@ class Profile:
   starting `first_profile` steps after the run starts or resumes, then again every
   `every_steps` steps or `every_secs` seconds (None: not again). The defaults are diffuse_nnx's
   (CLU's: 5 steps from step 10, at least 3 s, again every hour); `profile=None` traces nothing.
+  A trace that cannot be written is a warning in the log, never a failed run.
   """
 
   def __init__(self, num_profile_steps: int = 5, first_profile: int = 10,
@@ -160,15 +161,32 @@ class Profile:
     self.profile_duration_ms = profile_duration_ms
 
   def action(self, run):
+    from absl import logging
     from clu import periodic_actions, profiler
 
     class Profile(periodic_actions.Profile):
+      def __call__(self, step, t=None):
+        try:
+          return super().__call__(step, t)
+        except Exception as error:  # the trace could not be written
+          self._failed(error)
+
       def close(self):
         """Ends (and writes) a trace still recording when the run stops: CLU ends a trace
         only at a later step, and a trace left running records everything the process
         does afterwards."""
         if self._session_running:
-          self._end_session(profiler.stop())
+          try:
+            self._end_session(profiler.stop())
+          except Exception as error:
+            self._failed(error)
+
+      def _failed(self, error: Exception) -> None:
+        """A trace that cannot be written is a warning: the run goes on (or ends) as it would."""
+        self._session_running, self._session_started = False, None
+        logging.warning('The profiler could not write its trace to %s/plugins/profile (%s: %s); '
+                        'training is not affected', self._logdir, type(error).__name__,
+                        str(error).strip().splitlines()[0][:300] if str(error).strip() else '')
 
     return Profile(
         logdir=str(run.workdir), num_profile_steps=self.num_profile_steps,

@@ -15,8 +15,6 @@ as the uninterrupted run would have.
 """
 
 import re
-import signal
-import time
 from typing import Callable
 
 import jax
@@ -30,6 +28,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lib import checkpoint as ckpt
 from lib import errors
 from lib import paths
+from lib import stopping
+from lib import storage
 from lib.experiment import Experiment
 from lib.sharding import Sharding
 
@@ -144,7 +144,9 @@ class Run:
     return nnx.merge(self.graphdef, params, buffers)
 
   # ----------------------------------------------------------------------------- jitted
-  def _step(self, state, encoder_state, batch, objective_state=None):
+  def _step(self, state, encoder_state, batch, objective_state=None, votes=None):
+    """One update; `votes` (int32, one per example, split like the batch) are the processes'
+    stop votes, returned as their maximum in metrics['stop'] (`lib.stopping`)."""
     exp = self.experiment
     key = jax.random.fold_in(self.key, state['step'])
     encode_key, loss_key, dropout_key = jax.random.split(key, 3)
@@ -167,6 +169,8 @@ class Run:
     grad_norm = optax.tree.norm(grads)
     metrics = {'loss': loss, 'grad_norm': grad_norm,
                'learning_rate': self.optimizer.schedule(state['step']), **aux}
+    if votes is not None:
+      metrics['stop'] = jnp.max(votes)
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
                  'ema': exp.ema.update(state['ema'], params, state['step']),
                  'buffers': state['buffers'], **extras}
@@ -293,22 +297,29 @@ class Run:
     logging.warning('Starting at step 0 (--restart_from_scratch); the damaged checkpoints stay '
                     'in %s', folder)
 
-  def train(self, on_start: Callable[[int], None] | None = None) -> int:
-    """Trains to `total_steps`, or until a SIGTERM (preemption), after which it saves a
-    checkpoint and returns. `on_start(step)` is called once the state is restored (or
-    initialised), before the first step. Returns the last step reached.
+  def train(self, on_start: Callable[[int], None] | None = None, lock=None) -> int:
+    """Trains to `total_steps` and returns it. `on_start(step)` is called once the state is
+    restored (or initialised), before the first step.
 
-    Raises `NonFiniteError` on the first step whose loss or gradient norm is not finite
-    (or, with `skip_nonfinite_updates=N`, after N such updates in a row), before any state
-    from it is saved."""
-    preempted = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(time.time()))
-    try:
-      return self._train(preempted, on_start)
-    finally:
-      signal.signal(signal.SIGTERM, previous_handler)
+    A SIGTERM, SIGUSR2 or SIGINT stops every process at the same step (`lib.stopping`), which
+    is saved; then `errors.Preempted` is raised. With `lock` (the workdir's
+    `lib.workdir.WorkdirLock`), a run whose lock is taken over raises `errors.LockLost` before
+    its next write. Raises `NonFiniteError` on the first step whose loss or gradient norm is
+    not finite (or, with `skip_nonfinite_updates=N`, after N such updates in a row), before any
+    state from it is saved, and `errors.StorageError` when a file of the run cannot be written
+    (`lib.storage`)."""
+    with stopping.StopSignals() as signals:
+      try:
+        return self._train(signals, on_start, lock)
+      except (errors.UserError, errors.Preempted, errors.NonFiniteError):
+        raise
+      except Exception as error:  # a full disk or an unwritable folder: one message
+        failure = storage.storage_error(error, self.workdir)
+        if failure is None:
+          raise
+        raise failure from error
 
-  def _train(self, preempted: list, on_start) -> int:
+  def _train(self, signals: stopping.StopSignals, on_start, lock) -> int:
     exp = self.experiment
     exp.data.check()
     self.load_encoder()
@@ -332,48 +343,78 @@ class Run:
       pending = []  # metrics since the last log step
       unchecked = None  # (step, metrics) dispatched but not yet checked for finiteness
       self._skipped_in_a_row = 0
-      while step < self.total_steps and not preempted:
-        batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-                 for k, v in next_batch(batches, step).items()}
+      stop, previous_vote = 0, None  # the agreed vote of the step before the last dispatched
+      while step < self.total_steps and not stop:
+        local = next_batch(batches, step)
+        votes = np.full(len(jax.tree.leaves(local)[0]), signals.vote(lock), np.int32)
+        batch, votes = jax.tree.map(
+            lambda v: jax.make_array_from_process_local_data(self.batch_sharding, v),
+            (local, votes))
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           self.state, metrics = self._train_step(self.state, self.encoder_state, batch,
-                                                 self.objective_state)
+                                                 self.objective_state, votes)
+        metrics = dict(metrics)
         if unchecked is not None:  # the previous step has finished by now, or nearly
           self._check_finite(*unchecked, manager)
+        if previous_vote is not None:
+          stop = int(previous_vote)  # the same on every process: stop after this step
+          if stop == stopping.LOCK_LOST:
+            raise lock.lost_error()
+        previous_vote = metrics.pop('stop')
         step += 1
         unchecked = (step, metrics)
         pending.append(metrics)
+        writes = lock is None or lock.owned()  # else nothing is written; the next vote stops
         if step % exp.log_every_steps == 0 or step == self.total_steps:
           self._check_finite(*unchecked, manager)
           unchecked = None
-          self._write_metrics(step, pending)
+          if writes:
+            self._write_metrics(step, pending)
           pending = []
         if step == self.total_steps or manager.should_save(step):
           if unchecked is not None:
             self._check_finite(*unchecked, manager)
             unchecked = None
-          ckpt.save(manager, step, self.state, force=True)
-          self.writer.flush()  # the metrics log never lags behind the newest checkpoint
-        for action in actions:
-          action(step)
+          self._save(manager, step, lock)
+        # Actions write metrics, grids and traces; in a multi-host run they are collective, so
+        # every process runs them until the vote stops them all.
+        if not stop and (writes or jax.process_count() > 1):
+          for action in actions:
+            action(step)
       if unchecked is not None:
         self._check_finite(*unchecked, manager)
-      if preempted and manager.latest_step() != step:
-        logging.warning('SIGTERM: saving the checkpoint of step %d before exiting', step)
-        ckpt.save(manager, step, self.state, force=True)
-      if exp.visualize is not None and step == self.total_steps and \
-          step % exp.visualize.every_steps:
+      if step < self.total_steps:  # stopped by a signal
+        if manager.latest_step() != step:
+          self._save(manager, step, lock)
+        raise errors.Preempted(signals.received or 'a stop signal to another process', step,
+                               self.total_steps, manager.directory)
+      if exp.visualize is not None and step % exp.visualize.every_steps:
         exp.visualize.draw(self, step)  # the final grid, when the schedule missed it
       return step
     finally:
-      for action in actions:
-        if hasattr(action, 'close'):
-          action.close()
+      if lock is None or lock.owned():  # closing writes (traces, buffered metrics)
+        for action in actions:
+          if hasattr(action, 'close'):
+            action.close()
       manager.wait_until_finished()
       manager.close()
       if self.writer is not None:
         self.writer.flush()
         self.writer.close()
+
+  def _save(self, manager, step: int, lock) -> None:
+    """The checkpoint of `step`, once every process knows the lock is still this run's; then
+    the metrics log is flushed, so that it never lags behind the newest checkpoint."""
+    if lock is not None:
+      owned = lock.owned()
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        owned = bool(multihost_utils.broadcast_one_to_all(np.int32(owned)))
+      if not owned:
+        raise lock.lost_error()
+    storage.retrying(lambda: ckpt.save(manager, step, self.state, force=True),
+                     f'saving the checkpoint of step {step}')
+    self.writer.flush()
 
   def _check_finite(self, step: int, metrics: dict, manager) -> None:
     """Stops the run (before anything of `step` is saved) if its loss or gradient norm is
@@ -427,12 +468,12 @@ def next_batch(batches, step: int) -> dict:
 
 
 def train(experiment: Experiment, workdir, on_start: Callable[[int], None] | None = None,
-          restart_from_scratch: bool = False) -> int:
+          lock=None, restart_from_scratch: bool = False) -> int:
   """Trains `experiment` in `workdir` (see `Run.train`); returns the last step reached.
   `restart_from_scratch`: start at step 0 although the workdir's checkpoints were all set
   aside as damaged (else refused, `Run.restore_or_init`)."""
   paths.resolve(workdir, '--workdir').mkdir(parents=True, exist_ok=True)
   run = Run(experiment, workdir)
   run.restart_from_scratch = restart_from_scratch
-  return run.train(on_start)
+  return run.train(on_start, lock)
 

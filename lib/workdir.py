@@ -22,6 +22,20 @@ for its log line.
   since the epoch) and a lock is stale, and taken over with a log line, when its holder is a
   process of this host that has ended or when its heartbeat is older than `STALE_SECS`
   (hosts' clocks are assumed to agree within a minute or so).
+
+A run that loses its lock stops before its next write (fencing): the training loop asks
+`owned()` before every metrics write and every step's stop vote, and `check_owned()` (which
+raises `errors.LockLost` naming the new holder) before every checkpoint save. Locally the
+kernel holds the flock, so the lock is lost only if `WORKDIR/lock` was deleted or replaced
+(another launch could then lock the new file). In a bucket it is lost when the heartbeat's
+precondition write fails (the object is no longer the generation this run wrote) or when a check
+finds another generation there; the check reads the object's metadata, at most once per
+`HEARTBEAT_SECS` (a lock confirmed more recently cannot be stale to anyone), so a run stopped
+(SIGSTOP, a suspended laptop) and taken over finds out before its first write after it wakes.
+A write already in flight when the holder was stopped still lands.
+
+`FIDDLEDIFF_LOCK_HEARTBEAT_SECS` and `FIDDLEDIFF_LOCK_STALE_SECS` override the two periods
+(tests shorten them); keep STALE several times HEARTBEAT.
 """
 
 import datetime
@@ -41,8 +55,8 @@ from absl import logging
 
 from lib import errors, paths
 
-HEARTBEAT_SECS = 60.0
-STALE_SECS = 600.0
+HEARTBEAT_SECS = float(os.environ.get('FIDDLEDIFF_LOCK_HEARTBEAT_SECS', 60.0))
+STALE_SECS = float(os.environ.get('FIDDLEDIFF_LOCK_STALE_SECS', 600.0))
 
 
 def check_usable(workdir) -> None:
@@ -166,6 +180,9 @@ class WorkdirLock:
     self._blob = None  # bucket: the lock object this run created
     self._stop = threading.Event()
     self._heartbeat = None
+    self._guard = threading.Lock()  # the heartbeat thread and the fence checks
+    self._confirmed = 0.0  # time.monotonic() when the lock object was last known to be ours
+    self._lost = None  # why the lock is no longer this run's
 
   def acquire(self) -> None:
     """Takes the lock (process 0 of a multi-host run; every process learns the outcome).
@@ -225,6 +242,7 @@ class WorkdirLock:
     handle.write(self._holder_text())
     handle.flush()
     self._file = handle
+    self._lost = None
 
   # ----------------------------------------------------------------------------- bucket
   def _acquire_object(self) -> None:
@@ -256,6 +274,8 @@ class WorkdirLock:
     else:
       raise self._busy('the lock changed hands during three attempts to take it')
     self._blob = blob
+    self._lost = None
+    self._confirmed = time.monotonic()
     self._stop.clear()
     self._heartbeat = threading.Thread(target=self._beat, name='workdir-lock-heartbeat',
                                        daemon=True)
@@ -285,15 +305,75 @@ class WorkdirLock:
     from google.api_core import exceptions
 
     while not self._stop.wait(HEARTBEAT_SECS):
+      with self._guard:
+        if self._lost is not None:
+          return
+        try:
+          self._blob.upload_from_string(self._holder_text(),
+                                        if_generation_match=self._blob.generation)
+          self._confirmed = time.monotonic()
+        except exceptions.PreconditionFailed:
+          self._lose()
+          return
+        except exceptions.GoogleAPIError as error:  # transient: the next beat retries
+          logging.warning('Could not refresh the lock of %s: %s', self.workdir, error)
+
+  def _lose(self) -> None:
+    """Marks the bucket lock lost, naming whoever holds the object now (under `_guard`)."""
+    from google.api_core import exceptions
+
+    try:
+      current = self._blob.bucket.get_blob(self._blob.name)
+      holder = self._describe(current.download_as_text()) if current is not None else None
+    except exceptions.GoogleAPIError:
+      holder = 'unknown holder'
+    self._lost = (f'it is now held by {holder}' if holder else
+                  'another launch took it over and has released it since')
+    logging.error('The lock of %s was taken over (%s); this run stops before its next write',
+                  self.workdir, self._lost)
+
+  # ----------------------------------------------------------------------------- fencing
+  def owned(self) -> bool:
+    """False once this run's lock is known to be lost (see the module docstring); True on
+    processes that hold no lock (every process but 0) and while the lock holds."""
+    if self._file is not None and self._lost is None:
       try:
-        self._blob.upload_from_string(self._holder_text(),
-                                      if_generation_match=self._blob.generation)
-      except exceptions.PreconditionFailed:
-        logging.error('The lock of %s was taken over by another launch; stop this run',
-                      self.workdir)
-        return
-      except exceptions.GoogleAPIError as error:  # transient: the next beat retries
-        logging.warning('Could not refresh the lock of %s: %s', self.workdir, error)
+        same = os.fstat(self._file.fileno()).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same = False
+      if not same:
+        self._lost = f'{self.path} was deleted or replaced while this run held it'
+    if self._blob is not None:
+      with self._guard:
+        if self._lost is None and time.monotonic() - self._confirmed >= HEARTBEAT_SECS:
+          self._confirm()
+    return self._lost is None
+
+  def _confirm(self) -> None:
+    """Reads the lock object's generation: ours confirms the lock, any other loses it."""
+    from google.api_core import exceptions
+
+    try:
+      current = self._blob.bucket.get_blob(self._blob.name)
+    except exceptions.GoogleAPIError as error:  # unreachable: the writes that follow will say
+      logging.warning('Could not check the lock of %s: %s', self.workdir, error)
+      return
+    if current is not None and current.generation == self._blob.generation:
+      self._confirmed = time.monotonic()
+    else:
+      self._lose()
+
+  def check_owned(self) -> None:
+    """Raises `errors.LockLost` unless `owned()`."""
+    if not self.owned():
+      raise self.lost_error()
+
+  def lost_error(self) -> errors.LockLost:
+    return errors.LockLost(
+        f'this run lost the lock of {self.workdir} '
+        f'({self._lost or "process 0 found it taken over"}); it stopped without writing '
+        'anything more. The other launch owns the workdir now; to continue this run, stop that '
+        'one and relaunch')
 
   # ----------------------------------------------------------------------------- both
   def release(self) -> None:

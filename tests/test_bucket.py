@@ -394,3 +394,46 @@ def test_bucket_prefix_launches_number_and_resume_runs_and_bad_input_leaves_noth
     result = launch(*TINY, preset, *args, env=env)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / 'tracked').exists()
+
+
+@pytest.mark.slow
+def test_a_stopped_lock_holder_taken_over_writes_nothing_when_it_continues(gcs, tmp_path):
+  run = [*TINY, '--fdl_config=experiments/dit.py:digits(total_steps=16)', NO_TENSORBOARD,
+         '--fdl_set=checkpoint.save_interval_steps=8']
+  reference = tmp_path / 'reference'
+  result = launch(*run, f'--workdir={reference}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  workdir = f'gs://{BUCKET}/runs/fenced'
+  periods = {'FIDDLEDIFF_LOCK_HEARTBEAT_SECS': '1', 'FIDDLEDIFF_LOCK_STALE_SECS': '4'}
+  with open(tmp_path / 'first.log', 'w') as log:
+    # logged with its checkpoints only: stopped between writes, since a write under way when
+    # a holder is stopped still lands when it continues
+    first = launch(*run, '--fdl_set=log_every_steps=8', f'--workdir={workdir}', env=periods,
+                   wait=False, stderr=log)
+  from google.cloud import storage
+  commit = storage.Client().bucket(BUCKET).blob('runs/fenced/checkpoints/8/commit_success.txt')
+  # (read uncached: gcsfs caches listings)
+  deadline = time.time() + 600
+  while not commit.exists():
+    assert first.poll() is None and time.time() < deadline, (tmp_path / 'first.log').read_text()
+    time.sleep(0.02)
+  first.send_signal(signal.SIGSTOP)  # alive, but its heartbeat stops
+  try:
+    time.sleep(5)  # the lock is stale: no heartbeat for longer than 4 s
+    second = launch(*run, f'--workdir={workdir}', env=periods)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert 'Took over the lock' in second.stderr and 'no heartbeat for' in second.stderr
+    assert 'Resumed from the checkpoint of step 8' in second.stderr
+    assert {step: loss for step, loss in losses(workdir).items() if step > 8} == \
+        {step: loss for step, loss in losses(reference).items() if step > 8}
+    written = {name: (paths.resolve(f'gs://{BUCKET}/{name}', 'w').read_bytes())
+               for name in objects('runs/fenced/')}
+  finally:
+    first.send_signal(signal.SIGCONT)
+  assert first.wait(timeout=300) == 2
+  stderr = (tmp_path / 'first.log').read_text()
+  assert (f'error: this run lost the lock of {workdir} (another launch took it over and has '
+          'released it since); it stopped without writing anything more') in stderr, stderr
+  assert 'Traceback' not in stderr
+  assert {name: (paths.resolve(f'gs://{BUCKET}/{name}', 'w').read_bytes())
+          for name in objects('runs/fenced/')} == written

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from lib import errors
 from tests.conftest import DIGITS, TINY_FLAGS, launch
 
 pytestmark = pytest.mark.slow  # every test trains in launch.py interpreters
@@ -83,16 +84,29 @@ def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(reference, tmp_p
   assert losses(tmp_path) == losses(reference)
 
 
-def test_sigterm_writes_a_checkpoint_then_resumes(reference, tmp_path):
-  process = train(tmp_path, '--fdl_set=total_steps=40',
-                  '--fdl_set=checkpoint.save_interval_steps=1000', wait=False)
+def start_and_wait_for_training(workdir, *args):
+  """The tiny 40-step run without scheduled checkpoints, once it has logged a step."""
+  process = train(workdir, '--fdl_set=total_steps=40',
+                  '--fdl_set=checkpoint.save_interval_steps=1000', *args, wait=False)
   deadline = time.time() + 300
-  while not losses_so_far(tmp_path) and time.time() < deadline:  # training has started
+  while not losses_so_far(workdir) and time.time() < deadline:  # training has started
     time.sleep(0.02)
-  process.send_signal(signal.SIGTERM)
-  assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
+  assert process.poll() is None, process.stderr.read()[-3000:]
+  return process
+
+
+@pytest.mark.parametrize('stop_signal', [signal.SIGTERM, signal.SIGINT, signal.SIGUSR2])
+def test_a_stop_signal_saves_its_step_exits_75_and_the_relaunch_resumes(reference, tmp_path,
+                                                                       stop_signal):
+  process = start_and_wait_for_training(tmp_path)
+  process.send_signal(stop_signal)
+  assert process.wait(timeout=300) == errors.PREEMPTED_STATUS
+  stderr = process.stderr.read()
+  assert 'Traceback' not in stderr, stderr[-3000:]
   saved = checkpoints(tmp_path)
-  assert len(saved) == 1 and 0 < saved[0] < 40  # the preemption checkpoint
+  assert len(saved) == 1 and 0 < saved[0] < 40  # the checkpoint of the step it stopped at
+  assert (f'stopped: {signal.Signals(stop_signal).name}: stopped at step {saved[0]} of 40 and '
+          'saved its checkpoint') in stderr
   train(tmp_path, '--fdl_set=total_steps=40')
   assert losses(tmp_path) == losses(reference)
 

@@ -1,0 +1,119 @@
+"""Failures to write a run's files, as one message: a full disk, a folder that cannot be written,
+storage (a bucket) that does not answer.
+
+    retrying(lambda: save(...), 'saving step 8')  # transient failures retried with backoff
+    storage_error(error, workdir)  # errors.StorageError naming the folder, or None
+
+Such failures reach the training loop from many writers (orbax and tensorstore raise
+`ValueError('RESOURCE_EXHAUSTED: ... No space left on device [os_error_code=28]')`, Python's
+files `OSError(ENOSPC)`, CLU's asynchronous writer an `AsyncError` wrapping either), so they are
+recognised by the errno anywhere in the exception's chain or by the operating system's message
+in its text. They stop the run at once (retrying cannot free space or grant permission) with
+exit status 2; the checkpoints already written are complete (orbax commits a step only when it
+is whole), and the relaunch resumes from the newest.
+
+A transient failure (a connection refused or timed out, a service error such as "503 Service
+Unavailable" or tensorstore's UNAVAILABLE) of a checkpoint save is retried with exponential backoff (1 s,
+doubling, at most 60 s apart) for `FIDDLEDIFF_IO_RETRY_SECS` seconds (default 300), on top of
+the client libraries' own retries; then the run stops the same way, naming the newest intact
+checkpoint (status 2).
+"""
+
+import errno
+import os
+import re
+import time
+
+from absl import logging
+
+from lib import errors
+
+RETRY_SECS = float(os.environ.get('FIDDLEDIFF_IO_RETRY_SECS', 300.0))
+_TRANSIENT = re.compile(r'\b(UNAVAILABLE|DEADLINE_EXCEEDED|Service Unavailable|Bad Gateway|'
+                        r'Gateway Timeout|Too Many Requests|Connection (refused|reset|aborted)|'
+                        r'timed out)\b')
+_UNANSWERED = -1  # _cause's errno for storage that does not answer
+
+# errno -> (what it means, what to do)
+_CAUSES = {
+    errno.ENOSPC: ('the disk is full', 'free space there (or move the workdir)'),
+    errno.EDQUOT: ('the disk quota is exhausted', 'free space there (or move the workdir)'),
+    errno.EACCES: ('permission denied', 'make it writable by this user'),
+    errno.EPERM: ('operation not permitted', 'make it writable by this user'),
+    errno.EROFS: ('the file system is read-only', 'remount it writable (or move the workdir)'),
+}
+_MESSAGES = {os.strerror(number): number for number in _CAUSES}
+_CAUSES[_UNANSWERED] = ('the storage did not answer', 'check that it is reachable')
+
+
+def _chain(error: BaseException):
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def _cause(error: BaseException) -> tuple[int, str | None] | None:
+  """(errno, the path it names or None) of the first write failure in `error`'s chain."""
+  for link in _chain(error):
+    if isinstance(link, OSError) and link.errno in _CAUSES:
+      return link.errno, link.filename
+    text = str(link)
+    for message, number in _MESSAGES.items():
+      if message in text or f"os_error_code='{number}'" in text:
+        path = re.search(r'"(/[^"]+)"', text)
+        return number, path.group(1) if path else None
+  if is_transient(error):
+    return _UNANSWERED, None
+  return None
+
+
+def is_transient(error: BaseException) -> bool:
+  """Whether `error` (or an error in its chain) is one that a later attempt may not meet."""
+  for link in _chain(error):
+    if isinstance(link, (ConnectionError, TimeoutError)) or _TRANSIENT.search(str(link)) or \
+        type(link).__name__ in ('ServiceUnavailable', 'RetryError', 'DeadlineExceeded',
+                                'TooManyRequests', 'InternalServerError', 'GatewayTimeout'):
+      return True
+  return False
+
+
+def retrying(write, what: str):
+  """`write()`, retried after transient failures with backoff for RETRY_SECS seconds; the
+  last failure is raised (and any other failure at once)."""
+  deadline, delay = time.monotonic() + RETRY_SECS, 1.0
+  while True:
+    try:
+      return write()
+    except Exception as error:
+      if not is_transient(error) or time.monotonic() + delay > deadline:
+        raise
+      logging.warning('%s failed (%s); retrying in %.0f s (for up to FIDDLEDIFF_IO_RETRY_SECS=%.0f '
+                      's in all)', what, str(error).strip().splitlines()[0][:300], delay,
+                      RETRY_SECS)
+      time.sleep(delay)
+      delay = min(2 * delay, 60.0)
+
+
+def storage_error(error: BaseException, workdir) -> errors.StorageError | None:
+  """The one-line `StorageError` for a write failure of the run in `workdir` (naming the
+  folder, the cause, the newest intact checkpoint and what to do), or None for other errors."""
+  cause = _cause(error)
+  if cause is None:
+    return None
+  number, path = cause
+  from lib import checkpoint as ckpt
+
+  meaning, remedy = _CAUSES[number]
+  folder = os.fspath(workdir)
+  if path and path.startswith(folder + os.sep):  # the workdir's folder holding it
+    parts = os.path.relpath(path, folder).split(os.sep)
+    folder = os.path.join(folder, parts[0]) if len(parts) > 1 else folder
+  elif path:
+    folder = os.path.dirname(path)
+  newest = ckpt.latest_step(workdir)
+  kept = (f'the newest intact checkpoint is step {newest} in {ckpt.directory(workdir)}'
+          if newest is not None else f'there is no checkpoint in {ckpt.directory(workdir)} yet')
+  return errors.StorageError(f'cannot write to {folder}: {meaning}; the run stopped and {kept}; '
+                             f'{remedy}, then relaunch the same command to resume')
