@@ -35,6 +35,7 @@ def test_a_signal_is_recorded_by_name_and_the_handlers_are_restored_after():
   assert signal.getsignal(signal.SIGUSR2) is before
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_exits_at_once_with_one_line():
   code = textwrap.dedent('''
       import sys, time

@@ -38,7 +38,8 @@ from lib.config import values
 PROJECT = ('lib', 'experiments')
 # Project modules whose functions read or write files by name, or import or run code by name.
 PLUMBING = ('lib.config', 'lib.paths', 'lib.workdir', 'lib.import_release',
-            'lib.data.extract_latents', 'experiments.legacy')
+            'lib.data.extract_latents', 'lib.cluster', 'lib.storage', 'lib.stopping',
+            'experiments.legacy')
 # Project modules whose functions (and methods) write, move or delete files by path: their
 # classes are graph nodes, their functions are refused.
 WRITING = ('lib.checkpoint', 'lib.eval.digits_classifier', 'lib.eval.fid', 'lib.evaluate',
