@@ -17,6 +17,20 @@ Unavailable" or tensorstore's UNAVAILABLE) of a checkpoint save is retried with 
 doubling, at most 60 s apart) for `FIDDLEDIFF_IO_RETRY_SECS` seconds (default 300), on top of
 the client libraries' own retries; then the run stops the same way, naming the newest intact
 checkpoint (status 2).
+
+A bucket that stops answering (connections accepted, no reply) must fail a request rather than
+hang the run, so `configure_clients()` (run when `lib.paths` is imported) bounds each client's
+wait by `FIDDLEDIFF_IO_TIMEOUT_SECS` (default 60), leaving any setting the user made alone:
+- tensorstore (orbax's arrays): a transfer that moves nothing for that long is aborted
+  (`TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS`, `TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES=1`,
+  `TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS`) and retried `TENSORSTORE_RETRIES` times
+  (`limit_tensorstore_retries`: the context option `gcs_request_retries`);
+- gcsfs (`lib.paths`): that long for a request, four times that for a whole call (fsspec's
+  `gs` options `requests_timeout`, `timeout`);
+- google-cloud-storage (the workdir lock, `lib.paths.AppendLog`): `call_options()` on each call;
+- TensorFlow's GCS client (TensorBoard events): `GCS_REQUEST_CONNECTION_TIMEOUT_SECS`,
+  `GCS_REQUEST_IDLE_TIMEOUT_SECS`, `GCS_{METADATA,READ,WRITE}_REQUEST_TIMEOUT_SECS`.
+A timed-out request is a transient failure: retried as above, then the run stops with one line.
 """
 
 import errno
@@ -29,6 +43,8 @@ from absl import logging
 from lib import errors
 
 RETRY_SECS = float(os.environ.get('FIDDLEDIFF_IO_RETRY_SECS', 300.0))
+TIMEOUT_SECS = float(os.environ.get('FIDDLEDIFF_IO_TIMEOUT_SECS', 60.0))
+TENSORSTORE_RETRIES = 3
 _TRANSIENT = re.compile(r'\b(UNAVAILABLE|DEADLINE_EXCEEDED|Service Unavailable|Bad Gateway|'
                         r'Gateway Timeout|Too Many Requests|Connection (refused|reset|aborted)|'
                         r'timed out)\b')
@@ -117,3 +133,42 @@ def storage_error(error: BaseException, workdir) -> errors.StorageError | None:
           if newest is not None else f'there is no checkpoint in {ckpt.directory(workdir)} yet')
   return errors.StorageError(f'cannot write to {folder}: {meaning}; the run stopped and {kept}; '
                              f'{remedy}, then relaunch the same command to resume')
+
+
+def configure_clients() -> None:
+  """Bounds the storage clients' waits by TIMEOUT_SECS (see the module docstring), leaving
+  each setting the user made alone."""
+  seconds = str(max(1, round(TIMEOUT_SECS)))
+  for name, value in (('TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS', seconds),
+                      ('TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES', '1'),
+                      ('TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS', seconds),
+                      ('GCS_REQUEST_CONNECTION_TIMEOUT_SECS', seconds),
+                      ('GCS_REQUEST_IDLE_TIMEOUT_SECS', seconds),
+                      ('GCS_METADATA_REQUEST_TIMEOUT_SECS', seconds),
+                      ('GCS_READ_REQUEST_TIMEOUT_SECS', seconds),
+                      ('GCS_WRITE_REQUEST_TIMEOUT_SECS', seconds)):
+    os.environ.setdefault(name, value)
+  from fsspec import config
+
+  options = config.conf.setdefault('gs', {})
+  options.setdefault('requests_timeout', TIMEOUT_SECS)
+  options.setdefault('timeout', 4 * TIMEOUT_SECS)
+
+
+def limit_tensorstore_retries() -> None:
+  """Gives orbax's tensorstore contexts at most TENSORSTORE_RETRIES retries of a failed bucket
+  request (tensorstore's default, 32 attempts up to 32 s apart, would outlast RETRY_SECS)."""
+  from orbax.checkpoint._src.serialization import tensorstore_utils
+
+  for context in (tensorstore_utils._BASE_TS_CONTEXT,
+                  tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):
+    context.setdefault('gcs_request_retries', {'max_retries': TENSORSTORE_RETRIES,
+                                               'initial_delay': '1s', 'max_delay': '8s'})
+
+
+def call_options() -> dict:
+  """google-cloud-storage's per-call `timeout` and `retry` (which gives up after TIMEOUT_SECS
+  of retrying: a `RetryError`), for every call of the workdir lock."""
+  from google.cloud.storage import retry
+
+  return {'timeout': TIMEOUT_SECS, 'retry': retry.DEFAULT_RETRY.with_timeout(TIMEOUT_SECS)}

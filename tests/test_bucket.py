@@ -72,6 +72,20 @@ def test_files_in_a_bucket_are_written_whole_and_logs_grow(gcs):
   assert (folder / 'metrics.jsonl').read_text() == '1\n2\n3\n'
 
 
+def test_a_bucket_log_rewritten_by_another_writer_is_never_overwritten(gcs):
+  """A stale writer (its workdir taken over) that writes again fails and leaves the new
+  writer's rows as they were."""
+  path = paths.resolve(f'gs://{BUCKET}/unit/fenced_log/metrics.jsonl', '--workdir')
+  stale = paths.AppendLog(path)
+  stale.write('{"step": 1}\n')
+  new = paths.AppendLog(path)  # took the workdir over: reads the rows so far
+  new.write('{"step": 2, "new": true}\n')
+  with pytest.raises(errors.LockLost, match=f"{path}' was rewritten by another launch"):
+    stale.write('{"step": 2}\n')
+  new.write('{"step": 3, "new": true}\n')
+  assert path.read_text() == '{"step": 1}\n{"step": 2, "new": true}\n{"step": 3, "new": true}\n'
+
+
 def test_tensorboard_events_go_through_tensorflows_file_system(tmp_path, monkeypatch):
   """CLU's writer gets the workdir as a URL string; TensorFlow's own in-memory file system
   (`ram://`) stands in for its GCS client, which no emulator can reach."""
