@@ -37,6 +37,7 @@ import errno
 import os
 import re
 import time
+from typing import Callable
 
 from absl import logging
 
@@ -47,7 +48,7 @@ TIMEOUT_SECS = float(os.environ.get('FIDDLEDIFF_IO_TIMEOUT_SECS', 60.0))
 TENSORSTORE_RETRIES = 3
 _TRANSIENT = re.compile(r'\b(UNAVAILABLE|DEADLINE_EXCEEDED|Service Unavailable|Bad Gateway|'
                         r'Gateway Timeout|Too Many Requests|Connection (refused|reset|aborted)|'
-                        r'timed out)\b')
+                        r'timed out|Timeout was reached|Operation too slow)\b')
 _UNANSWERED = -1  # _cause's errno for storage that does not answer
 
 # errno -> (what it means, what to do)
@@ -112,9 +113,17 @@ def retrying(write, what: str):
       delay = min(2 * delay, 60.0)
 
 
-def storage_error(error: BaseException, workdir) -> errors.StorageError | None:
+def storage_error(error: BaseException, workdir,
+                  newest_step: Callable[[], int | None] | None = None) -> errors.UserError | None:
   """The one-line `StorageError` for a write failure of the run in `workdir` (naming the
-  folder, the cause, the newest intact checkpoint and what to do), or None for other errors."""
+  folder, the cause, the newest intact checkpoint and what to do), or None for other errors.
+  `newest_step()` gives that checkpoint's step without reading the storage (the run's orbax
+  manager knows it, its failed saves dropped); by default it is listed (`latest_step`).
+  A `UserError` that a writer's thread raised (CLU's `AsyncError` wraps it) comes back as
+  itself (a copy), e.g. the `LockLost` of a fenced `metrics.jsonl`."""
+  for link in _chain(error):
+    if isinstance(link, errors.UserError):
+      return type(link)(*link.args)
   cause = _cause(error)
   if cause is None:
     return None
@@ -128,7 +137,7 @@ def storage_error(error: BaseException, workdir) -> errors.StorageError | None:
     folder = os.path.join(folder, parts[0]) if len(parts) > 1 else folder
   elif path:
     folder = os.path.dirname(path)
-  newest = ckpt.latest_step(workdir)
+  newest = newest_step() if newest_step is not None else ckpt.latest_step(workdir)
   kept = (f'the newest intact checkpoint is step {newest} in {ckpt.directory(workdir)}'
           if newest is not None else f'there is no checkpoint in {ckpt.directory(workdir)} yet')
   return errors.StorageError(f'cannot write to {folder}: {meaning}; the run stopped and {kept}; '

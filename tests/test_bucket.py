@@ -451,3 +451,44 @@ def test_a_stopped_lock_holder_taken_over_writes_nothing_when_it_continues(gcs, 
   assert 'Traceback' not in stderr
   assert {name: (paths.resolve(f'gs://{BUCKET}/{name}', 'w').read_bytes())
           for name in objects('runs/fenced/')} == written
+
+
+@pytest.mark.slow
+def test_a_bucket_that_stops_answering_stops_the_run_with_one_line_and_it_resumes(gcs, tmp_path):
+  """The emulator paused (SIGSTOP: connections accepted, nothing answered) after the first
+  checkpoint: every client's request times out, the save is retried for
+  FIDDLEDIFF_IO_RETRY_SECS, and the run stops (status 2) naming the newest checkpoint."""
+  run = [*TINY, '--fdl_config=experiments/dit.py:digits(total_steps=12)', NO_TENSORBOARD,
+         '--fdl_set=checkpoint.save_interval_steps=4']
+  reference = tmp_path / 'reference'
+  result = launch(*run, f'--workdir={reference}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  workdir = f'gs://{BUCKET}/runs/outage'
+  short = {'FIDDLEDIFF_IO_RETRY_SECS': '10', 'FIDDLEDIFF_IO_TIMEOUT_SECS': '3'}
+  with open(tmp_path / 'first.log', 'w') as log:
+    first = launch(*run, f'--workdir={workdir}', env=short, wait=False, stderr=log)
+  from google.cloud import storage
+  commit = storage.Client().bucket(BUCKET).blob('runs/outage/checkpoints/4/commit_success.txt')
+  deadline = time.time() + 600
+  while not commit.exists():  # (read uncached: gcsfs caches listings)
+    assert first.poll() is None and time.time() < deadline, (tmp_path / 'first.log').read_text()
+    time.sleep(0.02)
+  gcs.process.send_signal(signal.SIGSTOP)
+  try:
+    paused = time.time()
+    status = first.wait(timeout=300)
+    waited = time.time() - paused
+  finally:
+    gcs.process.send_signal(signal.SIGCONT)
+  stderr = (tmp_path / 'first.log').read_text()
+  lines = [line for line in stderr.splitlines() if 'error: ' in line]
+  assert status == 2 and len(lines) == 1, stderr[-4000:]
+  assert waited < 120, waited
+  assert f'File "{REPO_ROOT}' not in stderr, stderr[-4000:]  # no traceback through this project
+  newest = int(lines[0].split('the newest intact checkpoint is step ')[1].split()[0])
+  assert f'cannot write to {workdir}' in lines[0] and 'the storage did not answer' in lines[0]
+  assert f'in {workdir}/checkpoints' in lines[0] and newest >= 4
+  result = launch(*run, f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'Resumed from the checkpoint of step {newest}' in result.stderr
+  assert losses(workdir) == losses(reference)
