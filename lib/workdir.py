@@ -384,6 +384,10 @@ class WorkdirLock:
                           **storage.call_options())
       except (exceptions.PreconditionFailed, exceptions.NotFound):
         pass  # taken over meanwhile: the lock is not ours to delete
+      except exceptions.GoogleAPIError as error:  # the bucket did not answer: the lock stays
+        logging.warning('Could not delete the lock of %s (%s); the next launch on this host takes '
+                        'it over, another after %.0f s without heartbeat', self.workdir,
+                        str(error).splitlines()[0][:300], STALE_SECS)
       self._blob = None
 
   def __enter__(self):

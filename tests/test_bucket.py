@@ -410,6 +410,22 @@ def test_bucket_prefix_launches_number_and_resume_runs_and_bad_input_leaves_noth
   assert not (tmp_path / 'tracked').exists()
 
 
+def running_past_checkpoint(run, workdir: str, step: int, log, env):
+  """launch.py `run` in the bucket `workdir` (stderr to the file `log`), returned running
+  once its checkpoint `step` is committed (read uncached: gcsfs caches listings)."""
+  from google.cloud import storage
+
+  with open(log, 'w') as stderr:
+    process = launch(*run, f'--workdir={workdir}', env=env, wait=False, stderr=stderr)
+  name = f'{workdir[len(f"gs://{BUCKET}/"):]}/checkpoints/{step}/commit_success.txt'
+  commit = storage.Client().bucket(BUCKET).blob(name)
+  deadline = time.time() + 600
+  while not commit.exists():
+    assert process.poll() is None and time.time() < deadline, open(log).read()
+    time.sleep(0.02)
+  return process
+
+
 @pytest.mark.slow
 def test_a_stopped_lock_holder_taken_over_writes_nothing_when_it_continues(gcs, tmp_path):
   run = [*TINY, '--fdl_config=experiments/dit.py:digits(total_steps=16)', NO_TENSORBOARD,
@@ -419,18 +435,10 @@ def test_a_stopped_lock_holder_taken_over_writes_nothing_when_it_continues(gcs, 
   assert result.returncode == 0, result.stderr[-3000:]
   workdir = f'gs://{BUCKET}/runs/fenced'
   periods = {'FIDDLEDIFF_LOCK_HEARTBEAT_SECS': '1', 'FIDDLEDIFF_LOCK_STALE_SECS': '4'}
-  with open(tmp_path / 'first.log', 'w') as log:
-    # logged with its checkpoints only: stopped between writes, since a write under way when
-    # a holder is stopped still lands when it continues
-    first = launch(*run, '--fdl_set=log_every_steps=8', f'--workdir={workdir}', env=periods,
-                   wait=False, stderr=log)
-  from google.cloud import storage
-  commit = storage.Client().bucket(BUCKET).blob('runs/fenced/checkpoints/8/commit_success.txt')
-  # (read uncached: gcsfs caches listings)
-  deadline = time.time() + 600
-  while not commit.exists():
-    assert first.poll() is None and time.time() < deadline, (tmp_path / 'first.log').read_text()
-    time.sleep(0.02)
+  # logged with its checkpoints only: stopped between writes, since a write under way when a
+  # holder is stopped still lands when it continues
+  first = running_past_checkpoint([*run, '--fdl_set=log_every_steps=8'], workdir, 8,
+                                  tmp_path / 'first.log', periods)
   first.send_signal(signal.SIGSTOP)  # alive, but its heartbeat stops
   try:
     time.sleep(5)  # the lock is stale: no heartbeat for longer than 4 s
@@ -465,14 +473,7 @@ def test_a_bucket_that_stops_answering_stops_the_run_with_one_line_and_it_resume
   assert result.returncode == 0, result.stderr[-3000:]
   workdir = f'gs://{BUCKET}/runs/outage'
   short = {'FIDDLEDIFF_IO_RETRY_SECS': '10', 'FIDDLEDIFF_IO_TIMEOUT_SECS': '3'}
-  with open(tmp_path / 'first.log', 'w') as log:
-    first = launch(*run, f'--workdir={workdir}', env=short, wait=False, stderr=log)
-  from google.cloud import storage
-  commit = storage.Client().bucket(BUCKET).blob('runs/outage/checkpoints/4/commit_success.txt')
-  deadline = time.time() + 600
-  while not commit.exists():  # (read uncached: gcsfs caches listings)
-    assert first.poll() is None and time.time() < deadline, (tmp_path / 'first.log').read_text()
-    time.sleep(0.02)
+  first = running_past_checkpoint(run, workdir, 4, tmp_path / 'first.log', short)
   gcs.process.send_signal(signal.SIGSTOP)
   try:
     paused = time.time()
