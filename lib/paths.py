@@ -105,17 +105,12 @@ def move(source: epath.Path, target: epath.Path) -> None:
     source.rename(target)
 
 
-def bucket(path: epath.Path) -> str:
-  """The bucket of a `gs://` path."""
-  return os.fspath(path)[len('gs://'):].split('/')[0]
-
-
 def blob(path: epath.Path):
   """The google-cloud-storage object of a `gs://` path (for writes with preconditions)."""
   from google.cloud import storage as cloud_storage
 
-  bucket_name, _, name = os.fspath(path)[len('gs://'):].partition('/')
-  return cloud_storage.Client().bucket(bucket_name).blob(name.strip('/'))
+  bucket, _, name = os.fspath(path)[len('gs://'):].partition('/')
+  return cloud_storage.Client().bucket(bucket).blob(name.strip('/'))
 
 
 def write_atomic(path: epath.Path, data: str | bytes) -> None:

@@ -177,7 +177,7 @@ def limit_tensorstore_retries() -> None:
 
 def call_options() -> dict:
   """google-cloud-storage's per-call `timeout` and `retry` (which gives up after TIMEOUT_SECS
-  of retrying: a `RetryError`), for every call of the workdir lock."""
+  of retrying: a `RetryError`), for every call of the workdir lock and the bucket log."""
   from google.cloud.storage import retry
 
   return {'timeout': TIMEOUT_SECS, 'retry': retry.DEFAULT_RETRY.with_timeout(TIMEOUT_SECS)}

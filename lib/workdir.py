@@ -34,6 +34,12 @@ finds another generation there; the check reads the object's metadata, at most o
 (SIGSTOP, a suspended laptop) and taken over finds out before its first write after it wakes.
 A write already in flight when the holder was stopped still lands.
 
+Each call to the bucket waits at most about twice `FIDDLEDIFF_IO_TIMEOUT_SECS` (`lib.storage`).
+A heartbeat or check that gets no answer confirms nothing and stops nothing by itself: the run
+goes on to its writes, which meet the same silence and stop it with a `StorageError` after
+`FIDDLEDIFF_IO_RETRY_SECS`; if another launch took the lock over meanwhile, the first check
+that gets an answer stops it with `LockLost`.
+
 `FIDDLEDIFF_LOCK_HEARTBEAT_SECS` and `FIDDLEDIFF_LOCK_STALE_SECS` override the two periods
 (tests shorten them); keep STALE several times HEARTBEAT.
 """
