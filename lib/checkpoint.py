@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lib import errors, paths
+from lib import errors, paths, storage
 
 # orbax (and tensorstore below it) is imported by the functions that use it, so that building
 # or printing a config, which constructs `Checkpointing`, does not pay for it.
@@ -79,6 +79,7 @@ class Checkpointing:
     never create the folder)."""
     import orbax.checkpoint as ocp
 
+    storage.limit_tensorstore_retries()  # a bucket that stops answering fails a save in time
     # Every `save_interval_steps` steps, or when JAX's preemption notice reaches every host;
     # unlike orbax's default policy, no extra save at a run's first step.
     policy = ocp.checkpoint_managers.AnySavePolicy([

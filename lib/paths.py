@@ -26,7 +26,9 @@ os.environ.setdefault('EPATH_USE_TF', 'false')  # before epath picks a backend: 
 
 from etils import epath
 
-from lib import errors
+from lib import errors, storage
+
+storage.configure_clients()  # before any client starts: a bucket that stalls fails a request
 
 Path = epath.Path
 SCHEMES = ('gs',)  # URL schemes the libraries here (gcsfs, tensorstore, tf.io.gfile) all read
@@ -103,9 +105,12 @@ def move(source: epath.Path, target: epath.Path) -> None:
     source.rename(target)
 
 
-def bucket(path: epath.Path) -> str:
-  """The bucket of a `gs://` path."""
-  return os.fspath(path)[len('gs://'):].split('/')[0]
+def blob(path: epath.Path):
+  """The google-cloud-storage object of a `gs://` path (for writes with preconditions)."""
+  from google.cloud import storage as cloud_storage
+
+  bucket, _, name = os.fspath(path)[len('gs://'):].partition('/')
+  return cloud_storage.Client().bucket(bucket).blob(name.strip('/'))
 
 
 def write_atomic(path: epath.Path, data: str | bytes) -> None:
@@ -125,23 +130,40 @@ class AppendLog:
 
   Locally the file is opened for appending, line-buffered (`tail -f`-able). An object in a
   bucket cannot be appended to, so there the text so far is kept and the object rewritten
-  with each write (one small object write per logged step; a log of scalars stays small).
+  with each write (one small object write per logged step; a log of scalars stays small),
+  on the condition that it is still the generation this log last read or wrote: a writer
+  whose object was rewritten meanwhile by another (a launch that took its workdir over)
+  raises `errors.LockLost` naming the file instead of replacing the other's rows.
   """
 
   def __init__(self, path: epath.Path):
     self.path = path
     self._url = is_url(path)
     if self._url:
-      self._text = path.read_text() if path.exists() else ''
+      self._blob = blob(path)
+      current = self._blob.bucket.get_blob(self._blob.name, **storage.call_options())
+      self._generation = 0 if current is None else current.generation  # 0: no object yet
+      self._text = '' if current is None else current.download_as_text(
+          if_generation_match=self._generation, **storage.call_options())
     else:
       self._file = open(path, 'a', buffering=1)
 
   def write(self, text: str) -> None:
-    if self._url:
-      self._text += text
-      self.path.write_text(self._text)
-    else:
+    if not self._url:
       self._file.write(text)
+      return
+    from google.api_core import exceptions
+
+    try:
+      self._blob.upload_from_string(self._text + text, content_type='text/plain',
+                                    if_generation_match=self._generation,
+                                    **storage.call_options())
+    except exceptions.PreconditionFailed:
+      raise errors.LockLost(f'{shown(self.path)} was rewritten by another launch since this '
+                            'run last wrote it (the other launch took the workdir over); this '
+                            'run stopped without overwriting it') from None
+    self._text += text
+    self._generation = self._blob.generation
 
   def flush(self) -> None:
     if not self._url:

@@ -17,21 +17,38 @@ Unavailable" or tensorstore's UNAVAILABLE) of a checkpoint save is retried with 
 doubling, at most 60 s apart) for `FIDDLEDIFF_IO_RETRY_SECS` seconds (default 300), on top of
 the client libraries' own retries; then the run stops the same way, naming the newest intact
 checkpoint (status 2).
+
+A bucket that stops answering (connections accepted, no reply) must fail a request rather than
+hang the run, so `configure_clients()` (run when `lib.paths` is imported) bounds each client's
+wait by `FIDDLEDIFF_IO_TIMEOUT_SECS` (default 60), leaving any setting the user made alone:
+- tensorstore (orbax's arrays): a transfer that moves nothing for that long is aborted
+  (`TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS`, `TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES=1`,
+  `TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS`) and retried `TENSORSTORE_RETRIES` times
+  (`limit_tensorstore_retries`: the context option `gcs_request_retries`);
+- gcsfs (`lib.paths`): that long for a request, four times that for a whole call (fsspec's
+  `gs` options `requests_timeout`, `timeout`);
+- google-cloud-storage (the workdir lock, `lib.paths.AppendLog`): `call_options()` on each call;
+- TensorFlow's GCS client (TensorBoard events): `GCS_REQUEST_CONNECTION_TIMEOUT_SECS`,
+  `GCS_REQUEST_IDLE_TIMEOUT_SECS`, `GCS_{METADATA,READ,WRITE}_REQUEST_TIMEOUT_SECS`.
+A timed-out request is a transient failure: retried as above, then the run stops with one line.
 """
 
 import errno
 import os
 import re
 import time
+from typing import Callable
 
 from absl import logging
 
 from lib import errors
 
 RETRY_SECS = float(os.environ.get('FIDDLEDIFF_IO_RETRY_SECS', 300.0))
+TIMEOUT_SECS = float(os.environ.get('FIDDLEDIFF_IO_TIMEOUT_SECS', 60.0))
+TENSORSTORE_RETRIES = 3
 _TRANSIENT = re.compile(r'\b(UNAVAILABLE|DEADLINE_EXCEEDED|Service Unavailable|Bad Gateway|'
                         r'Gateway Timeout|Too Many Requests|Connection (refused|reset|aborted)|'
-                        r'timed out)\b')
+                        r'timed out|Timeout was reached|Operation too slow)\b')
 _UNANSWERED = -1  # _cause's errno for storage that does not answer
 
 # errno -> (what it means, what to do)
@@ -96,9 +113,17 @@ def retrying(write, what: str):
       delay = min(2 * delay, 60.0)
 
 
-def storage_error(error: BaseException, workdir) -> errors.StorageError | None:
+def storage_error(error: BaseException, workdir,
+                  newest_step: Callable[[], int | None] | None = None) -> errors.UserError | None:
   """The one-line `StorageError` for a write failure of the run in `workdir` (naming the
-  folder, the cause, the newest intact checkpoint and what to do), or None for other errors."""
+  folder, the cause, the newest intact checkpoint and what to do), or None for other errors.
+  `newest_step()` gives that checkpoint's step without reading the storage (the run's orbax
+  manager knows it, its failed saves dropped); by default it is listed (`latest_step`).
+  A `UserError` that a writer's thread raised (CLU's `AsyncError` wraps it) comes back as
+  itself (a copy), e.g. the `LockLost` of a fenced `metrics.jsonl`."""
+  for link in _chain(error):
+    if isinstance(link, errors.UserError):
+      return type(link)(*link.args)
   cause = _cause(error)
   if cause is None:
     return None
@@ -112,8 +137,47 @@ def storage_error(error: BaseException, workdir) -> errors.StorageError | None:
     folder = os.path.join(folder, parts[0]) if len(parts) > 1 else folder
   elif path:
     folder = os.path.dirname(path)
-  newest = ckpt.latest_step(workdir)
+  newest = newest_step() if newest_step is not None else ckpt.latest_step(workdir)
   kept = (f'the newest intact checkpoint is step {newest} in {ckpt.directory(workdir)}'
           if newest is not None else f'there is no checkpoint in {ckpt.directory(workdir)} yet')
   return errors.StorageError(f'cannot write to {folder}: {meaning}; the run stopped and {kept}; '
                              f'{remedy}, then relaunch the same command to resume')
+
+
+def configure_clients() -> None:
+  """Bounds the storage clients' waits by TIMEOUT_SECS (see the module docstring), leaving
+  each setting the user made alone."""
+  seconds = str(max(1, round(TIMEOUT_SECS)))
+  for name, value in (('TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS', seconds),
+                      ('TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES', '1'),
+                      ('TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS', seconds),
+                      ('GCS_REQUEST_CONNECTION_TIMEOUT_SECS', seconds),
+                      ('GCS_REQUEST_IDLE_TIMEOUT_SECS', seconds),
+                      ('GCS_METADATA_REQUEST_TIMEOUT_SECS', seconds),
+                      ('GCS_READ_REQUEST_TIMEOUT_SECS', seconds),
+                      ('GCS_WRITE_REQUEST_TIMEOUT_SECS', seconds)):
+    os.environ.setdefault(name, value)
+  from fsspec import config
+
+  options = config.conf.setdefault('gs', {})
+  options.setdefault('requests_timeout', TIMEOUT_SECS)
+  options.setdefault('timeout', 4 * TIMEOUT_SECS)
+
+
+def limit_tensorstore_retries() -> None:
+  """Gives orbax's tensorstore contexts at most TENSORSTORE_RETRIES retries of a failed bucket
+  request (tensorstore's default, 32 attempts up to 32 s apart, would outlast RETRY_SECS)."""
+  from orbax.checkpoint._src.serialization import tensorstore_utils
+
+  for context in (tensorstore_utils._BASE_TS_CONTEXT,
+                  tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):
+    context.setdefault('gcs_request_retries', {'max_retries': TENSORSTORE_RETRIES,
+                                               'initial_delay': '1s', 'max_delay': '8s'})
+
+
+def call_options() -> dict:
+  """google-cloud-storage's per-call `timeout` and `retry` (which gives up after TIMEOUT_SECS
+  of retrying: a `RetryError`), for every call of the workdir lock and the bucket log."""
+  from google.cloud.storage import retry
+
+  return {'timeout': TIMEOUT_SECS, 'retry': retry.DEFAULT_RETRY.with_timeout(TIMEOUT_SECS)}

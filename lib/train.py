@@ -308,13 +308,16 @@ class Run:
     not finite (or, with `skip_nonfinite_updates=N`, after N such updates in a row), before any
     state from it is saved, and `errors.StorageError` when a file of the run cannot be written
     (`lib.storage`)."""
+    self._manager = None  # the checkpoint manager, once _train opened it
     with stopping.StopSignals() as signals:
       try:
         return self._train(signals, on_start, lock)
       except (errors.UserError, errors.Preempted, errors.NonFiniteError):
         raise
       except Exception as error:  # a full disk or an unwritable folder: one message
-        failure = storage.storage_error(error, self.workdir)
+        # the manager knows its newest commit; listing storage that does not answer would hang
+        newest = None if self._manager is None else self._manager.latest_step
+        failure = storage.storage_error(error, self.workdir, newest)
         if failure is None:
           raise
         raise failure from error
@@ -324,7 +327,7 @@ class Run:
     exp.data.check()
     self.load_encoder()
     self.load_objective()
-    manager = exp.checkpoint.manager(self.workdir)
+    manager = self._manager = exp.checkpoint.manager(self.workdir)
     self.writer = None
     actions = []
     try:

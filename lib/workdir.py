@@ -34,6 +34,12 @@ finds another generation there; the check reads the object's metadata, at most o
 (SIGSTOP, a suspended laptop) and taken over finds out before its first write after it wakes.
 A write already in flight when the holder was stopped still lands.
 
+Each call to the bucket waits at most about twice `FIDDLEDIFF_IO_TIMEOUT_SECS` (`lib.storage`).
+A heartbeat or check that gets no answer confirms nothing and stops nothing by itself: the run
+goes on to its writes, which meet the same silence and stop it with a `StorageError` after
+`FIDDLEDIFF_IO_RETRY_SECS`; if another launch took the lock over meanwhile, the first check
+that gets an answer stops it with `LockLost`.
+
 `FIDDLEDIFF_LOCK_HEARTBEAT_SECS` and `FIDDLEDIFF_LOCK_STALE_SECS` override the two periods
 (tests shorten them); keep STALE several times HEARTBEAT.
 """
@@ -53,7 +59,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from lib import errors, paths
+from lib import errors, paths, storage
 
 HEARTBEAT_SECS = float(os.environ.get('FIDDLEDIFF_LOCK_HEARTBEAT_SECS', 60.0))
 STALE_SECS = float(os.environ.get('FIDDLEDIFF_LOCK_STALE_SECS', 600.0))
@@ -143,31 +149,17 @@ def _check_bucket(path, flag: str) -> None:
   from google import auth
   from google.api_core import exceptions
 
-  bucket = _bucket(path)
+  probe = paths.blob(path / f'.write_check.{socket.gethostname()}.{os.getpid()}')
   try:
-    if not bucket.exists():
-      raise errors.UserError(f'{flag}: bucket gs://{bucket.name} does '
+    if not probe.bucket.exists(**storage.call_options()):
+      raise errors.UserError(f'{flag}: bucket gs://{probe.bucket.name} does '
                              'not exist (or these credentials cannot see it); create it or '
                              'name another')
-    probe = bucket.blob(_object_name(path, f'.write_check.{socket.gethostname()}.'
-                                           f'{os.getpid()}'))
-    probe.upload_from_string(b'')
-    probe.delete()
+    probe.upload_from_string(b'', **storage.call_options())
+    probe.delete(**storage.call_options())
   except (exceptions.GoogleAPIError, auth.exceptions.GoogleAuthError) as error:
     raise errors.UserError(f'{flag}: cannot write there: '
                            f'{type(error).__name__}: {str(error).splitlines()[0][:300]}') from None
-
-
-def _bucket(path):
-  from google.cloud import storage
-
-  return storage.Client().bucket(paths.bucket(path))
-
-
-def _object_name(path, name: str) -> str:
-  """The object name of `path/name` inside its bucket."""
-  prefix = os.fspath(path)[len('gs://'):].split('/', 1)[1:]
-  return '/'.join([*(p.strip('/') for p in prefix if p.strip('/')), name])
 
 
 class WorkdirLock:
@@ -248,16 +240,17 @@ class WorkdirLock:
   def _acquire_object(self) -> None:
     from google.api_core import exceptions
 
-    blob = _bucket(self.workdir).blob(_object_name(self.workdir, 'lock'))
+    blob = paths.blob(self.path)
     for _ in range(3):  # a stale lock deleted by us may be retaken by another launch first
       try:
-        blob.upload_from_string(self._holder_text(), if_generation_match=0)
+        blob.upload_from_string(self._holder_text(), if_generation_match=0,
+                                **storage.call_options())
         break
       except exceptions.PreconditionFailed:
         pass
       try:
-        existing = blob.bucket.get_blob(blob.name)
-        text = existing.download_as_text() if existing is not None else ''
+        existing = blob.bucket.get_blob(blob.name, **storage.call_options())
+        text = '' if existing is None else existing.download_as_text(**storage.call_options())
       except exceptions.NotFound:  # released meanwhile
         continue
       if existing is None:
@@ -268,7 +261,8 @@ class WorkdirLock:
       logging.warning('Took over the lock of %s left by %s (%s)', self.workdir,
                       self._describe(text), stale)
       try:
-        existing.delete(if_generation_match=existing.generation)
+        existing.delete(if_generation_match=existing.generation,
+                        **storage.call_options())
       except (exceptions.PreconditionFailed, exceptions.NotFound):
         pass
     else:
@@ -310,7 +304,8 @@ class WorkdirLock:
           return
         try:
           self._blob.upload_from_string(self._holder_text(),
-                                        if_generation_match=self._blob.generation)
+                                        if_generation_match=self._blob.generation,
+                                        **storage.call_options())
           self._confirmed = time.monotonic()
         except exceptions.PreconditionFailed:
           self._lose()
@@ -323,8 +318,9 @@ class WorkdirLock:
     from google.api_core import exceptions
 
     try:
-      current = self._blob.bucket.get_blob(self._blob.name)
-      holder = self._describe(current.download_as_text()) if current is not None else None
+      current = self._blob.bucket.get_blob(self._blob.name, **storage.call_options())
+      holder = None if current is None else self._describe(
+          current.download_as_text(**storage.call_options()))
     except exceptions.GoogleAPIError:
       holder = 'unknown holder'
     self._lost = (f'it is now held by {holder}' if holder else
@@ -354,8 +350,9 @@ class WorkdirLock:
     from google.api_core import exceptions
 
     try:
-      current = self._blob.bucket.get_blob(self._blob.name)
-    except exceptions.GoogleAPIError as error:  # unreachable: the writes that follow will say
+      current = self._blob.bucket.get_blob(self._blob.name, **storage.call_options())
+    except exceptions.GoogleAPIError as error:  # unreachable, or no answer in TIMEOUT_SECS:
+      # not confirmed; the writes that follow fail the same way and stop the run
       logging.warning('Could not check the lock of %s: %s', self.workdir, error)
       return
     if current is not None and current.generation == self._blob.generation:
@@ -389,9 +386,14 @@ class WorkdirLock:
       self._stop.set()
       self._heartbeat.join()
       try:
-        self._blob.delete(if_generation_match=self._blob.generation)
+        self._blob.delete(if_generation_match=self._blob.generation,
+                          **storage.call_options())
       except (exceptions.PreconditionFailed, exceptions.NotFound):
         pass  # taken over meanwhile: the lock is not ours to delete
+      except exceptions.GoogleAPIError as error:  # the bucket did not answer: the lock stays
+        logging.warning('Could not delete the lock of %s (%s); the next launch on this host takes '
+                        'it over, another after %.0f s without heartbeat', self.workdir,
+                        str(error).splitlines()[0][:300], STALE_SECS)
       self._blob = None
 
   def __enter__(self):

@@ -72,6 +72,20 @@ def test_files_in_a_bucket_are_written_whole_and_logs_grow(gcs):
   assert (folder / 'metrics.jsonl').read_text() == '1\n2\n3\n'
 
 
+def test_a_bucket_log_rewritten_by_another_writer_is_never_overwritten(gcs):
+  """A stale writer (its workdir taken over) that writes again fails and leaves the new
+  writer's rows as they were."""
+  path = paths.resolve(f'gs://{BUCKET}/unit/fenced_log/metrics.jsonl', '--workdir')
+  stale = paths.AppendLog(path)
+  stale.write('{"step": 1}\n')
+  new = paths.AppendLog(path)  # took the workdir over: reads the rows so far
+  new.write('{"step": 2, "new": true}\n')
+  with pytest.raises(errors.LockLost, match=f"{path}' was rewritten by another launch"):
+    stale.write('{"step": 2}\n')
+  new.write('{"step": 3, "new": true}\n')
+  assert path.read_text() == '{"step": 1}\n{"step": 2, "new": true}\n{"step": 3, "new": true}\n'
+
+
 def test_tensorboard_events_go_through_tensorflows_file_system(tmp_path, monkeypatch):
   """CLU's writer gets the workdir as a URL string; TensorFlow's own in-memory file system
   (`ram://`) stands in for its GCS client, which no emulator can reach."""
@@ -396,6 +410,22 @@ def test_bucket_prefix_launches_number_and_resume_runs_and_bad_input_leaves_noth
   assert not (tmp_path / 'tracked').exists()
 
 
+def running_past_checkpoint(run, workdir: str, step: int, log, env):
+  """launch.py `run` in the bucket `workdir` (stderr to the file `log`), returned running
+  once its checkpoint `step` is committed (read uncached: gcsfs caches listings)."""
+  from google.cloud import storage
+
+  with open(log, 'w') as stderr:
+    process = launch(*run, f'--workdir={workdir}', env=env, wait=False, stderr=stderr)
+  name = f'{workdir[len(f"gs://{BUCKET}/"):]}/checkpoints/{step}/commit_success.txt'
+  commit = storage.Client().bucket(BUCKET).blob(name)
+  deadline = time.time() + 600
+  while not commit.exists():
+    assert process.poll() is None and time.time() < deadline, open(log).read()
+    time.sleep(0.02)
+  return process
+
+
 @pytest.mark.slow
 def test_a_stopped_lock_holder_taken_over_writes_nothing_when_it_continues(gcs, tmp_path):
   run = [*TINY, '--fdl_config=experiments/dit.py:digits(total_steps=16)', NO_TENSORBOARD,
@@ -405,18 +435,10 @@ def test_a_stopped_lock_holder_taken_over_writes_nothing_when_it_continues(gcs, 
   assert result.returncode == 0, result.stderr[-3000:]
   workdir = f'gs://{BUCKET}/runs/fenced'
   periods = {'FIDDLEDIFF_LOCK_HEARTBEAT_SECS': '1', 'FIDDLEDIFF_LOCK_STALE_SECS': '4'}
-  with open(tmp_path / 'first.log', 'w') as log:
-    # logged with its checkpoints only: stopped between writes, since a write under way when
-    # a holder is stopped still lands when it continues
-    first = launch(*run, '--fdl_set=log_every_steps=8', f'--workdir={workdir}', env=periods,
-                   wait=False, stderr=log)
-  from google.cloud import storage
-  commit = storage.Client().bucket(BUCKET).blob('runs/fenced/checkpoints/8/commit_success.txt')
-  # (read uncached: gcsfs caches listings)
-  deadline = time.time() + 600
-  while not commit.exists():
-    assert first.poll() is None and time.time() < deadline, (tmp_path / 'first.log').read_text()
-    time.sleep(0.02)
+  # logged with its checkpoints only: stopped between writes, since a write under way when a
+  # holder is stopped still lands when it continues
+  first = running_past_checkpoint([*run, '--fdl_set=log_every_steps=8'], workdir, 8,
+                                  tmp_path / 'first.log', periods)
   first.send_signal(signal.SIGSTOP)  # alive, but its heartbeat stops
   try:
     time.sleep(5)  # the lock is stale: no heartbeat for longer than 4 s
@@ -437,3 +459,37 @@ def test_a_stopped_lock_holder_taken_over_writes_nothing_when_it_continues(gcs, 
   assert 'Traceback' not in stderr
   assert {name: (paths.resolve(f'gs://{BUCKET}/{name}', 'w').read_bytes())
           for name in objects('runs/fenced/')} == written
+
+
+@pytest.mark.slow
+def test_a_bucket_that_stops_answering_stops_the_run_with_one_line_and_it_resumes(gcs, tmp_path):
+  """The emulator paused (SIGSTOP: connections accepted, nothing answered) after the first
+  checkpoint: every client's request times out, the save is retried for
+  FIDDLEDIFF_IO_RETRY_SECS, and the run stops (status 2) naming the newest checkpoint."""
+  run = [*TINY, '--fdl_config=experiments/dit.py:digits(total_steps=12)', NO_TENSORBOARD,
+         '--fdl_set=checkpoint.save_interval_steps=4']
+  reference = tmp_path / 'reference'
+  result = launch(*run, f'--workdir={reference}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  workdir = f'gs://{BUCKET}/runs/outage'
+  short = {'FIDDLEDIFF_IO_RETRY_SECS': '10', 'FIDDLEDIFF_IO_TIMEOUT_SECS': '3'}
+  first = running_past_checkpoint(run, workdir, 4, tmp_path / 'first.log', short)
+  gcs.process.send_signal(signal.SIGSTOP)
+  try:
+    paused = time.time()
+    status = first.wait(timeout=300)
+    waited = time.time() - paused
+  finally:
+    gcs.process.send_signal(signal.SIGCONT)
+  stderr = (tmp_path / 'first.log').read_text()
+  lines = [line for line in stderr.splitlines() if 'error: ' in line]
+  assert status == 2 and len(lines) == 1, stderr[-4000:]
+  assert waited < 120, waited
+  assert f'File "{REPO_ROOT}' not in stderr, stderr[-4000:]  # no traceback through this project
+  newest = int(lines[0].split('the newest intact checkpoint is step ')[1].split()[0])
+  assert f'cannot write to {workdir}' in lines[0] and 'the storage did not answer' in lines[0]
+  assert f'in {workdir}/checkpoints' in lines[0] and newest >= 4
+  result = launch(*run, f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'Resumed from the checkpoint of step {newest}' in result.stderr
+  assert losses(workdir) == losses(reference)

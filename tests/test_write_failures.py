@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from lib import storage
+from lib import errors, storage
 from lib.config import REPO_ROOT
 from tests import test_nothing_lost
 from tests.test_train import checkpoints, losses
@@ -30,6 +30,11 @@ def test_write_failures_are_recognised_in_exception_chains_and_messages(tmp_path
   assert str(storage.storage_error(tensorstore, workdir)).startswith(
       f'cannot write to {workdir}/checkpoints: the disk is full')
   assert storage.storage_error(ValueError('shapes differ'), workdir) is None
+  from clu import asynclib
+  fenced = asynclib.AsyncError('in the metrics writer')
+  fenced.__cause__ = errors.LockLost(f'{workdir}/metrics.jsonl was rewritten by another launch')
+  unwrapped = storage.storage_error(fenced, workdir)
+  assert type(unwrapped) is errors.LockLost and str(unwrapped) == str(fenced.__cause__)
 
 
 @contextlib.contextmanager
