@@ -114,11 +114,11 @@ def retrying(write, what: str):
 
 
 def storage_error(error: BaseException, workdir,
-                  newest_step: Callable[[], int | None] | None = None) -> errors.UserError | None:
+                  newest_step: Callable[[], int | None]) -> errors.UserError | None:
   """The one-line `StorageError` for a write failure of the run in `workdir` (naming the
   folder, the cause, the newest intact checkpoint and what to do), or None for other errors.
   `newest_step()` gives that checkpoint's step without reading the storage (the run's orbax
-  manager knows it, its failed saves dropped); by default it is listed (`latest_step`).
+  manager knows it, its failed saves dropped).
   A `UserError` that a writer's thread raised (CLU's `AsyncError` wraps it) comes back as
   itself (a copy), e.g. the `LockLost` of a fenced `metrics.jsonl`."""
   for link in _chain(error):
@@ -128,8 +128,6 @@ def storage_error(error: BaseException, workdir,
   if cause is None:
     return None
   number, path = cause
-  from lib import checkpoint as ckpt
-
   meaning, remedy = _CAUSES[number]
   folder = os.fspath(workdir)
   if path and path.startswith(folder + os.sep):  # the workdir's folder holding it
@@ -137,9 +135,9 @@ def storage_error(error: BaseException, workdir,
     folder = os.path.join(folder, parts[0]) if len(parts) > 1 else folder
   elif path:
     folder = os.path.dirname(path)
-  newest = newest_step() if newest_step is not None else ckpt.latest_step(workdir)
-  kept = (f'the newest intact checkpoint is step {newest} in {ckpt.directory(workdir)}'
-          if newest is not None else f'there is no checkpoint in {ckpt.directory(workdir)} yet')
+  newest, checkpoints = newest_step(), f'{os.fspath(workdir).rstrip("/")}/checkpoints'
+  kept = (f'the newest intact checkpoint is step {newest} in {checkpoints}'
+          if newest is not None else f'there is no checkpoint in {checkpoints} yet')
   return errors.StorageError(f'cannot write to {folder}: {meaning}; the run stopped and {kept}; '
                              f'{remedy}, then relaunch the same command to resume')
 

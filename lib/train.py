@@ -316,7 +316,8 @@ class Run:
         raise
       except Exception as error:  # a full disk or an unwritable folder: one message
         # the manager knows its newest commit; listing storage that does not answer would hang
-        newest = None if self._manager is None else self._manager.latest_step
+        newest = ((lambda: ckpt.latest_step(self.workdir)) if self._manager is None else
+                  self._manager.latest_step)
         failure = storage.storage_error(error, self.workdir, newest)
         if failure is None:
           raise

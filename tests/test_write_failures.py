@@ -17,23 +17,27 @@ from tests import test_nothing_lost
 from tests.test_train import checkpoints, losses
 
 
+def no_checkpoint():
+  return None
+
+
 def test_write_failures_are_recognised_in_exception_chains_and_messages(tmp_path):
   workdir = str(tmp_path)
   wrapped = RuntimeError('CLU AsyncError')
   wrapped.__cause__ = OSError(errno.EACCES, 'Permission denied', f'{workdir}/metrics.jsonl')
-  message = str(storage.storage_error(wrapped, workdir))
+  message = str(storage.storage_error(wrapped, workdir, no_checkpoint))
   assert message.startswith(f'cannot write to {workdir}: permission denied; the run stopped '
                             f'and there is no checkpoint in {workdir}/checkpoints yet')
   tensorstore = ValueError(f'RESOURCE_EXHAUSTED: Error writing "w/0": Failed writing: '
                            f'"{workdir}/checkpoints/5.orbax-checkpoint-tmp/d/1": No space left '
                            "on device [os_error_code='28']")
-  assert str(storage.storage_error(tensorstore, workdir)).startswith(
+  assert str(storage.storage_error(tensorstore, workdir, no_checkpoint)).startswith(
       f'cannot write to {workdir}/checkpoints: the disk is full')
-  assert storage.storage_error(ValueError('shapes differ'), workdir) is None
+  assert storage.storage_error(ValueError('shapes differ'), workdir, no_checkpoint) is None
   from clu import asynclib
   fenced = asynclib.AsyncError('in the metrics writer')
   fenced.__cause__ = errors.LockLost(f'{workdir}/metrics.jsonl was rewritten by another launch')
-  unwrapped = storage.storage_error(fenced, workdir)
+  unwrapped = storage.storage_error(fenced, workdir, no_checkpoint)
   assert type(unwrapped) is errors.LockLost and str(unwrapped) == str(fenced.__cause__)
 
 
@@ -167,7 +171,7 @@ def test_transient_failures_are_retried_then_stop_naming_the_newest_checkpoint(t
   with pytest.raises(ConnectionRefusedError) as failure:
     storage.retrying(lambda: calls.append(0) or refused_connection(), 'saving')
   assert len(calls) == 2  # after 1 s; the next wait (2 s) would pass the 2.5 s limit
-  message = str(storage.storage_error(failure.value, str(tmp_path)))
+  message = str(storage.storage_error(failure.value, str(tmp_path), no_checkpoint))
   assert message.startswith(f'cannot write to {tmp_path}: the storage did not answer; the run '
                             f'stopped and there is no checkpoint in {tmp_path}/checkpoints yet')
   with pytest.raises(ValueError):  # not transient: raised at once
